@@ -19,6 +19,7 @@ from __future__ import annotations
 import gzip
 import io
 import lzma
+import mmap
 import os
 import struct
 import zlib
@@ -125,11 +126,37 @@ def read_module(path: str | os.PathLike[str]) -> ModuleInfo:
     non-ELF file.
     """
     origin = os.fspath(path)
-    return parse_module(read_module_bytes(origin), origin)
+    if compression_of(origin) is not None:
+        return parse_module(read_module_bytes(origin), origin)
+    # Uncompressed: map the file and touch only the pages the metadata lives in.
+    try:
+        with open(origin, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size == 0:
+                raise ModuleParseError(origin, "empty file")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
+                return parse_module(view, origin)
+    except OSError as exc:
+        raise ModuleParseError(origin, exc.strerror or str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------
 # modinfo
+
+
+def parse_softdep(value: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Split a softdep value ``"pre: a b post: c"`` into normalised (pre, post) names."""
+    pre: list[str] = []
+    post: list[str] = []
+    target: list[str] | None = None
+    for word in value.split():
+        if word == "pre:":
+            target = pre
+        elif word == "post:":
+            target = post
+        elif target is not None:
+            target.append(normalize(word))
+    return tuple(pre), tuple(post)
 
 
 def _split_words(value: str) -> list[str]:
@@ -160,15 +187,9 @@ def info_from_modinfo(
         elif key == "depends":
             depends.extend(normalize(d) for d in value.split(",") if d)
         elif key == "softdep":
-            # "pre: a b post: c" — words go to the list named by the last "pre:"/"post:".
-            target: list[str] | None = None
-            for word in value.split():
-                if word == "pre:":
-                    target = pre
-                elif word == "post:":
-                    target = post
-                elif target is not None:
-                    target.append(normalize(word))
+            more_pre, more_post = parse_softdep(value)
+            pre.extend(more_pre)
+            post.extend(more_post)
         elif key == "weakdep":
             weak.extend(normalize(w) for w in _split_words(value))
         elif key == "alias":
@@ -243,8 +264,8 @@ class _Layout:
 _LAYOUTS = {(c, d): _Layout(c, d) for c in (True, False) for d in (True, False)}
 
 
-def parse_module(data: bytes, origin: str) -> ModuleInfo:
-    """Parse uncompressed module bytes. Raises ModuleParseError naming ``origin``."""
+def parse_module(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
+    """Parse uncompressed module bytes (or a read-only map of them). Raises ModuleParseError naming ``origin``."""
     try:
         return _parse_fast(data, origin)
     except ModuleParseError:
@@ -253,7 +274,7 @@ def parse_module(data: bytes, origin: str) -> ModuleInfo:
         raise ModuleParseError(origin, f"malformed ELF structure ({exc})") from None
 
 
-def _parse_fast(data: bytes, origin: str) -> ModuleInfo:
+def _parse_fast(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
     if len(data) < 52 or data[:4] != b"\x7fELF":
         raise ModuleParseError(origin, "not an ELF file")
     if data[4] not in (1, 2) or data[5] not in (1, 2):
@@ -327,7 +348,10 @@ def _parse_fast(data: bytes, origin: str) -> ModuleInfo:
         count = sym_len // entsize
         fname, finfo, fshndx = lay.sym_fields
         symtab = data[sym_off : sym_off + count * entsize]
-        for fields in lay.symbol.iter_unpack(symtab):
+        # Undefined symbols are global or weak, and ELF puts every local symbol before
+        # sh_info: only the tail needs reading.
+        first_global = min(headers[symtab_index][7], count)
+        for fields in lay.symbol.iter_unpack(symtab[first_global * entsize :]):
             if fields[fshndx] != _SHN_UNDEF or not fields[fname]:
                 continue
             bind = fields[finfo] >> 4
@@ -348,7 +372,7 @@ def _parse_fast(data: bytes, origin: str) -> ModuleInfo:
 
 
 def _ksymtab_symbols(
-    data: bytes, lay: _Layout, symtab: bytes, str_off: int, str_end: int
+    data: bytes | mmap.mmap, lay: _Layout, symtab: bytes, str_off: int, str_end: int
 ) -> tuple[str, ...]:
     """Exports of a module without ``__ksymtab_strings``: its ``__ksymtab_NAME`` symbols
     (what kmod falls back to)."""

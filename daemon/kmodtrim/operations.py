@@ -1,0 +1,169 @@
+"""The library calls the CLI and the daemon share: index, gather evidence, plan, explain.
+
+No semantics live only in a shell: ``kmodtrim plan`` and the D-Bus ``Plan`` method both call
+``make_plan_for``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .closure import Reason
+from .errors import UnknownModuleError
+from .index import IndexStats, ModuleIndex, build_index
+from .names import normalize
+from .observe import (
+    ObservedName,
+    read_filesystems,
+    read_modaliases,
+    read_observed_file,
+    read_proc_modules,
+    root_device_drivers,
+)
+from .planner import Evidence, Plan, inroot_moddir, make_plan, scan_firmware
+from .policy import LoadedPolicy, load_policy
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a request is about: a root (``/`` or an image), a kernel, and its inputs."""
+
+    root: Path = Path("/")
+    kernel: str | None = None
+    observed_files: tuple[Path, ...] = ()
+    policy_file: Path | None = None
+    cache_dir: Path | None = None
+    symvers: Path | None = None
+    use_cache: bool = True
+
+
+def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, IndexStats]:
+    """Index the target's kernel (cached). Raises KernelNotFoundError."""
+    return build_index(
+        target.root,
+        target.kernel,
+        cache_dir=target.cache_dir,
+        use_cache=target.use_cache,
+        rebuild=rebuild,
+        symvers=target.symvers,
+    )
+
+
+def gather_evidence(target: Target) -> Evidence:
+    """What the root shows (loaded modules, devices, filesystems, root device chain) plus
+    the ``--observed`` files. On an image root most of these are simply empty."""
+    observed: list[ObservedName] = []
+    for path in target.observed_files:
+        observed.extend(read_observed_file(path))
+    root = target.root
+    return Evidence(
+        observed=tuple(observed),
+        loaded=tuple(read_proc_modules(root)),
+        devices=tuple(read_modaliases(root)),
+        filesystems=tuple(read_filesystems(root)),
+        root_drivers=tuple(root_device_drivers(root)),
+    )
+
+
+def load_target_policy(target: Target) -> LoadedPolicy:
+    """The policy under the root (or the explicit file). Raises PolicyError."""
+    return load_policy(target.root, target.policy_file)
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    plan: Plan
+    index: ModuleIndex
+    stats: IndexStats
+    evidence: Evidence
+    policy: LoadedPolicy
+
+
+def make_plan_for(target: Target) -> PlanResult:
+    """Index, gather, load policy and plan. Raises KmodtrimError subclasses on bad input."""
+    policy = load_target_policy(target)
+    index, stats = load_index(target)
+    evidence = gather_evidence(target)
+    firmware = scan_firmware(target.root) if policy.settings.firmware == "trim" else None
+    plan = make_plan(index, evidence, policy, firmware)
+    return PlanResult(plan, index, stats, evidence, policy)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why one module is kept or removed."""
+
+    name: str
+    status: str  # "kept", "removed", "builtin"
+    path: str | None
+    size: int
+    chains: list[list[tuple[str, Reason]]] = field(default_factory=list)
+    policy_rule: str | None = None  # the last policy rule matching it, if any
+    aliases: tuple[str, ...] = ()
+
+    def lines(self) -> list[str]:
+        """Human-readable explanation."""
+        out: list[str] = []
+        if self.status == "builtin":
+            return [f"{self.name}: built into the kernel (nothing on disk to keep or remove)"]
+        out.append(f"{self.name}: {self.status.upper()} ({self.path}, {human_bytes(self.size)})")
+        if self.status == "kept":
+            for i, chain in enumerate(self.chains, 1):
+                head = "  because" if i == 1 else "  and"
+                parts = [reason.describe() for _module, reason in chain]
+                out.append(f"{head} {' ← '.join(parts)}")
+        else:
+            out.append("  nothing needs it: not observed loaded, no present device matches its")
+            out.append("  aliases, it is not boot-critical, no kept module depends on it,")
+            out.append("  and no policy rule keeps it.")
+        if self.policy_rule:
+            out.append(f"  last matching policy rule: {self.policy_rule}")
+        return out
+
+
+def explain(result: PlanResult, name: str) -> Explanation:
+    """Explain the decision about ``name`` (a module name or an alias) in ``result``.
+
+    Raises UnknownModuleError (with close matches) when the kernel has no such module.
+    """
+    index, plan = result.index, result.plan
+    resolved = index.resolve(name)
+    module = resolved[0] if resolved else normalize(name)
+    if module in index.builtins:
+        return Explanation(module, "builtin", None, 0)
+    entry = index.modules.get(module)
+    if entry is None:
+        known = list(index.modules) + list(index.builtins)
+        close = difflib.get_close_matches(normalize(name), known, n=3)
+        raise UnknownModuleError(
+            f"kernel {index.kernel} has no module {name!r}",
+            hint=f"did you mean {', '.join(close)}?" if close else None,
+        )
+    rule = result.policy.decide(entry.name, entry.relpath, entry.info.aliases)
+    kept = module in plan.closure.kept
+    return Explanation(
+        name=module,
+        status="kept" if kept else "removed",
+        path=f"{inroot_moddir(index)}/{entry.relpath}",
+        size=entry.size,
+        chains=plan.closure.why(module) if kept else [],
+        policy_rule=rule.describe() if rule is not None else None,
+        aliases=entry.info.aliases,
+    )
+
+
+def human_bytes(n: int) -> str:
+    """1536 → '1.5 KiB'."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def observed_names(values: Sequence[ObservedName]) -> list[str]:
+    return [v.name for v in values]

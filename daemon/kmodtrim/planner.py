@@ -1,0 +1,365 @@
+"""(index, evidence, policy) → Plan: what to keep and why, what to remove and what it saves.
+
+Pure: reads nothing but what it is given, except the firmware directory listing, which it
+takes from ``firmware_files`` (a mapping the caller builds with ``scan_firmware``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .closure import Closure, Reason, UnresolvedSymbol, closure_of, verify_symbols
+from .index import ModuleIndex
+from .observe import DeviceModalias, MountedFilesystem, ObservedName, RootDriver
+from .policy import LoadedPolicy
+
+FIRMWARE_BASES = ("lib/firmware", "usr/lib/firmware")
+_FIRMWARE_SUFFIXES = ("", ".xz", ".zst")
+BOOT_MOUNTPOINTS = frozenset({"/", "/usr", "/boot", "/boot/efi", "/efi", "/var"})
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything observed about the machine the plan is for."""
+
+    observed: Sequence[ObservedName] = ()  # seen loaded (history, --observed files)
+    loaded: Sequence[ObservedName] = ()  # loaded right now in the running kernel
+    devices: Sequence[DeviceModalias] = ()
+    filesystems: Sequence[MountedFilesystem] = ()
+    root_drivers: Sequence[RootDriver] = ()
+
+
+@dataclass(frozen=True)
+class KeptModule:
+    name: str
+    path: str  # in-root path, e.g. /lib/modules/KVER/kernel/…/virtio_net.ko
+    size: int
+    reasons: tuple[Reason, ...]
+
+
+@dataclass(frozen=True)
+class RemovedModule:
+    name: str
+    path: str
+    size: int
+    files: tuple[str, ...]  # every in-root file that goes (the module and shadowed copies)
+
+
+@dataclass(frozen=True)
+class FirmwareFile:
+    path: str  # in-root path
+    size: int
+    wanted_by: tuple[str, ...]  # removed modules that name it
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision for one kernel: every module is either kept (with reasons) or removed."""
+
+    root: str
+    kernel: str
+    keep: tuple[KeptModule, ...]
+    remove: tuple[RemovedModule, ...]
+    builtin_needed: tuple[str, ...]
+    firmware_remove: tuple[FirmwareFile, ...]
+    unresolved_symbols: tuple[UnresolvedSymbol, ...]
+    warnings: tuple[str, ...]
+    kernel_exports_source: str
+    closure: Closure = field(repr=False, compare=False)
+
+    @property
+    def keep_bytes(self) -> int:
+        return sum(m.size for m in self.keep)
+
+    @property
+    def remove_bytes(self) -> int:
+        return sum(m.size for m in self.remove)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.keep_bytes + self.remove_bytes
+
+    @property
+    def firmware_bytes(self) -> int:
+        return sum(f.size for f in self.firmware_remove)
+
+    def to_json(self) -> dict[str, Any]:
+        """A complete, stable JSON document (keys may be added, never renamed)."""
+        return {
+            "root": self.root,
+            "kernel": self.kernel,
+            "totals": {
+                "modules": len(self.keep) + len(self.remove),
+                "keep_modules": len(self.keep),
+                "remove_modules": len(self.remove),
+                "total_bytes": self.total_bytes,
+                "keep_bytes": self.keep_bytes,
+                "remove_bytes": self.remove_bytes,
+                "firmware_remove_files": len(self.firmware_remove),
+                "firmware_remove_bytes": self.firmware_bytes,
+            },
+            "keep_bytes": self.keep_bytes,
+            "remove_bytes": self.remove_bytes,
+            "total_bytes": self.total_bytes,
+            "keep": [
+                {
+                    "name": m.name,
+                    "path": m.path,
+                    "size": m.size,
+                    "reasons": [reason_json(r) for r in m.reasons],
+                }
+                for m in self.keep
+            ],
+            "remove": [
+                {"name": m.name, "path": m.path, "size": m.size, "files": list(m.files)}
+                for m in self.remove
+            ],
+            "builtin_needed": list(self.builtin_needed),
+            "firmware_remove": [
+                {"path": f.path, "size": f.size, "wanted_by": list(f.wanted_by)}
+                for f in self.firmware_remove
+            ],
+            "unresolved_symbols": [
+                {"module": u.module, "path": u.relpath, "symbol": u.symbol, "provider": u.provider}
+                for u in self.unresolved_symbols
+            ],
+            "warnings": list(self.warnings),
+            "kernel_exports_source": self.kernel_exports_source,
+        }
+
+
+def reason_json(reason: Reason) -> dict[str, Any]:
+    return {
+        "kind": reason.kind,
+        "detail": reason.detail,
+        "via": reason.via,
+        "text": reason.describe(),
+    }
+
+
+def inroot_moddir(index: ModuleIndex) -> str:
+    """The module dir as a path inside the root, e.g. ``/lib/modules/6.1.0-56-amd64``."""
+    return "/" + index.moddir.relative_to(index.root).as_posix()
+
+
+def seeds_from(
+    index: ModuleIndex, evidence: Evidence, policy: LoadedPolicy
+) -> tuple[dict[str, list[Reason]], list[str]]:
+    """Root reasons per name (module names or aliases) and warnings about the evidence."""
+    seeds: dict[str, list[Reason]] = {}
+    warnings: list[str] = []
+
+    def add(name: str, reason: Reason) -> None:
+        seeds.setdefault(name, []).append(reason)
+
+    for obs in evidence.loaded:
+        add(obs.name, Reason("loaded", obs.source))
+    for obs in evidence.observed:
+        where = f"{obs.source}:{obs.line}" if obs.line else obs.source
+        if not index.resolve(obs.name):
+            warnings.append(
+                f"observed module {obs.name!r} ({where}) is not in kernel {index.kernel}: "
+                "neither a module, a builtin nor an alias"
+            )
+            continue
+        add(obs.name, Reason("observed", where))
+    for dev in evidence.devices:
+        for module in index.match_alias(dev.modalias):
+            add(module, Reason("hardware", f"{dev.modalias} at {dev.devpath}"))
+    for fs in evidence.filesystems:
+        alias = f"fs-{fs.fstype}"
+        kind = "boot-critical" if fs.mountpoint in BOOT_MOUNTPOINTS else "observed"
+        targets = index.resolve(alias) or index.resolve(fs.fstype)
+        for module in targets:
+            add(module, Reason(kind, f"{fs.fstype} filesystem on {fs.mountpoint} ({fs.source})"))
+    for drv in evidence.root_drivers:
+        add(drv.module, Reason("boot-critical", f"storage driver of {drv.mountpoint} ({drv.devpath})"))
+    for entry in index.modules.values():
+        rule = policy.decide(entry.name, entry.relpath, entry.info.aliases)
+        if rule is not None and not rule.exclude:
+            add(entry.name, Reason("policy", rule.describe()))
+    known_aliases = (a for e in index.modules.values() for a in e.info.aliases)
+    for rule in policy.literal_rules_matching_nothing(
+        list(index.modules) + list(index.builtins), known_aliases
+    ):
+        warnings.append(f"{rule.describe()} names no module of kernel {index.kernel}")
+    return seeds, warnings
+
+
+def make_plan(
+    index: ModuleIndex,
+    evidence: Evidence,
+    policy: LoadedPolicy,
+    firmware_files: Mapping[str, int] | None = None,
+) -> Plan:
+    """Decide every module of ``index``. ``firmware_files`` maps in-root firmware paths to
+    sizes (see scan_firmware); None means firmware is not considered."""
+    seeds, warnings = seeds_from(index, evidence, policy)
+    closure = closure_of(seeds, index)
+    for name, reason in closure.unresolved_names:
+        if reason.via is not None:
+            warnings.append(f"{name!r}, wanted as {reason.describe()}, matches no module")
+    base = inroot_moddir(index)
+    keep: list[KeptModule] = []
+    remove: list[RemovedModule] = []
+    for name in sorted(index.modules):
+        entry = index.modules[name]
+        path = f"{base}/{entry.relpath}"
+        if name in closure.kept:
+            keep.append(KeptModule(name, path, entry.size, closure.kept[name]))
+        else:
+            files = (path, *(f"{base}/{p}" for p in entry.shadowed))
+            remove.append(RemovedModule(name, path, entry.size, files))
+    unresolved = verify_symbols(closure.kept, index)
+    for problem in unresolved:
+        warnings.append(
+            f"kept module {problem.module} needs unknown symbol {problem.symbol}"
+            + (f" (exported by {problem.provider}, not kept)" if problem.provider else "")
+        )
+    firmware: list[FirmwareFile] = []
+    if firmware_files is not None and policy.settings.firmware == "trim":
+        firmware = firmware_to_remove(
+            index, [m.name for m in keep], [m.name for m in remove], firmware_files
+        )
+    return Plan(
+        root=str(index.root),
+        kernel=index.kernel,
+        keep=tuple(keep),
+        remove=tuple(remove),
+        builtin_needed=tuple(sorted(closure.builtin_needed)),
+        firmware_remove=tuple(firmware),
+        unresolved_symbols=tuple(unresolved),
+        warnings=tuple(dict.fromkeys(warnings)),
+        kernel_exports_source=index.kernel_exports_source,
+        closure=closure,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Firmware
+
+
+def scan_firmware(root: Path) -> dict[str, int]:
+    """Every firmware file and symlink under ROOT/lib/firmware and ROOT/usr/lib/firmware,
+    as in-root path → size (a symlink maps to -1 and is resolved by the planner)."""
+    files: dict[str, int] = {}
+    for base in FIRMWARE_BASES:
+        top = root / base
+        if not top.is_dir() or (top.is_symlink() and base == "lib/firmware"):
+            continue
+        for directory, _dirs, names in os.walk(top):
+            rel_dir = "/" + os.path.relpath(directory, root)
+            for name in names:
+                full = os.path.join(directory, name)
+                try:
+                    st = os.lstat(full)
+                except OSError:
+                    continue
+                files[f"{rel_dir}/{name}"] = -1 if os.path.islink(full) else st.st_size
+    return files
+
+
+def _firmware_matches(
+    wanted: str, kernel: str, firmware_files: Mapping[str, int], by_suffix: Mapping[str, list[str]]
+) -> list[str]:
+    """In-root firmware paths a request for ``wanted`` could load (search path, compressed
+    variants, globs in modinfo)."""
+    found: list[str] = []
+    for base in FIRMWARE_BASES:
+        for sub in ("updates/" + kernel + "/", "updates/", kernel + "/", ""):
+            prefix = f"/{base}/{sub}"
+            if any(ch in wanted for ch in "*?["):
+                found.extend(
+                    p for p in by_suffix.get(prefix, ())
+                    if fnmatch.fnmatchcase(p[len(prefix):], wanted)
+                    or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".xz")
+                    or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".zst")
+                )
+                continue
+            for suffix in _FIRMWARE_SUFFIXES:
+                candidate = prefix + wanted + suffix
+                if candidate in firmware_files:
+                    found.append(candidate)
+    return found
+
+
+def _link_target(root: Path, path: str) -> str | None:
+    """The in-root path a firmware symlink points to (relative or absolute links)."""
+    try:
+        target = os.readlink(root / path.lstrip("/"))
+    except OSError:
+        return None
+    resolved = os.path.normpath(os.path.join(os.path.dirname(path), target)) if not \
+        target.startswith("/") else os.path.normpath(target)
+    return resolved
+
+
+def firmware_to_remove(
+    index: ModuleIndex,
+    kept: Iterable[str],
+    removed: Iterable[str],
+    firmware_files: Mapping[str, int],
+) -> list[FirmwareFile]:
+    """Firmware named only by removed modules. Everything a kept module may request —
+    including symlink targets — stays."""
+    by_prefix: dict[str, list[str]] = {}
+    for path in firmware_files:
+        for base in FIRMWARE_BASES:
+            for sub in ("updates/" + index.kernel + "/", "updates/", index.kernel + "/", ""):
+                prefix = f"/{base}/{sub}"
+                if path.startswith(prefix):
+                    by_prefix.setdefault(prefix, []).append(path)
+
+    def closure_of_paths(paths: Iterable[str]) -> set[str]:
+        # A requested path plus every link target it leads to.
+        result: set[str] = set()
+        stack = list(paths)
+        while stack:
+            path = stack.pop()
+            if path in result:
+                continue
+            result.add(path)
+            if firmware_files.get(path) == -1:
+                target = _link_target(index.root, path)
+                if target is not None:
+                    stack.append(target)
+        return result
+
+    def requested_by(names: Iterable[str]) -> dict[str, set[str]]:
+        out: dict[str, set[str]] = {}
+        for name in names:
+            entry = index.modules.get(name)
+            if entry is None:
+                continue
+            for wanted in entry.info.firmware:
+                for path in closure_of_paths(
+                    _firmware_matches(wanted, index.kernel, firmware_files, by_prefix)
+                ):
+                    out.setdefault(path, set()).add(name)
+        return out
+
+    protected = requested_by(kept)
+    candidates = requested_by(removed)
+    # A link nobody requests but that stays must not be left dangling: keep its targets.
+    changed = True
+    while changed:
+        changed = False
+        for path, size in firmware_files.items():
+            if size != -1 or (path in candidates and path not in protected):
+                continue
+            for target in closure_of_paths([path]) - {path}:
+                if target in candidates and target not in protected:
+                    protected[target] = {"(symlink " + path + ")"}
+                    changed = True
+    result = []
+    for path in sorted(candidates):
+        if path in protected or path not in firmware_files:
+            continue
+        size = firmware_files[path]
+        result.append(FirmwareFile(path, max(size, 0), tuple(sorted(candidates[path]))))
+    return result
