@@ -57,7 +57,7 @@ class ModuleIndex:
     kernel_exports: frozenset[str]
     kernel_exports_source: str  # "symvers:PATH", "System.map:PATH", "derived from the tree"
     parse_errors: tuple[ModuleParseError, ...] = ()
-    _alias_matcher: _AliasMatcher | None = field(default=None, repr=False, compare=False)
+    _alias_matchers: dict[int, _AliasMatcher] | None = field(default=None, repr=False, compare=False)
     _providers: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     # -- names ------------------------------------------------------------------------
@@ -68,29 +68,47 @@ class ModuleIndex:
         return n in self.modules or n in self.builtins
 
     def resolve(self, name: str) -> list[str]:
-        """Modules a modprobe of ``name`` would mean: the module itself (loadable or
-        builtin), else every module with a matching alias. Empty if nothing matches."""
+        """Modules a ``modprobe NAME`` would mean, looked up in kmod's order: modprobe.d
+        aliases, a loadable module of that name, ``symbol:NAME``, module aliases, builtin
+        aliases, a builtin of that name. Empty if nothing matches."""
         n = normalize(name)
-        if n in self.modules or n in self.builtins:
+        found = self._matcher(0).match(name)
+        if found:
+            return found
+        if n in self.modules:
             return [n]
-        return self.match_alias(name)
+        if name.startswith("symbol:"):
+            provider = self.symbol_providers.get(name[7:])
+            return [provider] if provider else []
+        found = self._matcher(1).match(name) or self._matcher(2).match(name)
+        if found:
+            return found
+        return [n] if n in self.builtins else []
 
     def match_alias(self, string: str) -> list[str]:
         """Modules (loadable or builtin) with an alias matching ``string`` (C fnmatch
         semantics, dashes normalised like kmod does), in index order, without repeats."""
-        matcher = self._alias_matcher
-        if matcher is None:
-            matcher = _AliasMatcher(self._all_aliases())
-            object.__setattr__(self, "_alias_matcher", matcher)
-        return matcher.match(string)
+        found = dict.fromkeys(self._matcher(0).match(string))
+        found.update(dict.fromkeys(self._matcher(1).match(string)))
+        found.update(dict.fromkeys(self._matcher(2).match(string)))
+        return list(found)
 
-    def _all_aliases(self) -> Iterator[tuple[str, str]]:
-        for alias, module in self.modprobe.aliases:
-            yield alias, module
-        for entry in self.modules.values():
-            for alias in entry.info.aliases:
-                yield alias, entry.name
-        yield from self.builtin_aliases
+    def _matcher(self, which: int) -> _AliasMatcher:
+        """0: modprobe.d aliases, 1: loadable modules' aliases, 2: builtins' aliases."""
+        matchers = self._alias_matchers
+        if matchers is None:
+            matchers = {}
+            object.__setattr__(self, "_alias_matchers", matchers)
+        matcher = matchers.get(which)
+        if matcher is None:
+            if which == 0:
+                pairs: Iterable[tuple[str, str]] = self.modprobe.aliases
+            elif which == 1:
+                pairs = ((a, e.name) for e in self.modules.values() for a in e.info.aliases)
+            else:
+                pairs = self.builtin_aliases
+            matcher = matchers[which] = _AliasMatcher(pairs)
+        return matcher
 
     # -- relationships ----------------------------------------------------------------
 
