@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     p = verbs.add_parser("index", help="index the kernel's modules and show a summary")
     _common(p)
-    p.add_argument("--rebuild", action="store_true", help="ignore the cache and re-read every module")
+    p.add_argument("--rebuild", action="store_true",
+                   help="ignore the cache and re-read every module")
     p = verbs.add_parser("plan", help="show what would be kept and removed")
     _common(p)
     p.add_argument("--all", action="store_true", help="list every kept and removed module")

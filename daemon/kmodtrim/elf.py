@@ -265,7 +265,10 @@ _LAYOUTS = {(c, d): _Layout(c, d) for c in (True, False) for d in (True, False)}
 
 
 def parse_module(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
-    """Parse uncompressed module bytes (or a read-only map of them). Raises ModuleParseError naming ``origin``."""
+    """Parse uncompressed module bytes (or a read-only map of them).
+
+    Raises ModuleParseError naming ``origin``.
+    """
     try:
         return _parse_fast(data, origin)
     except ModuleParseError:

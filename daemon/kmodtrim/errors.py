@@ -70,3 +70,32 @@ class CommandError(KmodtrimError):
     """An external command failed; the message carries its output tail."""
 
     dbus_name = DBUS_PREFIX + "CommandFailed"
+
+
+class BusyError(KmodtrimError):
+    """Another operation holds the lock; the message names it."""
+
+    dbus_name = DBUS_PREFIX + "Busy"
+
+
+class NoSuchGenerationError(InputError):
+    dbus_name = DBUS_PREFIX + "NoSuchGeneration"
+
+
+class PolicyViolation(KmodtrimError):
+    """The operation would break a safety rule (loaded, boot-critical, policy-kept, or the
+    minimum observation is not met)."""
+
+    dbus_name = DBUS_PREFIX + "PolicyViolation"
+
+
+class StoreError(KmodtrimError):
+    """kmodtrim's own state under /var/lib/kmodtrim is unreadable or inconsistent."""
+
+    dbus_name = DBUS_PREFIX + "Store"
+
+
+class StashError(KmodtrimError):
+    """A file could not be stashed or restored (hash mismatch, disk full, …)."""
+
+    dbus_name = DBUS_PREFIX + "Stash"

@@ -15,15 +15,15 @@ import marshal
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import __version__
-from .elf import ModuleInfo, parse_softdep, read_module
+from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
 from .errors import KernelNotFoundError, ModuleParseError
 from .modprobe import ModprobeConfig, read_modprobe_config
-from .names import module_name_from_path, module_suffix, normalize
+from .names import compression_of, module_name_from_path, module_suffix, normalize
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 _CACHE_FORMAT = 3
@@ -41,6 +41,7 @@ class ModuleEntry:
     size: int  # bytes on disk (compressed size for .ko.xz …)
     info: ModuleInfo
     shadowed: tuple[str, ...] = ()  # other files with the same module name (lower priority)
+    stashed: bool = False  # not in the tree: taken out by an earlier trim, kept in the stash
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,9 @@ class ModuleIndex:
     kernel_exports: frozenset[str]
     kernel_exports_source: str  # "symvers:PATH", "System.map:PATH", "derived from the tree"
     parse_errors: tuple[ModuleParseError, ...] = ()
-    _alias_matchers: dict[int, _AliasMatcher] | None = field(default=None, repr=False, compare=False)
+    _alias_matchers: dict[int, _AliasMatcher] | None = field(
+        default=None, repr=False, compare=False
+    )
     _providers: dict[str, str] | None = field(default=None, repr=False, compare=False)
 
     # -- names ------------------------------------------------------------------------
@@ -426,7 +429,10 @@ def _load_cache(path: Path, moddir: Path) -> dict[str, tuple[int, int, int, tupl
     return entries
 
 
-def _save_cache(path: Path, moddir: Path, entries: dict[str, tuple[int, int, int, tuple[object, ...]]]) -> None:
+_CacheEntries = dict[str, tuple[int, int, int, tuple[object, ...]]]
+
+
+def _save_cache(path: Path, moddir: Path, entries: _CacheEntries) -> None:
     payload = marshal.dumps((_CACHE_FORMAT, __version__, str(moddir), entries))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -448,6 +454,16 @@ def _tuple_to_info(t: tuple[object, ...]) -> ModuleInfo:
 
 
 @dataclass(frozen=True)
+class StashedModule:
+    """A module file no longer in the tree, known from the stash."""
+
+    relpath: str
+    size: int
+    sha256: str
+    load: Callable[[], bytes]  # the original (uncompressed-as-installed) file bytes
+
+
+@dataclass(frozen=True)
 class IndexStats:
     """How an index build went: files read vs taken from the cache."""
 
@@ -464,13 +480,14 @@ def build_index(
     use_cache: bool = True,
     rebuild: bool = False,
     symvers: Path | None = None,
-    extra_infos: Iterable[ModuleInfo] = (),
+    stashed: Sequence[StashedModule] = (),
 ) -> tuple[ModuleIndex, IndexStats]:
     """Index the module tree of ``kernel`` (default: see default_kernel) under ``root``.
 
-    ``extra_infos`` are modules known but not in the tree (e.g. stashed by a trim); they
-    count when deriving the kernel's exports. Malformed module files are collected in
-    ``parse_errors`` rather than aborting. Raises KernelNotFoundError.
+    ``stashed`` are module files an earlier trim took out of the tree: they are indexed
+    too (marked ``stashed``), so plans, closures and the derived kernel exports see the
+    whole kernel. Malformed module files are collected in ``parse_errors`` rather than
+    aborting. Raises KernelNotFoundError.
     """
     root = Path(root)
     kernel = kernel or default_kernel(root)
@@ -496,6 +513,25 @@ def build_index(
             parsed += 1
             fresh[f.relpath] = (f.size, f.mtime_ns, f.inode, _info_to_tuple(info))
         by_name.setdefault(info.name, []).append((f, info))
+    stashed_by_name: dict[str, tuple[StashedModule, ModuleInfo]] = {}
+    for item in stashed:
+        key = "stash:" + item.relpath
+        hit = cached.get(key)
+        if hit is not None and hit[0] == item.size and hit[2] == item.sha256:  # type: ignore[comparison-overlap]
+            info = _tuple_to_info(hit[3])
+            fresh[key] = hit
+        else:
+            try:
+                origin = f"stash:{item.relpath}"
+                info = parse_module(
+                    decompress(item.load(), compression_of(item.relpath), origin), origin
+                )
+            except ModuleParseError as exc:
+                errors.append(exc)
+                continue
+            parsed += 1
+            fresh[key] = (item.size, 0, item.sha256, _info_to_tuple(info))  # type: ignore[assignment]
+        stashed_by_name.setdefault(info.name, (item, info))
     if use_cache and (parsed or len(fresh) != len(cached)):
         _save_cache(cache_file, moddir, fresh)
 
@@ -510,6 +546,9 @@ def build_index(
             info=info,
             shadowed=tuple(f.relpath for f, _ in found[1:]),
         )
+    for name, (item, info) in stashed_by_name.items():
+        if name not in modules:
+            modules[name] = ModuleEntry(name, item.relpath, item.size, info, stashed=True)
     builtins, builtin_aliases, builtin_softdeps = read_builtins(moddir)
     modprobe = read_modprobe_config(root)
     if builtin_softdeps:
@@ -522,7 +561,7 @@ def build_index(
         )
     exports = read_kernel_exports(root, kernel, moddir, symvers)
     if exports is None:
-        infos = [e.info for e in modules.values()] + list(extra_infos)
+        infos = [e.info for e in modules.values()]
         exports = (derived_kernel_exports(infos), "derived from the tree")
     index = ModuleIndex(
         root=root,
@@ -536,4 +575,5 @@ def build_index(
         kernel_exports_source=exports[1],
         parse_errors=tuple(errors),
     )
-    return index, IndexStats(files=len(files), parsed=parsed, cached=len(files) - parsed - len(errors))
+    cached_count = len(files) + len(stashed) - parsed - len(errors)
+    return index, IndexStats(files=len(files), parsed=parsed, cached=cached_count)

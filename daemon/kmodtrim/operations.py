@@ -11,9 +11,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .backends.stash import Stash
 from .closure import Reason
 from .errors import UnknownModuleError
-from .index import IndexStats, ModuleIndex, build_index
+from .index import (
+    IndexStats,
+    ModuleIndex,
+    StashedModule,
+    build_index,
+    default_kernel,
+    module_dir,
+)
 from .names import normalize
 from .observe import (
     ObservedName,
@@ -23,8 +31,9 @@ from .observe import (
     read_proc_modules,
     root_device_drivers,
 )
-from .planner import Evidence, Plan, inroot_moddir, make_plan, scan_firmware
+from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
+from .store import current_generation
 
 
 @dataclass(frozen=True)
@@ -40,15 +49,34 @@ class Target:
     use_cache: bool = True
 
 
+def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
+    """Module files of ``kernel`` that the current generation holds in the stash."""
+    prefix = inroot_path(module_dir(root, kernel), root) + "/"
+    stash = Stash(root)
+    found = []
+    for entry in current_generation(root).removed:
+        if entry.kind == "module" and entry.kernel == kernel and entry.path.startswith(prefix):
+            found.append(StashedModule(
+                relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
+                load=lambda entry=entry: stash.read(entry),  # type: ignore[misc]
+            ))
+    return found
+
+
 def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, IndexStats]:
-    """Index the target's kernel (cached). Raises KernelNotFoundError."""
+    """Index the target's kernel (cached), including modules an earlier trim stashed.
+
+    Raises KernelNotFoundError.
+    """
+    kernel = target.kernel or default_kernel(target.root)
     return build_index(
         target.root,
-        target.kernel,
+        kernel,
         cache_dir=target.cache_dir,
         use_cache=target.use_cache,
         rebuild=rebuild,
         symvers=target.symvers,
+        stashed=stashed_modules(target.root, kernel),
     )
 
 

@@ -40,6 +40,7 @@ class KeptModule:
     path: str  # in-root path, e.g. /lib/modules/KVER/kernel/…/virtio_net.ko
     size: int
     reasons: tuple[Reason, ...]
+    stashed: bool = False  # trimmed earlier and now needed: applying restores it
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class RemovedModule:
     path: str
     size: int
     files: tuple[str, ...]  # every in-root file that goes (the module and shadowed copies)
+    stashed: bool = False  # already out of the tree
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ class Plan:
                     "path": m.path,
                     "size": m.size,
                     "reasons": [reason_json(r) for r in m.reasons],
+                    "stashed": m.stashed,
                 }
                 for m in self.keep
             ],
             "remove": [
-                {"name": m.name, "path": m.path, "size": m.size, "files": list(m.files)}
+                {"name": m.name, "path": m.path, "size": m.size, "files": list(m.files),
+                 "stashed": m.stashed}
                 for m in self.remove
             ],
             "builtin_needed": list(self.builtin_needed),
@@ -142,9 +146,14 @@ def reason_json(reason: Reason) -> dict[str, Any]:
     }
 
 
+def inroot_path(path: Path, root: Path) -> str:
+    """``path`` (under ``root``) as seen from inside the root: ``/lib/modules/…``."""
+    return "/" + path.relative_to(root).as_posix()
+
+
 def inroot_moddir(index: ModuleIndex) -> str:
     """The module dir as a path inside the root, e.g. ``/lib/modules/6.1.0-56-amd64``."""
-    return "/" + index.moddir.relative_to(index.root).as_posix()
+    return inroot_path(index.moddir, index.root)
 
 
 def seeds_from(
@@ -178,7 +187,8 @@ def seeds_from(
         for module in targets:
             add(module, Reason(kind, f"{fs.fstype} filesystem on {fs.mountpoint} ({fs.source})"))
     for drv in evidence.root_drivers:
-        add(drv.module, Reason("boot-critical", f"storage driver of {drv.mountpoint} ({drv.devpath})"))
+        detail = f"storage driver of {drv.mountpoint} ({drv.devpath})"
+        add(drv.module, Reason("boot-critical", detail))
     for entry in index.modules.values():
         rule = policy.decide(entry.name, entry.relpath, entry.info.aliases)
         if rule is not None and not rule.exclude:
@@ -211,10 +221,10 @@ def make_plan(
         entry = index.modules[name]
         path = f"{base}/{entry.relpath}"
         if name in closure.kept:
-            keep.append(KeptModule(name, path, entry.size, closure.kept[name]))
+            keep.append(KeptModule(name, path, entry.size, closure.kept[name], entry.stashed))
         else:
             files = (path, *(f"{base}/{p}" for p in entry.shadowed))
-            remove.append(RemovedModule(name, path, entry.size, files))
+            remove.append(RemovedModule(name, path, entry.size, files, entry.stashed))
     unresolved = verify_symbols(closure.kept, index)
     for problem in unresolved:
         warnings.append(

@@ -1,0 +1,289 @@
+"""kmodtrim's persistent state under ROOT/var/lib/kmodtrim: generations, journal, lock,
+observations. Every write is atomic (temp file, fsync, rename, fsync of the directory).
+
+Layout::
+
+    var/lib/kmodtrim/
+      lock                  flock'ed by the running operation; holds its description
+      journal.json          write-ahead journal of the running operation (absent when idle)
+      generations/N.json    one manifest per generation (0 is implicit: nothing trimmed)
+      observations.json     modules seen loaded, per boot
+      stash/objects/…       content-addressed copies of removed files (backends/stash.py)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BusyError, NoSuchGenerationError, StoreError
+
+STATE_DIR = "var/lib/kmodtrim"
+
+
+def state_dir(root: Path) -> Path:
+    return root / STATE_DIR
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so a crash leaves either the old or the new file.
+
+    Raises OSError (e.g. ENOSPC) with the old file untouched.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, doc: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    """Parse a state file. Raises StoreError naming the file if it is corrupt."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise StoreError(
+            f"{path}: unreadable kmodtrim state ({exc})",
+            hint="move the file aside; kmodtrim will start from what remains",
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# The operation lock
+
+
+@contextlib.contextmanager
+def operation_lock(root: Path, description: str) -> Iterator[None]:
+    """Hold the one-operation-at-a-time lock for ``root``.
+
+    Raises BusyError naming the running operation (its description, pid and start time).
+    """
+    directory = state_dir(root)
+    directory.mkdir(parents=True, exist_ok=True)
+    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+            raise BusyError(
+                f"another kmodtrim operation is running: {holder}",
+                hint="wait for it to finish (kmodtrim history shows the result)",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{description} (pid {os.getpid()}, since {_now()})\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# ---------------------------------------------------------------------------------------
+# Generations
+
+
+@dataclass(frozen=True)
+class StashedFile:
+    """A file kmodtrim took out of the tree, with everything needed to put it back."""
+
+    path: str  # in-root absolute path
+    size: int
+    sha256: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    kind: str = "module"  # "module" or "firmware"
+    module: str | None = None  # module name (for modules)
+    kernel: str | None = None
+    package: str | None = None  # owning package, if any
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> StashedFile:
+        return StashedFile(**doc)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One numbered state of the trimmed files. ``removed`` is the whole state (every file
+    out of the tree), not only this generation's changes."""
+
+    number: int
+    created: str
+    action: str  # "untrimmed", "apply", "rollback", "restore"
+    description: str
+    removed: tuple[StashedFile, ...] = ()
+    stashed: tuple[str, ...] = ()  # paths this generation took out
+    restored: tuple[str, ...] = ()  # paths this generation put back
+    kernels: tuple[str, ...] = ()  # kernels whose trees changed
+    rollback_to: int | None = None
+    keep_reasons: dict[str, str] = field(default_factory=dict)
+    regen: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(f.size for f in self.removed)
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["removed_bytes"] = self.removed_bytes
+        return doc
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> Generation:
+        doc = dict(doc)
+        doc.pop("removed_bytes", None)
+        doc["removed"] = tuple(StashedFile.from_json(f) for f in doc.get("removed", ()))
+        for key in ("stashed", "restored", "kernels"):
+            doc[key] = tuple(doc.get(key, ()))
+        return Generation(**doc)
+
+
+GENERATION_ZERO = Generation(0, "", "untrimmed", "the tree as installed")
+
+
+def generations_dir(root: Path) -> Path:
+    return state_dir(root) / "generations"
+
+
+def generation_numbers(root: Path) -> list[int]:
+    """Recorded generation numbers (0 always exists), ascending."""
+    numbers = {0}
+    with contextlib.suppress(OSError):
+        for name in os.listdir(generations_dir(root)):
+            stem, dot, ext = name.partition(".")
+            if dot and ext == "json" and stem.isdigit():
+                numbers.add(int(stem))
+    return sorted(numbers)
+
+
+def load_generation(root: Path, number: int) -> Generation:
+    """Generation ``number``. Raises NoSuchGenerationError or StoreError."""
+    if number == 0:
+        return GENERATION_ZERO
+    path = generations_dir(root) / f"{number}.json"
+    try:
+        doc = read_json(path)
+    except FileNotFoundError:
+        known = ", ".join(str(n) for n in generation_numbers(root))
+        raise NoSuchGenerationError(
+            f"no generation {number} (known: {known})", hint="kmodtrim history lists them"
+        ) from None
+    try:
+        return Generation.from_json(doc)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise StoreError(f"{path}: not a generation manifest ({exc})") from None
+
+
+def current_generation(root: Path) -> Generation:
+    return load_generation(root, generation_numbers(root)[-1])
+
+
+def write_generation(root: Path, generation: Generation) -> None:
+    atomic_write_json(generations_dir(root) / f"{generation.number}.json", generation.to_json())
+
+
+# ---------------------------------------------------------------------------------------
+# Journal
+
+
+def journal_path(root: Path) -> Path:
+    return state_dir(root) / "journal.json"
+
+
+def read_journal(root: Path) -> dict[str, Any] | None:
+    try:
+        doc = read_json(journal_path(root))
+    except FileNotFoundError:
+        return None
+    if not isinstance(doc, dict):
+        raise StoreError(f"{journal_path(root)}: not a journal")
+    return doc
+
+
+def write_journal(root: Path, doc: dict[str, Any]) -> None:
+    atomic_write_json(journal_path(root), doc)
+
+
+def clear_journal(root: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        journal_path(root).unlink()
+        fsync_dir(state_dir(root))
+
+
+# ---------------------------------------------------------------------------------------
+# Observations (modules seen loaded, per boot)
+
+
+def observations_path(root: Path) -> Path:
+    return state_dir(root) / "observations.json"
+
+
+def read_observations(root: Path) -> dict[str, dict[str, Any]]:
+    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}.
+
+    A corrupt file is moved aside (``observations.json.corrupt-TIME``) and treated as empty.
+    """
+    path = observations_path(root)
+    try:
+        doc = read_json(path)
+        if not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict):
+            raise StoreError(f"{path}: unexpected structure")
+        boots: dict[str, dict[str, Any]] = doc["boots"]
+        return boots
+    except FileNotFoundError:
+        return {}
+    except StoreError:
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        with contextlib.suppress(OSError):
+            os.replace(path, aside)
+        return {}
+
+
+def record_observation(
+    root: Path, boot_id: str, modules: list[str], now: float | None = None
+) -> None:
+    """Add modules seen loaded during boot ``boot_id`` (union with what was recorded)."""
+    now = time.time() if now is None else now
+    boots = read_observations(root)
+    boot = boots.setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
+    boot["last_seen"] = now
+    boot["modules"] = sorted(set(boot["modules"]) | set(modules))
+    atomic_write_json(observations_path(root), {"boots": boots})
