@@ -16,10 +16,13 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
-from .errors import KmodtrimError
+from .backends.stash import Stash
+from .errors import InputError, KmodtrimError
+from .executor import Options, Outcome, apply_plan, recover, restore_modules, rollback
 from .operations import (
     PlanResult,
     Target,
+    boot_id,
     explain,
     gather_evidence,
     human_bytes,
@@ -27,6 +30,15 @@ from .operations import (
     make_plan_for,
 )
 from .planner import Plan
+from .policy import LoadedPolicy
+from .store import (
+    current_generation,
+    generation_numbers,
+    load_generation,
+    read_journal,
+    read_observations,
+    record_observation,
+)
 
 log = logging.getLogger("kmodtrim")
 TOP_SAVINGS = 15
@@ -84,7 +96,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", metavar="NAME", help="module name or alias")
     p = verbs.add_parser("observe", help="show what is observed on the root")
     _common(p)
+    p.add_argument("--record", action="store_true",
+                   help="remember the modules loaded now (for this boot) in the state store")
+    p = verbs.add_parser("apply", help="trim: apply the plan as a new generation")
+    _common(p)
+    _mutating(p)
+    p.add_argument("--force", action="store_true",
+                   help="trim even before the minimum observation is met")
+    p = verbs.add_parser("history", help="list generations")
+    _common(p)
+    p = verbs.add_parser("show", help="show one generation")
+    _common(p)
+    p.add_argument("generation", type=int, metavar="GEN")
+    p = verbs.add_parser("rollback", help="return to generation GEN (default: undo the latest)")
+    _common(p)
+    _mutating(p)
+    p.add_argument("generation", type=int, nargs="?", metavar="GEN")
+    p = verbs.add_parser("restore", help="put modules (and their dependencies) back")
+    _common(p)
+    _mutating(p)
+    p.add_argument("names", nargs="+", metavar="NAME")
+    p = verbs.add_parser("status", help="current generation, stash and observation state")
+    _common(p)
     return parser
+
+
+def _mutating(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what would happen, change nothing")
+    parser.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    parser.add_argument("--initramfs", default="auto",
+                        choices=["auto", "skip", "dracut", "update-initramfs", "kernel-install"],
+                        help="initramfs generator (default: the policy's, else detected)")
+    parser.add_argument("--backend", default=None, choices=["auto", "stash", "dpkg", "rpm"],
+                        help="package-manager backend (default: the policy's)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -242,6 +287,8 @@ def cmd_explain(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 
 def cmd_observe(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     evidence = gather_evidence(target)
+    if args.record:
+        record_observation(target.root, boot_id(target.root), [o.name for o in evidence.loaded])
     index = None
     try:
         index, _ = load_index(target)
@@ -282,11 +329,173 @@ def cmd_observe(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     return 0
 
 
+def _progress(step: str, done: int, total: int) -> None:
+    if total >= 50 and (done == total or done % max(total // 20, 1) == 0):
+        print(f"\r  {step}: {done}/{total}", end="\n" if done == total else "",
+              file=sys.stderr, flush=True)
+
+
+def _options(args: argparse.Namespace, policy: LoadedPolicy | None) -> Options:
+    backend = args.backend or (policy.settings.backend if policy is not None else "auto")
+    return Options(
+        dry_run=args.dry_run,
+        force=getattr(args, "force", False),
+        initramfs=args.initramfs,
+        backend=backend,
+        progress=_progress if sys.stderr.isatty() and not args.json else None,
+    )
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.yes or args.dry_run:
+        return True
+    if not sys.stdin.isatty():
+        raise InputError(f"{question}: refusing without --yes when not on a terminal",
+                         hint="review with --dry-run, then pass --yes")
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def _print_outcome(outcome: Outcome, args: argparse.Namespace, out: TextIO, root: Path) -> None:
+    if args.json:
+        doc = outcome.to_json()
+        doc["stash_bytes_on_disk"] = Stash(root).size_on_disk()
+        _dump(doc, out)
+        return
+    verb = "would" if outcome.dry_run else "did"
+    print(f"{verb} take out {len(outcome.stash)} files and put back {len(outcome.restore)}",
+          file=out)
+    if outcome.dry_run:
+        for path in outcome.stash[:20]:
+            print(f"  - {path}", file=out)
+        for path in outcome.restore[:20]:
+            print(f"  + {path}", file=out)
+        more = len(outcome.stash) + len(outcome.restore) - 40
+        if more > 0:
+            print(f"  … {more} more (--json lists all)", file=out)
+    for note in outcome.notes:
+        print(note, file=out)
+    if outcome.generation is not None:
+        g = outcome.generation
+        print(f"generation {g.number}: {g.description}", file=out)
+        print(f"out of the tree now: {len(g.removed)} files ({human_bytes(g.removed_bytes)}); "
+              f"stash on disk {human_bytes(Stash(root).size_on_disk())}", file=out)
+        for kernel, entry in g.regen.items():
+            initramfs = entry.get("initramfs") or {}
+            state = initramfs.get("image") or initramfs.get("skipped") or "skipped"
+            print(f"kernel {kernel}: depmod done, initramfs: {state}", file=out)
+
+
+def _recover(target: Target) -> None:
+    done = recover(target.root)
+    if done:
+        print(f"kmodtrim: {done}", file=sys.stderr)
+
+
+def cmd_apply(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _recover(target)
+    result = make_plan_for(target)
+    plan = result.plan
+    if not args.json:
+        _print_plan(plan, out, False)
+        print(file=out)
+    options = _options(args, result.policy)
+    if not _confirm(args, f"remove {len(plan.remove)} modules "
+                          f"({human_bytes(plan.remove_bytes)}) from kernel {plan.kernel}?"):
+        print("nothing changed", file=out)
+        return 1
+    outcome = apply_plan(target.root, plan, result.index, result.evidence, result.policy, options)
+    _print_outcome(outcome, args, out, target.root)
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _recover(target)
+    to = args.generation
+    if to is not None:
+        load_generation(target.root, to)  # fail early on a bad number
+    which = str(to) if to is not None else "before the latest"
+    if not _confirm(args, f"roll back to generation {which}?"):
+        print("nothing changed", file=out)
+        return 1
+    outcome = rollback(target.root, to, _options(args, None))
+    _print_outcome(outcome, args, out, target.root)
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _recover(target)
+    index, _ = load_index(target)
+    outcome = restore_modules(target.root, args.names, index, _options(args, None))
+    _print_outcome(outcome, args, out, target.root)
+    return 0
+
+
+def cmd_history(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    gens = [load_generation(target.root, n) for n in generation_numbers(target.root)]
+    current = gens[-1].number
+    if args.json:
+        _dump([{
+            "generation": g.number, "created": g.created, "action": g.action,
+            "description": g.description, "removed_files": len(g.removed),
+            "removed_bytes": g.removed_bytes, "current": g.number == current,
+        } for g in gens], out)
+        return 0
+    for g in gens:
+        mark = "*" if g.number == current else " "
+        print(f"{mark}{g.number:4d}  {g.created or '-':24}  {g.action:9}  "
+              f"{len(g.removed):5d} files {human_bytes(g.removed_bytes):>10} out  {g.description}",
+              file=out)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    g = load_generation(target.root, args.generation)
+    if args.json:
+        _dump(g.to_json(), out)
+        return 0
+    print(f"generation {g.number} ({g.action}, {g.created or 'as installed'}): {g.description}",
+          file=out)
+    print(f"  out of the tree: {len(g.removed)} files, {human_bytes(g.removed_bytes)}", file=out)
+    print(f"  this generation took out {len(g.stashed)} and put back {len(g.restored)} files",
+          file=out)
+    for kernel, entry in g.regen.items():
+        print(f"  kernel {kernel}: {json.dumps(entry, sort_keys=True)}", file=out)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    g = current_generation(target.root)
+    boots = read_observations(target.root)
+    doc = {
+        "generation": g.number,
+        "removed_files": len(g.removed),
+        "removed_bytes": g.removed_bytes,
+        "stash_bytes_on_disk": Stash(target.root).size_on_disk(),
+        "observed_boots": len(boots),
+        "interrupted_operation": read_journal(target.root) is not None,
+    }
+    if args.json:
+        _dump(doc, out)
+    else:
+        print(f"generation {g.number}: {g.description}", file=out)
+        print(f"  {len(g.removed)} files ({human_bytes(g.removed_bytes)}) out of the tree, "
+              f"stash {human_bytes(doc['stash_bytes_on_disk'])} on disk", file=out)  # type: ignore[arg-type]
+        print(f"  observed boots: {len(boots)}", file=out)
+    return 0
+
+
 VERBS = {
     "index": cmd_index,
     "plan": cmd_plan,
     "explain": cmd_explain,
     "observe": cmd_observe,
+    "apply": cmd_apply,
+    "history": cmd_history,
+    "show": cmd_show,
+    "rollback": cmd_rollback,
+    "restore": cmd_restore,
+    "status": cmd_status,
 }
 
 

@@ -183,6 +183,14 @@ def explain(result: PlanResult, name: str) -> Explanation:
     )
 
 
+def boot_id(root: Path) -> str:
+    """This boot's id (ROOT/proc/sys/kernel/random/boot_id), or "offline" for an image."""
+    try:
+        return (root / "proc/sys/kernel/random/boot_id").read_text().strip() or "offline"
+    except OSError:
+        return "offline"
+
+
 def human_bytes(n: int) -> str:
     """1536 → '1.5 KiB'."""
     value = float(n)
