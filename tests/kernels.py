@@ -84,9 +84,11 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     except FileNotFoundError as exc:
         raise _Unavailable(f"{argv[0]} is not installed (run scripts/setup)") from exc
     if proc.returncode != 0:
-        raise _Unavailable(
-            f"`{' '.join(argv)}` exited {proc.returncode}:\n{proc.stderr.strip()}"
+        # apt-get download as root warns that it cannot drop privileges; that is noise.
+        stderr = "\n".join(
+            line for line in proc.stderr.splitlines() if "performed unsandboxed" not in line
         )
+        raise _Unavailable(f"`{' '.join(argv)}` exited {proc.returncode}:\n{stderr.strip()}")
     return proc.stdout
 
 
@@ -104,7 +106,7 @@ def _locked(cache: Path) -> Iterator[None]:
 def _resolve_metapackage(meta: str) -> str:
     """The versioned package a metapackage's candidate depends on (linux-image-6.1.0-NN-...)."""
     out = _run(["apt-cache", "depends", "--no-recommends", "--no-suggests", meta])
-    prefix = meta.split("-")[0] + "-" + meta.split("-")[1] + "-"  # "linux-image-"
+    prefix = re.sub(r"^(linux-[a-z]+-).*", r"\1", meta)  # "linux-image-"
     for line in out.splitlines():
         m = re.match(r"\s*\|?Depends:\s*(\S+)", line)
         if m and m.group(1).startswith(prefix) and re.search(r"-\d", m.group(1)):
@@ -174,7 +176,7 @@ def _unpack(cache: Path, deb: Path) -> Path:
     return root
 
 
-def _depmod(cache: Path, root: Path, kver: str) -> None:
+def _depmod(root: Path, kver: str) -> None:
     """Run depmod on the pristine root once, as the package's postinst would."""
     stamp = root.parent / f"{root.name}.depmod"
     if not stamp.exists():
@@ -221,7 +223,7 @@ def _prepare(flavour: str) -> KernelTree:
         found_kver = _kver_of(root, image_deb)
         if found_kver != kver:
             raise _Unavailable(f"{image_deb.name} holds lib/modules/{found_kver}, not {kver}")
-        _depmod(cache, root, kver)
+        _depmod(root, kver)
         headers_root = _unpack(cache, headers_deb)
         symvers = headers_root / "usr" / "src" / f"linux-headers-{kver}" / "Module.symvers"
         if not symvers.is_file():
@@ -236,10 +238,12 @@ def _kernel(flavour: str) -> KernelTree:
     try:
         return _prepare(flavour)
     except _Unavailable as exc:
-        pytest.fail(
-            f"cannot provide the Debian {flavour} kernel for tests: {exc}\n({_OFFLINE_HINT})",
-            pytrace=False,
-        )
+        problem = str(exc)
+    # Failing outside the except block keeps the report to the message, without a chain.
+    pytest.fail(
+        f"cannot provide the Debian {flavour} kernel for tests: {problem}\n({_OFFLINE_HINT})",
+        pytrace=False,
+    )
 
 
 @pytest.fixture(scope="session")
