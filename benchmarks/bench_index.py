@@ -86,9 +86,9 @@ def main() -> int:
             seconds, rss = _index_in_child(tree, root, cache, "warm")
             warm.append(seconds)
             warm_rss = max(warm_rss, rss)
-        plan_argv = KMODTRIM + ["plan", "--root", str(root), "--kernel", tree.kver,
-                                "--observed", str(OBSERVED), "--symvers", str(tree.symvers),
-                                "--cache-dir", str(cache), "--json"]
+        plan_argv = [*KMODTRIM, "plan", "--root", str(root), "--kernel", tree.kver,
+                     "--observed", str(OBSERVED), "--symvers", str(tree.symvers),
+                     "--cache-dir", str(cache), "--json"]
         _timed(plan_argv)
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         plan = [_timed(plan_argv) for _ in range(args.runs)]

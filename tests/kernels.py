@@ -273,3 +273,27 @@ def copy_kernel_tree(tree: KernelTree, dest: Path) -> KernelTree:
         stdin=subprocess.DEVNULL,
     )
     return dataclasses.replace(tree, root=dest)
+
+
+def prepare_kernel(flavour: str) -> KernelTree:
+    """The Debian kernel of a flavour ("generic" or "cloud"), for scripts outside pytest
+    (the demo and the benchmarks). Raises RuntimeError with the reason if unavailable."""
+    name = {"generic": "amd64", "cloud": "cloud-amd64"}.get(flavour, flavour)
+    try:
+        return _prepare(name)
+    except _Unavailable as exc:
+        raise RuntimeError(f"cannot provide the Debian {name} kernel: {exc}") from None
+
+
+if __name__ == "__main__":
+    # `python tests/kernels.py --shell FLAVOUR` prints KROOT/KVER/SYMVERS for shell scripts.
+    import shlex
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] != "--shell":
+        print("usage: kernels.py --shell generic|cloud", file=sys.stderr)
+        sys.exit(2)
+    tree = prepare_kernel(sys.argv[2])
+    print(f"KROOT={shlex.quote(str(tree.root))}")
+    print(f"KVER={shlex.quote(tree.kver)}")
+    print(f"SYMVERS={shlex.quote(str(tree.symvers))}")

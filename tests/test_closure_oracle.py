@@ -9,8 +9,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kernels import KernelTree, copy_kernel_tree
 
+from kernels import KernelTree, copy_kernel_tree
 from kmodtrim.closure import Reason, closure_of, verify_symbols
 from kmodtrim.index import ModuleIndex, build_index
 

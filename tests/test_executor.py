@@ -9,12 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from modbuild import ModSpec, build_tree
 
 from kmodtrim.errors import BusyError, PolicyViolation
 from kmodtrim.executor import FAULT_STEPS, Options, apply_plan, recover
 from kmodtrim.operations import Target, make_plan_for
 from kmodtrim.store import current_generation, generation_numbers, operation_lock
+from modbuild import ModSpec, build_tree
 
 KVER = "6.1.0-test"
 SPECS = (
@@ -67,7 +67,9 @@ def observed(tmp_path: Path) -> Path:
     return path
 
 
-def _cli(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    root: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kmodtrim.cli", *args, "--root", str(root), "--kernel", KVER],
         capture_output=True, text=True, env={**os.environ, **(env or {})}, check=False,
@@ -152,7 +154,8 @@ def test_executor_refuses_a_plan_that_removes_a_policy_kept_module(
 ) -> None:
     target = Target(root=root, kernel=KVER, observed_files=(observed,))
     result = make_plan_for(target)
-    (root / "etc/kmodtrim/policy.toml").write_text(POLICY.replace("rules = []", 'rules = ["unused_c"]'))
+    stricter_text = POLICY.replace("rules = []", 'rules = ["unused_c"]')
+    (root / "etc/kmodtrim/policy.toml").write_text(stricter_text)
     stricter = make_plan_for(target).policy
     with pytest.raises(PolicyViolation, match="unused_c"):
         apply_plan(root, result.plan, result.index, result.evidence, stricter,
@@ -161,7 +164,9 @@ def test_executor_refuses_a_plan_that_removes_a_policy_kept_module(
 
 
 def test_second_operation_is_busy_and_names_the_running_one(root: Path, observed: Path) -> None:
-    with operation_lock(root, "apply (kernel 9.9)"), pytest.raises(BusyError, match=r"apply \(kernel 9.9\)"):
+    with operation_lock(root, "apply (kernel 9.9)"), pytest.raises(
+        BusyError, match=r"apply \(kernel 9.9\)"
+    ):
         _apply(root, observed)
     proc = _cli(root, "rollback", "--yes")
     assert proc.returncode == 0  # the lock is free again: nothing to roll back is fine
