@@ -18,18 +18,21 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from . import __version__
 from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
 from .errors import KernelNotFoundError, ModuleParseError
 from .modprobe import ModprobeConfig, read_modprobe_config
-from .names import compression_of, module_name_from_path, module_suffix, normalize
+from .names import MODULE_SUFFIXES, compression_of, module_name_from_path, normalize
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 _CACHE_FORMAT = 3
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Directories in a module tree that are never module trees themselves.
 _SKIP_DIRS = frozenset({"build", "source"})
+# relpath (or "exports:PATH", "stash:RELPATH") → (size, mtime_ns, inode or sha, payload)
+_CacheEntries = dict[str, tuple[int, int, int, tuple[object, ...]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,8 +250,7 @@ def default_kernel(root: Path) -> str:
 # Reading the tree
 
 
-@dataclass(frozen=True)
-class _FileStat:
+class _FileStat(NamedTuple):
     relpath: str
     size: int
     mtime_ns: int
@@ -258,23 +260,30 @@ class _FileStat:
 def _walk_modules(moddir: Path) -> list[_FileStat]:
     found: list[_FileStat] = []
     stack = [("", str(moddir))]
+    suffixes = MODULE_SUFFIXES
     while stack:
         prefix, directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            entries = os.scandir(directory)
         except OSError:
             continue
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                if not (prefix == "" and entry.name in _SKIP_DIRS):
-                    stack.append((prefix + entry.name + "/", entry.path))
-            elif module_suffix(entry.name) is not None:
-                try:
-                    st = entry.stat()
-                except OSError:
-                    continue
-                found.append(_FileStat(prefix + entry.name, st.st_size, st.st_mtime_ns, st.st_ino))
-    found.sort(key=lambda f: f.relpath)
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.endswith(suffixes):
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((prefix + name + "/", entry.path))
+                        continue
+                    try:
+                        st = entry.stat()
+                    except OSError:
+                        continue
+                    found.append(_FileStat(prefix + name, st.st_size, st.st_mtime_ns, st.st_ino))
+                elif entry.is_dir(follow_symlinks=False) and not (
+                    prefix == "" and name in _SKIP_DIRS
+                ):
+                    stack.append((prefix + name + "/", entry.path))
+    found.sort()  # directory order is arbitrary; priorities and providers must not be
     return found
 
 
@@ -312,41 +321,52 @@ def read_builtins(moddir: Path) -> tuple[frozenset[str], tuple[tuple[str, str], 
 
 
 def read_kernel_exports(
-    root: Path, kernel: str, moddir: Path, symvers: Path | None = None
+    root: Path, kernel: str, moddir: Path, symvers: Path | None = None,
+    memo: _CacheEntries | None = None,
 ) -> tuple[frozenset[str], str] | None:
     """The kernel's (vmlinux) exported symbols from the best source the root has.
 
     Order: an explicit Module.symvers, ``symvers.xz``/``symvers.gz``/``symvers`` in the
     module dir (Fedora), a real ``/boot/System.map-KVER`` (Debian's is a one-line stub),
     ``/usr/src/linux-headers-KVER/Module.symvers`` (Debian headers). None if none exists.
+    ``memo`` (the index cache) remembers parsed files by (size, mtime_ns, inode).
     """
-    candidates: list[Path] = []
-    if symvers is not None:
-        candidates.append(symvers)
-    candidates += [moddir / "symvers.xz", moddir / "symvers.gz", moddir / "symvers"]
-    for path in candidates:
-        text = _read_maybe_compressed(path)
-        if text is not None:
-            syms = _parse_symvers(text)
-            if syms:
-                return frozenset(syms), f"symvers:{path}"
-    sysmap = _read_maybe_compressed(root / "boot" / f"System.map-{kernel}")
-    if sysmap is not None:
-        syms = [
-            line.split()[2][10:]
-            for line in sysmap.splitlines()
-            if "__ksymtab_" in line and len(line.split()) >= 3
-            and line.split()[2].startswith("__ksymtab_")
-        ]
-        if syms:
-            return frozenset(syms), f"System.map:/boot/System.map-{kernel}"
     headers = root / "usr" / "src" / f"linux-headers-{kernel}" / "Module.symvers"
-    text = _read_maybe_compressed(headers)
-    if text is not None:
-        syms = _parse_symvers(text)
+    candidates: list[tuple[Path, Callable[[str], list[str]], str]] = []
+    if symvers is not None:
+        candidates.append((symvers, _parse_symvers, f"symvers:{symvers}"))
+    for name in ("symvers.xz", "symvers.gz", "symvers"):
+        candidates.append((moddir / name, _parse_symvers, f"symvers:{moddir / name}"))
+    candidates.append((root / "boot" / f"System.map-{kernel}", _parse_system_map,
+                       f"System.map:/boot/System.map-{kernel}"))
+    candidates.append((headers, _parse_symvers, f"symvers:{headers}"))
+    for path, parser, source in candidates:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        key = f"exports:{path}"
+        hit = memo.get(key) if memo is not None else None
+        if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
+            syms = list(hit[3])  # type: ignore[arg-type]
+        else:
+            text = _read_maybe_compressed(path)
+            syms = parser(text) if text is not None else []
+            if memo is not None:
+                memo[key] = (st.st_size, st.st_mtime_ns, st.st_ino, tuple(syms))
         if syms:
-            return frozenset(syms), f"symvers:{headers}"
+            return frozenset(syms), source
     return None
+
+
+def _parse_system_map(text: str) -> list[str]:
+    # depmod -F takes the "__ksymtab_NAME" symbols of a System.map as the kernel's exports.
+    syms = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[2].startswith("__ksymtab_"):
+            syms.append(fields[2][10:])
+    return syms
 
 
 def _read_maybe_compressed(path: Path) -> str | None:
@@ -427,9 +447,6 @@ def _load_cache(path: Path, moddir: Path) -> dict[str, tuple[int, int, int, tupl
         return {}
     entries: dict[str, tuple[int, int, int, tuple[object, ...]]] = data[3]
     return entries
-
-
-_CacheEntries = dict[str, tuple[int, int, int, tuple[object, ...]]]
 
 
 def _save_cache(path: Path, moddir: Path, entries: _CacheEntries) -> None:
@@ -532,8 +549,6 @@ def build_index(
             parsed += 1
             fresh[key] = (item.size, 0, item.sha256, _info_to_tuple(info))  # type: ignore[assignment]
         stashed_by_name.setdefault(info.name, (item, info))
-    if use_cache and (parsed or len(fresh) != len(cached)):
-        _save_cache(cache_file, moddir, fresh)
 
     modules: dict[str, ModuleEntry] = {}
     for name, found in by_name.items():
@@ -559,7 +574,12 @@ def build_index(
             install_commands=modprobe.install_commands, blacklist=modprobe.blacklist,
             files=modprobe.files,
         )
-    exports = read_kernel_exports(root, kernel, moddir, symvers)
+    for key, value in cached.items():
+        if key.startswith("exports:"):
+            fresh.setdefault(key, value)
+    exports = read_kernel_exports(root, kernel, moddir, symvers, fresh)
+    if use_cache and fresh != cached:  # values are shared objects: cheap when unchanged
+        _save_cache(cache_file, moddir, fresh)
     if exports is None:
         infos = [e.info for e in modules.values()]
         exports = (derived_kernel_exports(infos), "derived from the tree")
