@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 import threading
@@ -39,6 +40,7 @@ __all__ = [
     "build_tree",
     "compress_bytes",
     "module_bytes",
+    "swap_elf_byte_order",
     "symbol_crc",
     "write_symvers",
     "write_system_map",
@@ -51,10 +53,15 @@ MODULE_NAME_LEN = 56
 
 CFLAGS = (
     "-c", "-x", "c", "-O0", "-std=gnu11",
-    "-fno-pic", "-fno-pie", "-mcmodel=kernel", "-mno-red-zone", "-ffreestanding",
+    "-fno-pic", "-fno-pie", "-mno-red-zone", "-ffreestanding",
     "-fno-common", "-fno-stack-protector", "-fno-asynchronous-unwind-tables",
     "-fno-unwind-tables", "-fcf-protection=none", "-nostdinc", "-w",
 )
+# Per architecture: extra gcc flags and the ld emulation.
+ARCHES: dict[str, tuple[tuple[str, ...], str]] = {
+    "x86_64": (("-m64", "-mcmodel=kernel"), "elf_x86_64"),
+    "i386": (("-m32",), "elf_i386"),
+}
 
 # What ``ld -r -T scripts/module.lds`` does to export tables in a 6.1 kernel build.
 MODULE_LDS = """\
@@ -62,6 +69,8 @@ SECTIONS {
 	/DISCARD/ : { *(.discard) *(.discard.*) *(.note.GNU-stack) }
 	__ksymtab 0 : { *(SORT(___ksymtab+*)) }
 	__ksymtab_gpl 0 : { *(SORT(___ksymtab_gpl+*)) }
+	__kcrctab 0 : { *(SORT(___kcrctab+*)) }
+	__kcrctab_gpl 0 : { *(SORT(___kcrctab_gpl+*)) }
 }
 """
 
@@ -105,8 +114,15 @@ class ModSpec:
     # Without this the module has no .modinfo section at all (a plain object file).
     with_modinfo: bool = True
     # CONFIG_MODVERSIONS: a ``__versions`` entry (CRC from symbol_crc) for every import,
-    # so ``depmod -e -E Module.symvers`` (see write_symvers) checks versions too.
+    # so ``depmod -e -E Module.symvers`` (see write_symvers) checks versions too, and a
+    # ``__crc_NAME`` symbol in ``__kcrctab`` for every export (kmod takes a module's
+    # exports from those when there are any, else from ``__ksymtab_strings``).
     modversions: bool = False
+    # EXPORT_SYMBOL_NS: the namespace string stored after each export's name in
+    # ``__ksymtab_strings`` (empty: no namespace).
+    export_ns: str = ""
+    # "x86_64" (ELF64) or "i386" (ELF32, as a 32-bit kernel's modules are).
+    arch: str = "x86_64"
 
     def modinfo(self) -> tuple[tuple[str, str], ...]:
         """The ``.modinfo`` entries in the order a 6.1 build writes them."""
@@ -129,6 +145,8 @@ class ModSpec:
 
     def validate(self) -> None:
         """Raise ValueError if gcc could not build this spec faithfully."""
+        if self.arch not in ARCHES:
+            raise ValueError(f"arch {self.arch!r} is not one of {sorted(ARCHES)}")
         if not _MODNAME.match(self.name):
             raise ValueError(f"module name {self.name!r} is not a valid module name")
         symbols = self.exports + self.gpl_exports + self.imports + self.weak_imports
@@ -137,6 +155,8 @@ class ModSpec:
                 raise ValueError(f"symbol {sym!r} is not a usable C identifier")
         if len(set(symbols)) != len(symbols):
             raise ValueError(f"module {self.name}: a symbol is listed twice: {symbols}")
+        if not re.match(r"^[A-Za-z0-9_]*$", self.export_ns):
+            raise ValueError(f"namespace {self.export_ns!r} is not a C identifier")
         for key, value in self.modinfo():
             if "\0" in key + value or "=" in key:
                 raise ValueError(f"modinfo {key}={value!r} cannot be encoded")
@@ -180,7 +200,7 @@ def c_source(spec: ModSpec) -> str:
             f"__kstrtab_{sym}:\\n"
             f'\\t.asciz \\"{sym}\\"\\n'
             f"__kstrtabns_{sym}:\\n"
-            '\\t.asciz \\"\\"\\n'
+            f'\\t.asciz \\"{spec.export_ns}\\"\\n'
             "\\t.previous\\n"
             f'\\t.section \\"___ksymtab{sec}+{sym}\\", \\"a\\"\\n'
             "\\t.balign 4\\n"
@@ -191,11 +211,20 @@ def c_source(spec: ModSpec) -> str:
             "\\t.previous\\n"
             "\");"
         )
+        if spec.modversions:
+            # modpost's SYMBOL_CRC() in the .mod.c of a 6.1 build.
+            lines.append(
+                f'asm("\\t.section \\"___kcrctab{sec}+{sym}\\", \\"a\\"\\n'
+                f"\\t.balign 4\\n__crc_{sym}:\\n\\t.long {symbol_crc(sym):#x}\\n"
+                '\\t.previous\\n");'
+            )
     body = [f"\tr += {sym}();" for sym in spec.imports]
     body += [f"\tif ({sym}) r += {sym}();" for sym in spec.weak_imports]
     if spec.modversions:
         # struct modversion_info { unsigned long crc; char name[64 - sizeof(long)]; }
-        lines.append("struct modversion_info { unsigned long crc; char name[56]; };")
+        lines.append(
+            "struct modversion_info { unsigned long crc; char name[64 - sizeof(long)]; };"
+        )
         for i, sym in enumerate(spec.imports + spec.weak_imports):
             lines.append(
                 f"static const struct modversion_info __versions_{i} "
@@ -260,9 +289,10 @@ def _compile(spec: ModSpec, scratch: Path) -> bytes:
     ko = scratch / "mod.ko"
     source.write_text(c_source(spec))
     lds.write_text(MODULE_LDS)
+    arch_flags, emulation = ARCHES[spec.arch]
     for argv in (
-        ["gcc", *CFLAGS, "-o", str(obj), str(source)],
-        ["ld", "-r", "-m", "elf_x86_64", "-T", str(lds), "-o", str(ko), str(obj)],
+        ["gcc", *CFLAGS, *arch_flags, "-o", str(obj), str(source)],
+        ["ld", "-r", "-m", emulation, "-T", str(lds), "-o", str(ko), str(obj)],
     ):
         proc = subprocess.run(argv, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
@@ -364,6 +394,55 @@ def build_tree(
             modinfo += f"{kbuild_name}.{key}={value}".encode() + b"\0"
     (moddir / "modules.builtin.modinfo").write_bytes(bytes(modinfo))
     return moddir
+
+
+_SHT_SYMTAB, _SHT_RELA, _SHT_REL, _SHT_DYNSYM = 2, 4, 9, 11
+
+
+def swap_elf_byte_order(data: bytes, *, machine: int | None = None) -> bytes:
+    """The same relocatable ELF with the other byte order (EI_DATA flipped).
+
+    Rewrites every structure an ELF reader interprets — the file header, the section header
+    table, symbol tables and relocations — so the result is a valid big-endian (or
+    little-endian) object that ``readelf`` and pyelftools read the same as the original.
+    Section contents that are byte strings (``.modinfo``, string tables) need no change;
+    code and other data are left as they are. ``machine`` replaces e_machine (e.g. 22 for
+    s390, a big-endian architecture). gcc cannot target a big-endian machine here without a
+    cross compiler, hence this.
+    """
+    is64 = data[4] == 2
+    src = "<" if data[5] == 1 else ">"
+    dst = ">" if src == "<" else "<"
+    out = bytearray(data)
+    out[5] = 2 if data[5] == 1 else 1
+    addr = "Q" if is64 else "I"
+    header = "HHI" + addr * 3 + "IHHHHHH"
+
+    def swap(fmt: str, offset: int) -> tuple[int, ...]:
+        fields = struct.unpack_from(src + fmt, data, offset)
+        struct.pack_into(dst + fmt, out, offset, *fields)
+        return fields
+
+    fields = swap(header, 16)
+    if machine is not None:
+        struct.pack_into(dst + "H", out, 18, machine)
+    shoff, shentsize, shnum = fields[5], fields[10], fields[11]
+    section = "IIQQQQIIQQ" if is64 else "IIIIIIIIII"
+    symbol = "IBBHQQ" if is64 else "IIIBBH"
+    rela = "QQq" if is64 else "IIi"
+    rel = "QQ" if is64 else "II"
+    for i in range(shnum):
+        sh = swap(section, shoff + i * shentsize)
+        kind, offset, size = sh[1], sh[4], sh[5]
+        entry = {_SHT_SYMTAB: symbol, _SHT_DYNSYM: symbol, _SHT_RELA: rela, _SHT_REL: rel}.get(
+            kind
+        )
+        if entry is None:
+            continue
+        step = struct.calcsize(src + entry)
+        for at in range(offset, offset + size - step + 1, step):
+            swap(entry, at)
+    return bytes(out)
 
 
 def tools_available() -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from elftools.elf.elffile import ELFFile
+
 from modbuild import (
     THIS_MODULE_NAME_OFFSET,
     THIS_MODULE_SIZE,
@@ -195,6 +196,34 @@ def test_depmod_checks_modversions_against_module_symvers(tmp_path: Path) -> Non
     proc = run(tool("depmod"), "-b", tmp_path, "-e", "-E", bad, KVER)
     assert "disagrees about version of symbol kmalloc" in proc.stderr
     assert "printk" not in proc.stderr
+
+
+@pytest.mark.parametrize("modversions", [True, False])
+def test_depmod_takes_exports_from_crcs_else_from_ksymtab_strings(
+    tmp_path: Path, modversions: bool
+) -> None:
+    # With CONFIG_MODVERSIONS kmod reads exports from the __crc_* symbols; without, it
+    # takes every string in __ksymtab_strings — namespace names included (a kmod quirk
+    # readers need not copy, but must know about).
+    provider = ModSpec("ns-provider", exports=("ns_one", "ns_two"), export_ns="MY_NS",
+                       modversions=modversions)
+    user = ModSpec("ns_user", imports=("ns_one",), extra_modinfo=(("import_ns", "MY_NS"),))
+    moddir = build_tree(tmp_path, KVER, [provider, user])
+    with (moddir / "kernel/drivers/test/ns-provider.ko").open("rb") as f:
+        elf = ELFFile(f)
+        strings = section(elf, "__ksymtab_strings").data().split(b"\0")
+        crcs = {s.name for s in section(elf, ".symtab").iter_symbols()
+                if s.name.startswith("__crc_")}
+    assert [s for s in strings if s] == [b"ns_one", b"MY_NS", b"ns_two", b"MY_NS"]
+    assert crcs == ({"__crc_ns_one", "__crc_ns_two"} if modversions else set())
+    run(tool("depmod"), "-b", tmp_path, KVER)
+    symbols = {line.split()[1] for line in (moddir / "modules.symbols").read_text().splitlines()
+               if line.startswith("alias ")}
+    expected = {"symbol:ns_one", "symbol:ns_two"}
+    assert symbols == (expected if modversions else expected | {"symbol:MY_NS"})
+    assert dep_lines(moddir)["kernel/drivers/test/ns_user.ko"] == [
+        "kernel/drivers/test/ns-provider.ko"
+    ]
 
 
 def test_builtin_modules_are_known_to_modprobe(tmp_path: Path) -> None:
