@@ -86,11 +86,19 @@ def decompress(data: bytes, compression: str | None, origin: str) -> bytes:
         elif compression == "zstd":
             import zstandard  # imported lazily: only zstd trees need it
 
-            reader = zstandard.ZstdDecompressor().stream_reader(
-                io.BytesIO(data), read_across_frames=True
-            )
-            out = reader.read(limit)
-            complete = len(out) < limit
+            # Small input chunks bound how far one call can expand past the limit, and
+            # the decompressobj knows whether the frame (with its checksum) was complete.
+            zobj = zstandard.ZstdDecompressor().decompressobj()
+            chunks = []
+            produced = 0
+            for pos in range(0, len(data), 2048):
+                piece = zobj.decompress(data[pos : pos + 2048])
+                produced += len(piece)
+                chunks.append(piece)
+                if produced > MAX_MODULE_BYTES or zobj.eof:
+                    break
+            out = b"".join(chunks)
+            complete = zobj.eof
         else:
             raise ModuleParseError(origin, f"unknown compression {compression!r}")
     except ModuleParseError:
@@ -235,8 +243,17 @@ def _modinfo_entries(raw: bytes) -> list[tuple[str, str]]:
     return entries
 
 
-def _strings(raw: bytes) -> tuple[str, ...]:
-    return tuple(s.decode("utf-8", "replace") for s in raw.split(b"\0") if s)
+def _strings(raw: bytes, skip_offsets: set[int] | frozenset[int] = frozenset()) -> tuple[str, ...]:
+    """NUL-separated strings, leaving out those starting at ``skip_offsets``."""
+    if not skip_offsets:
+        return tuple(s.decode("utf-8", "replace") for s in raw.split(b"\0") if s)
+    found = []
+    offset = 0
+    for item in raw.split(b"\0"):
+        if item and offset not in skip_offsets:
+            found.append(item.decode("utf-8", "replace"))
+        offset += len(item) + 1
+    return tuple(found)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,11 +271,13 @@ class _Layout:
             self.section = struct.Struct(e + "IIQQQQIIQQ")
             self.symbol = struct.Struct(e + "IBBHQQ")
             self.sym_fields = (0, 1, 3)  # name, info, shndx
+            self.sym_value = 4
         else:
             self.header = struct.Struct(e + "HHIIIIIHHHHHH")
             self.section = struct.Struct(e + "IIIIIIIIII")
             self.symbol = struct.Struct(e + "IIIBBH")
             self.sym_fields = (0, 3, 5)
+            self.sym_value = 1
 
 
 _LAYOUTS = {(c, d): _Layout(c, d) for c in (True, False) for d in (True, False)}
@@ -335,8 +354,9 @@ def _parse_fast(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
     off, length = body(wanted[b".modinfo"])
     entries = _modinfo_entries(data[off : off + length])
     exports: tuple[str, ...] = ()
-    if wanted[b"__ksymtab_strings"] >= 0:
-        off, length = body(wanted[b"__ksymtab_strings"])
+    ksymtab_strings = wanted[b"__ksymtab_strings"]
+    if ksymtab_strings >= 0:
+        off, length = body(ksymtab_strings)
         exports = _strings(data[off : off + length])
     undefined: list[str] = []
     weak_undefined: list[str] = []
@@ -367,8 +387,20 @@ def _parse_fast(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
                 undefined.append(sym)
             elif bind == _STB_WEAK:
                 weak_undefined.append(sym)
-        if has_ksymtab and wanted[b"__ksymtab_strings"] < 0:
+        if has_ksymtab and ksymtab_strings < 0:
             exports = _ksymtab_symbols(data, lay, symtab, str_off, str_end)
+        elif exports and data.find(b"__kstrtabns_", str_off, str_end) >= 0:
+            # EXPORT_SYMBOL_NS puts namespace names among the export names; the
+            # __kstrtabns_NAME symbols point at them.
+            ns_offsets = set()
+            for fields in lay.symbol.iter_unpack(symtab):
+                if fields[fshndx] != ksymtab_strings:
+                    continue
+                start = str_off + fields[fname]
+                if data.find(b"__kstrtabns_", start, start + 12) == start:
+                    ns_offsets.add(fields[lay.sym_value])
+            off, length = body(ksymtab_strings)
+            exports = _strings(data[off : off + length], ns_offsets)
     return info_from_modinfo(
         entries, origin, exports, tuple(undefined), tuple(weak_undefined)
     )
@@ -411,12 +443,24 @@ def parse_module_reference(data: bytes, origin: str) -> ModuleInfo:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_type"] != "ET_REL":
             raise ModuleParseError(origin, f"not a relocatable object (ELF type {elf['e_type']})")
+        for section in elf.iter_sections():
+            # pyelftools would hand back short data; a module's sections must be whole.
+            if section["sh_type"] != "SHT_NOBITS" and (
+                section["sh_offset"] + section["sh_size"] > len(data)
+            ):
+                raise ModuleParseError(
+                    origin, f"section {section.name or '?'} runs past the end of the file"
+                )
         modinfo = elf.get_section_by_name(".modinfo")
         if modinfo is None:
             raise ModuleParseError(origin, "no .modinfo section: not a kernel module")
         entries = _modinfo_entries(modinfo.data())
         ksymtab = elf.get_section_by_name("__ksymtab_strings")
-        exports = _strings(ksymtab.data()) if ksymtab is not None else ()
+        ksymtab_index = next(
+            (i for i, sec in enumerate(elf.iter_sections()) if sec.name == "__ksymtab_strings"),
+            -1,
+        )
+        ns_offsets: set[int] = set()
         undefined: list[str] = []
         weak_undefined: list[str] = []
         fallback: list[str] = []
@@ -436,6 +480,8 @@ def parse_module_reference(data: bytes, origin: str) -> ModuleInfo:
                         undefined.append(sym.name)
                     elif bind == "STB_WEAK":
                         weak_undefined.append(sym.name)
+                elif shndx == ksymtab_index and sym.name.startswith("__kstrtabns_"):
+                    ns_offsets.add(sym["st_value"])
                 elif (
                     isinstance(shndx, int)
                     and sym.name.startswith("__ksymtab_")
@@ -443,6 +489,7 @@ def parse_module_reference(data: bytes, origin: str) -> ModuleInfo:
                     and len(sym.name) > 10
                 ):
                     fallback.append(sym.name[10:])
+        exports = _strings(ksymtab.data(), ns_offsets) if ksymtab is not None else ()
         if ksymtab is None and symtab is not None:
             exports = tuple(fallback)
     except ModuleParseError:
