@@ -12,13 +12,22 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__
 from .backends.stash import Stash
 from .errors import InputError, KmodtrimError
-from .executor import Options, Outcome, apply_plan, recover, restore_modules, rollback
+from .executor import (
+    Options,
+    Outcome,
+    apply_plan,
+    forget_kernel,
+    recover,
+    restore_modules,
+    rollback,
+)
 from .operations import (
     PlanResult,
     Target,
@@ -118,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME")
     p = verbs.add_parser("status", help="current generation, stash and observation state")
     _common(p)
+    p = verbs.add_parser("kernel-event", help="(for kernel install hooks) a kernel was added "
+                         "or removed")
+    _common(p)
+    p.add_argument("action", choices=["add", "remove"])
+    p.add_argument("kver", metavar="KVER")
+    p.set_defaults(dry_run=False, yes=True, initramfs="auto", backend=None)
     return parser
 
 
@@ -485,7 +500,31 @@ def cmd_status(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     return 0
 
 
+def cmd_kernel_event(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    """A kernel was installed or removed. Added kernels are trimmed like the ones before
+    them (or, in auto mode, once observation suffices); removed ones are forgotten."""
+    _recover(target)
+    if args.action == "remove":
+        outcome = forget_kernel(target.root, args.kver)
+        _print_outcome(outcome, args, out, target.root)
+        return 0
+    target = replace(target, kernel=args.kver)
+    result = make_plan_for(target)
+    trimmed_before = any(f.kind == "module" and f.kernel != args.kver
+                         for f in current_generation(target.root).removed)
+    if not trimmed_before and result.policy.settings.mode != "auto":
+        print(f"kernel {args.kver}: left as installed (policy mode is manual and no "
+              "kernel was trimmed before)", file=out)
+        return 0
+    options = replace(_options(args, result.policy), force=trimmed_before)
+    outcome = apply_plan(target.root, result.plan, result.index, result.evidence,
+                         result.policy, options)
+    _print_outcome(outcome, args, out, target.root)
+    return 0
+
+
 VERBS = {
+    "kernel-event": cmd_kernel_event,
     "index": cmd_index,
     "plan": cmd_plan,
     "explain": cmd_explain,

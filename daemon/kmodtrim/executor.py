@@ -209,8 +209,6 @@ def _transition(
     write_journal(root, journal)
     fault_point("after-journal")
     try:
-        if backend is not None and hasattr(backend, "wait_for_lock"):
-            backend.wait_for_lock(root, 600.0)
         _write_exclusions(backend, root, {f.path for f in current.removed} | set(stash_paths))
         fault_point("after-exclude")
         new_entries: list[StashedFile] = []
@@ -371,7 +369,7 @@ def observation_shortfall(
     Observations given explicitly (``--observed`` files: a recording the admin vouches
     for) count as a complete observation.
     """
-    if evidence.observed:
+    if any(not o.source.startswith("recorded on") for o in evidence.observed):
         return None
     need = policy.settings.min_observation
     boots = read_observations(root)
@@ -461,7 +459,9 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
         if to is None:
             to = max(current.number - 1, 0)
         target = load_generation(root, to)
-        target_paths = {f.path: f for f in target.removed}
+        # A kernel removed since then has nothing to go back to.
+        target_paths = {f.path: f for f in target.removed
+                        if f.kernel is None or _kernel_installed(root, f.kernel)}
         current_paths = {f.path for f in current.removed}
         to_restore = [f for f in current.removed if f.path not in target_paths]
         to_stash = [
@@ -476,6 +476,34 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
             options=options,
             rollback_to=to,
         )
+
+
+def _kernel_installed(root: Path, kernel: str) -> bool:
+    return any((root / base / kernel).is_dir() for base in MODULE_DIR_BASES)
+
+
+def forget_kernel(root: Path, kernel: str) -> Outcome:
+    """After a kernel's removal: drop its stashed files from the state (a new generation)
+    and free their stash space. Nothing in any tree changes."""
+    with operation_lock(root, f"forget kernel {kernel}"):
+        current = current_generation(root)
+        gone = [f for f in current.removed if f.kernel == kernel]
+        if not gone or _kernel_installed(root, kernel):
+            note = "nothing stashed" if not gone else "kernel still installed"
+            return Outcome(None, (), (), False, (f"kernel {kernel}: {note}",))
+        generation = replace(
+            current,
+            number=generation_numbers(root)[-1] + 1,
+            created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            action="forget",
+            description=f"kernel {kernel} was removed: forget its {len(gone)} stashed files",
+            removed=tuple(f for f in current.removed if f.kernel != kernel),
+            stashed=(), restored=(), kernels=(kernel,), rollback_to=None,
+            keep_reasons={}, regen={},
+        )
+        write_generation(root, generation)
+        _finish(root, generation, _backend(root, "auto"))
+        return Outcome(generation, (), (), False)
 
 
 def restore_modules(

@@ -33,7 +33,7 @@ from .observe import (
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
-from .store import current_generation
+from .store import current_generation, read_observations
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,11 @@ def gather_evidence(target: Target) -> Evidence:
     for path in target.observed_files:
         observed.extend(read_observed_file(path))
     root = target.root
+    recorded = read_observations(root)
+    if recorded:
+        source = f"recorded on {len(recorded)} boot(s)"
+        names = sorted({n for boot in recorded.values() for n in boot.get("modules", ())})
+        observed.extend(ObservedName(name, source, None) for name in names)
     return Evidence(
         observed=tuple(observed),
         loaded=tuple(read_proc_modules(root)),
