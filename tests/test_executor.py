@@ -21,7 +21,9 @@ SPECS = (
     ModSpec("core", exports=("core_fn",)),
     ModSpec("net_a", imports=("core_fn",), depends=("core",), aliases=("pci:v00001234d*",)),
     ModSpec("fs_b", aliases=("fs-testfs",)),
-    ModSpec("unused_c", imports=("core_fn",), depends=("core",), firmware=("test/fw.bin",)),
+    ModSpec("unused_c", imports=("core_fn",), depends=("core",),
+            firmware=("test/fw.bin", "test/link.bin", "test/shared.bin")),
+    ModSpec("fw_keeper", firmware=("test/shared.bin",)),
     ModSpec("unused_d", exports=("d_fn",)),
     ModSpec("unused_e", imports=("d_fn",), depends=("unused_d",)),
 )
@@ -52,7 +54,10 @@ def root(tmp_path: Path) -> Path:
     fw = root / "lib/firmware/test"
     fw.mkdir(parents=True)
     (fw / "fw.bin").write_bytes(b"firmware blob" * 100)
-    (fw / "alias.bin").symlink_to("fw.bin")
+    (fw / "only.bin").write_bytes(b"only for unused_c")
+    (fw / "link.bin").symlink_to("only.bin")
+    (fw / "shared.bin").write_bytes(b"also wanted by a kept module")
+    (fw / "unrequested-link.bin").symlink_to("fw.bin")
     policy = root / "etc/kmodtrim/policy.toml"
     policy.parent.mkdir(parents=True)
     policy.write_text(POLICY)
@@ -63,7 +68,7 @@ def root(tmp_path: Path) -> Path:
 @pytest.fixture
 def observed(tmp_path: Path) -> Path:
     path = tmp_path / "observed.txt"
-    path.write_text("# seen on the VM\nnet-a\nfs_b\n")
+    path.write_text("# seen on the VM\nnet-a\nfs_b\nfw_keeper\n")
     return path
 
 
@@ -94,15 +99,19 @@ def test_apply_removes_unneeded_modules_and_firmware_then_rollback_restores_all(
     _apply(root, observed)
     assert _present(root, "net_a") and _present(root, "core") and _present(root, "fs_b")
     assert not _present(root, "unused_c") and not _present(root, "unused_e")
-    assert not (root / "lib/firmware/test/fw.bin").exists()
-    assert not (root / "lib/firmware/test/alias.bin").exists()
+    fw = root / "lib/firmware/test"
+    assert not (fw / "only.bin").exists() and not (fw / "link.bin").is_symlink()
+    assert (fw / "shared.bin").exists()  # a kept module names it too
+    # fw.bin is named only by a trimmed module, but a link nobody names points at it:
+    # trimming it would leave the link dangling (FIELD-LESSONS #11).
+    assert (fw / "unrequested-link.bin").resolve().exists()
     assert "unused_c" not in (root / f"lib/modules/{KVER}/modules.dep").read_text()
     assert current_generation(root).number == 1
 
     proc = _cli(root, "rollback", "0", "--yes", "--initramfs", "skip")
     assert proc.returncode == 0, proc.stderr
     assert _snapshot(root) == before
-    assert (root / "lib/firmware/test/alias.bin").resolve() == (root / "lib/firmware/test/fw.bin")
+    assert (root / "lib/firmware/test/link.bin").resolve() == (root / "lib/firmware/test/only.bin")
     assert "unused_c" in (root / f"lib/modules/{KVER}/modules.dep").read_text()
     assert generation_numbers(root) == [0, 1, 2]
 
@@ -121,7 +130,8 @@ def test_restore_brings_back_firmware_with_its_module(root: Path, observed: Path
     _apply(root, observed)
     proc = _cli(root, "restore", "unused_c", "--yes", "--initramfs", "skip")
     assert proc.returncode == 0, proc.stderr
-    assert (root / "lib/firmware/test/fw.bin").read_bytes() == b"firmware blob" * 100
+    assert (root / "lib/firmware/test/only.bin").read_bytes() == b"only for unused_c"
+    assert (root / "lib/firmware/test/link.bin").is_symlink()
 
 
 def test_dry_run_changes_nothing(root: Path, observed: Path) -> None:
@@ -190,7 +200,8 @@ def test_crash_at_any_step_of_apply_loses_nothing(root: Path, observed: Path, st
     else:
         # Finished: what is missing is exactly what the generation holds, hash-verified.
         missing = {p: v for p, v in before.items() if p not in after}
-        recorded = {f.path.lstrip("/"): (f.sha256, f.mode) for f in generation.removed}
+        recorded = {f.path.lstrip("/"): (f.sha256, f.mode) for f in generation.removed
+                    if f.link is None}
         assert missing == recorded
         assert all(after[p] == before[p] for p in after)
     proc = _cli(root, "rollback", "0", "--yes", "--initramfs", "skip")

@@ -287,7 +287,7 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     # before the unlink, so a missing file always has its copy).
     for item in journal.get("stash", []):
         full = root / item["path"].lstrip("/")
-        if full.exists():
+        if os.path.lexists(full):
             continue
         entry = next((e for e in _entries_for(stash, item["path"], journal)), None)
         if entry is None:
@@ -297,7 +297,7 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     for doc in journal.get("restore", []):
         entry = StashedFile.from_json(doc)
         full = root / entry.path.lstrip("/")
-        if entry.path in current_paths and full.exists() and stash.has(entry.sha256):
+        if entry.path in current_paths and os.path.lexists(full) and stash.has_copy(entry):
             full.unlink()
     os.sync()
     backend = _backend(root, journal.get("backend", "auto"))
@@ -424,7 +424,7 @@ def apply_plan(
         to_stash: list[ToStash] = []
         for m in plan.remove:
             for path in m.files:
-                if path not in already and (root / path.lstrip("/")).exists():
+                if path not in already and os.path.lexists(root / path.lstrip("/")):
                     to_stash.append(ToStash(path, "module", m.name, plan.kernel))
         for fw in plan.firmware_remove:
             if fw.path not in already:
@@ -467,7 +467,7 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
         to_stash = [
             ToStash(f.path, f.kind, f.module, f.kernel)
             for path, f in target_paths.items()
-            if path not in current_paths and (root / path.lstrip("/")).exists()
+            if path not in current_paths and os.path.lexists(root / path.lstrip("/"))
         ]
         return _transition(
             root, current, to_stash, to_restore,

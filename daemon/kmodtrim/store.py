@@ -134,6 +134,7 @@ class StashedFile:
     module: str | None = None  # module name (for modules)
     kernel: str | None = None
     package: str | None = None  # owning package, if any
+    link: str | None = None  # a symlink's target (then there is no blob)
 
     @staticmethod
     def from_json(doc: dict[str, Any]) -> StashedFile:

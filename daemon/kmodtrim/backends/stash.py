@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import stat
 import tempfile
 from pathlib import Path
 
@@ -44,6 +45,13 @@ class Stash:
         full = self.root / path.lstrip("/")
         try:
             st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(full)
+                return StashedFile(
+                    path=path, size=st.st_size, sha256=hashlib.sha256(target.encode()).hexdigest(),
+                    mode=0o777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+                    kind=kind, module=module, kernel=kernel, package=package, link=target,
+                )
             data = full.read_bytes()
         except OSError as exc:
             raise StashError(f"cannot read {path}: {exc.strerror or exc}") from None
@@ -90,8 +98,11 @@ class Stash:
     def restore(self, entry: StashedFile) -> None:
         """Put a stashed file back at its path, byte-identical, with its mode, owner and
         mtime. Raises StashError; the blob stays until garbage-collected."""
-        data = self.read(entry)
         full = self.root / entry.path.lstrip("/")
+        if entry.link is not None:
+            self._restore_link(entry, full)
+            return
+        data = self.read(entry)
         try:
             full.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=full.parent, prefix=f".{full.name}.", suffix=".kmodtrim")
@@ -113,9 +124,33 @@ class Stash:
                 hint="free space on the module file system and try again",
             ) from None
 
+    def _restore_link(self, entry: StashedFile, full: Path) -> None:
+        assert entry.link is not None
+        tmp = full.with_name(f".{full.name}.kmodtrim-link")
+        try:
+            full.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.symlink(entry.link, tmp)
+            with contextlib.suppress(PermissionError):
+                os.lchown(tmp, entry.uid, entry.gid)
+            os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), follow_symlinks=False)
+            os.replace(tmp, full)
+        except OSError as exc:
+            raise StashError(f"cannot restore link {entry.path}: {exc.strerror or exc}") from None
+
+    def has_copy(self, entry: StashedFile) -> bool:
+        """True if the stash can restore ``entry`` (a link needs no blob)."""
+        return entry.link is not None or self.has(entry.sha256)
+
     def matches(self, entry: StashedFile) -> bool:
         """True if the file at entry.path exists with entry's content."""
         full = self.root / entry.path.lstrip("/")
+        if entry.link is not None:
+            try:
+                return os.readlink(full) == entry.link
+            except OSError:
+                return False
         try:
             if os.lstat(full).st_size != entry.size:
                 return False
