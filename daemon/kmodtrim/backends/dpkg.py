@@ -1,0 +1,247 @@
+"""dpkg backend: trimmed paths become ``path-exclude`` lines in
+ROOT/etc/dpkg/dpkg.cfg.d/kmodtrim, so reinstalls and upgrades leave them out.
+
+What dpkg does (checked against dpkg 1.21 by tests/test_backend_dpkg.py):
+
+- ``path-exclude`` applies at unpack only.  The file stays in the package's file list, and
+  ``dpkg --verify`` reports it as ``missing`` — the one documented trace of a trim.
+- dpkg reads its configuration from the *host's* /etc/dpkg (dpkg.cfg.d/*, dpkg.cfg) even
+  with ``--root=ROOT`` (or DPKG_ROOT); ROOT/etc/dpkg is never read.  On the live system that
+  is the file we write.  For any other root every dpkg command we run gets ROOT's
+  ``path-exclude``/``path-include`` options on its command line (in dpkg's own reading
+  order, after the host's), so operations on an image root obey the image's config.
+- ``--root`` does not move the log: dpkg would append to the host's /var/log/dpkg.log, so
+  for other roots we point ``--log`` into ROOT (or /dev/null).
+- Patterns are fnmatch(3) without FNM_NOESCAPE: a backslash escapes the next character, and
+  ``*`` crosses ``/``.  Config values lose surrounding whitespace and quotes and lines are
+  limited to 1024 bytes, so we escape spaces and quotes too and refuse longer paths.
+- Patterns match the path as the package spells it, not the resolved file: with usrmerge a
+  package may ship /lib/modules/… or /usr/lib/modules/…, so both spellings are excluded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import CommandError, InputError
+from ..run import run
+from .package import (
+    PM_ENV,
+    VerifyProblem,
+    check_paths,
+    is_live,
+    other_spelling,
+    parse_verify,
+    wait_for_fcntl_locks,
+    write_config,
+)
+
+EXCLUDE_FILE = "etc/dpkg/dpkg.cfg.d/kmodtrim"
+ADMIN_DIR = "var/lib/dpkg"
+
+_HEADER = """\
+# Managed by kmodtrim: these module files were moved to kmodtrim's stash, and dpkg must not
+# install them again on reinstall or upgrade.  `dpkg --verify` lists them as missing.
+# Do not edit; `kmodtrim restore` (or rollback) rewrites this file.
+"""
+_ALIASES = "# The same paths as spelled on the other side of usrmerge (/lib <-> /usr/lib).\n"
+_MAX_LINE = 1000  # dpkg reads config lines into a 1024-byte buffer
+_GLOB_SPECIAL = set("\\[]*?\"' \t")
+_VALID_CFG_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def escape_pattern(path: str) -> str:
+    """``path`` as an fnmatch pattern that matches exactly that path (and survives dpkg's
+    config parser: no stripped quotes or whitespace)."""
+    return "".join("\\" + c if c in _GLOB_SPECIAL else c for c in path)
+
+
+def unescape_pattern(pattern: str) -> str:
+    """Inverse of escape_pattern."""
+    return re.sub(r"\\(.)", r"\1", pattern)
+
+
+def config_path_filters(root: Path) -> list[str]:
+    """ROOT's ``path-exclude``/``path-include`` settings as dpkg command-line options, in the
+    order dpkg itself would read them (dpkg.cfg.d/* by name, then dpkg.cfg)."""
+    cfg = root / "etc/dpkg"
+    files: list[Path] = []
+    if (cfg / "dpkg.cfg.d").is_dir():
+        files += sorted((p for p in (cfg / "dpkg.cfg.d").iterdir()
+                         if _VALID_CFG_NAME.fullmatch(p.name) and p.is_file()),
+                        key=lambda p: p.name.encode())
+    if (cfg / "dpkg.cfg").is_file():
+        files.append(cfg / "dpkg.cfg")
+    options = []
+    for file in files:
+        for option, value in _read_dpkg_cfg(file):
+            if option in ("path-exclude", "path-include") and value:
+                options.append(f"--{option}={value}")
+    return options
+
+
+def _read_dpkg_cfg(file: Path) -> list[tuple[str, str]]:
+    # Mirrors dpkg's parser: a name of [A-Za-z0-9-], one separator character (and an "="
+    # after it), blanks, then the value with surrounding quotes stripped; '#' comments.
+    out = []
+    for raw in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        line = raw.rstrip()
+        if not line or line.startswith("#"):
+            continue
+        name = re.match(r"[A-Za-z0-9-]*", line).group(0)  # type: ignore[union-attr]
+        rest = line[len(name) + 1:]
+        rest = rest.removeprefix("=").lstrip()
+        if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "\"'":
+            rest = rest[1:-1]
+        out.append((name, rest))
+    return out
+
+
+def dpkg_command(root: Path, tool: str = "dpkg") -> list[str]:
+    """The argv prefix for running dpkg on ``root`` so that it honours ROOT's path filters
+    (see the module docstring for why other roots need them on the command line)."""
+    if is_live(root):
+        return [tool]
+    argv = [tool, f"--root={root}"]
+    if tool == "dpkg":
+        log_dir = root / "var/log"
+        argv.append(f"--log={log_dir / 'dpkg.log'}" if log_dir.is_dir() else "--log=/dev/null")
+        argv += config_path_filters(root)
+    return argv
+
+
+class DpkgBackend:
+    """The package manager is dpkg (with apt on top where available)."""
+
+    name = "dpkg"
+
+    # -- ownership ---------------------------------------------------------------------
+
+    def owners(self, root: Path, paths: Sequence[str]) -> dict[str, str | None]:
+        """The package (as dpkg names it: ``name`` or ``name:arch``) owning each path, or
+        None.  Reads ROOT/var/lib/dpkg/info/*.list in one pass; a path not listed under its
+        own spelling is looked up under the other usrmerge spelling when ROOT is merged."""
+        wanted: dict[str, str] = {p: p for p in paths}
+        merged = (root / "lib").is_symlink()
+        if merged:
+            for p in paths:
+                alt = other_spelling(p)
+                if alt is not None:
+                    wanted.setdefault(alt, p)
+        result: dict[str, str | None] = dict.fromkeys(paths)
+        exact: set[str] = set()
+        info = root / ADMIN_DIR / "info"
+        for listing in sorted(info.glob("*.list")) if info.is_dir() else []:
+            package = listing.name[: -len(".list")]
+            for line in listing.read_text(encoding="utf-8", errors="surrogateescape").split("\n"):
+                original = wanted.get(line)
+                if original is None or original in exact:
+                    continue
+                if line == original:
+                    exact.add(original)
+                    result[original] = package
+                elif result[original] is None:
+                    result[original] = package
+        return result
+
+    def package_files(self, root: Path, package: str) -> list[str]:
+        """Every path (files and directories) dpkg lists for ``package``; raises InputError
+        when the package is not installed."""
+        info = root / ADMIN_DIR / "info"
+        listing = info / f"{package}.list"
+        if not listing.is_file():
+            candidates = sorted(info.glob(f"{package}:*.list"))
+            if len(candidates) != 1:
+                raise InputError(f"package {package} is not installed (no {listing})")
+            listing = candidates[0]
+        text = listing.read_text(encoding="utf-8", errors="surrogateescape")
+        return [line for line in text.split("\n") if line]
+
+    # -- exclusions --------------------------------------------------------------------
+
+    def read_exclusions(self, root: Path) -> set[str]:
+        """The paths our dpkg.cfg.d file excludes (as written, without the usrmerge
+        aliases)."""
+        file = root / EXCLUDE_FILE
+        if not file.is_file():
+            return set()
+        paths = set()
+        for line in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+            if line == _ALIASES.rstrip("\n"):
+                break
+            if line.startswith("path-exclude="):
+                paths.add(unescape_pattern(line[len("path-exclude="):]))
+        return paths
+
+    def write_exclusions(self, root: Path, paths: Collection[str]) -> None:
+        """Make ROOT/etc/dpkg/dpkg.cfg.d/kmodtrim exclude exactly ``paths`` (both usrmerge
+        spellings); an empty set removes the file.  Atomic and idempotent.
+
+        Raises InputError for a path dpkg's config cannot hold, CommandError when the file
+        cannot be written."""
+        ordered = check_paths(paths)
+        if not ordered:
+            write_config(root / EXCLUDE_FILE, None)
+            return
+        given = set(ordered)
+        lines = [f"path-exclude={escape_pattern(p)}" for p in ordered]
+        aliases = sorted({alt for p in ordered
+                          if (alt := other_spelling(p)) is not None and alt not in given})
+        alias_lines = [f"path-exclude={escape_pattern(p)}" for p in aliases]
+        too_long = next((ln for ln in lines + alias_lines if len(ln.encode()) > _MAX_LINE), None)
+        if too_long is not None:
+            raise InputError(f"path too long for dpkg's configuration: {too_long[:80]}…")
+        text = _HEADER + "".join(ln + "\n" for ln in lines)
+        if alias_lines:
+            text += _ALIASES + "".join(ln + "\n" for ln in alias_lines)
+        write_config(root / EXCLUDE_FILE, text)
+
+    # -- package operations ------------------------------------------------------------
+
+    def reinstall(self, root: Path, packages: Sequence[str],
+                  archives: Mapping[str, Path] | None = None) -> None:
+        """Reinstall ``packages`` so that files no longer excluded come back.
+
+        A package with an entry in ``archives`` (package -> .deb) is reinstalled from that
+        file with ``dpkg -i``; the others with ``apt-get install --reinstall`` (live system
+        only: it needs that exact version in a configured repository).
+        Raises CommandError when dpkg/apt fail or no archive is known for an image root.
+        """
+        archives = archives or {}
+        debs = [archives[p] for p in packages if p in archives]
+        from_repo = [p for p in packages if p not in archives]
+        if from_repo and not is_live(root):
+            raise CommandError(
+                f"cannot reinstall {', '.join(from_repo)} in {root}: no .deb given",
+                hint="pass the package archives, or restore from kmodtrim's stash")
+        if debs:
+            run([*dpkg_command(root), "--install", *map(str, debs)], env=PM_ENV)
+        if from_repo:
+            run(["apt-get", "install", "--reinstall", "--yes", "--quiet", *from_repo],
+                env={**PM_ENV, "DEBIAN_FRONTEND": "noninteractive"})
+
+    def remove_packages(self, root: Path, packages: Sequence[str]) -> None:
+        """Remove ``packages`` with ``dpkg --remove``, which refuses (CommandError) when an
+        installed package depends on them, rather than apt's cascade of removals."""
+        if packages:
+            run([*dpkg_command(root), "--remove", *packages], env=PM_ENV)
+
+    def wait_for_lock(self, root: Path, timeout: float) -> None:
+        """Return once neither apt/dpkg frontend lock nor dpkg's database lock is held;
+        raises PackageManagerBusy after ``timeout`` seconds."""
+        admin = root / ADMIN_DIR
+        wait_for_fcntl_locks([admin / "lock-frontend", admin / "lock"], timeout, "dpkg")
+
+    def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
+        """``dpkg --verify`` of ``packages``, parsed.  Raises CommandError when dpkg fails
+        (e.g. a package is not installed)."""
+        if not packages:
+            return []
+        done = run([*dpkg_command(root), "--verify", *packages], env=PM_ENV, check=False)
+        if done.returncode != 0:
+            raise CommandError(f"dpkg --verify {' '.join(packages)} in {root} failed:\n"
+                               f"{done.stderr.strip()}")
+        return parse_verify(done.stdout)
+

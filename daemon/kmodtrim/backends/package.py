@@ -1,0 +1,263 @@
+"""The package-manager backend protocol, detection, and what dpkg and rpm backends share.
+
+A backend keeps the package manager truthful about files kmodtrim moved to its stash: it
+tells the package manager not to install those paths again (dpkg ``path-exclude``, rpm
+``%_netsharedpath``), says which package owns a path, brings files back through the package
+manager, and shows the package manager's own verification of a package.
+
+Paths are absolute paths inside ``root`` ("/lib/modules/KVER/kernel/…"); the live system is
+``Path("/")``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import struct
+import time
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from ..errors import CommandError, InputError
+from ..store import atomic_write_bytes, fsync_dir
+
+# Package managers run with a fixed, system-only PATH: dpkg insists on finding ldconfig and
+# start-stop-daemon, and nothing from /usr/local should stand in for a system tool.
+PM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+
+
+class PackageManagerBusy(CommandError):
+    """The package manager's lock is held (another transaction, or we run inside one)."""
+
+    dbus_name = "org.kmodtrim.KmodTrim1.Error.Busy"
+
+
+@dataclass(frozen=True)
+class VerifyProblem:
+    """One line of ``dpkg --verify`` / ``rpm -V``: the path and what is wrong with it
+    (``missing`` or the tool's flag string such as ``??5??????`` / ``S.5....T.``)."""
+
+    path: str
+    what: str
+
+
+class PackageBackend(Protocol):
+    """What the executor needs from a package manager."""
+
+    name: str
+
+    def owners(self, root: Path, paths: Sequence[str]) -> dict[str, str | None]: ...
+
+    def package_files(self, root: Path, package: str) -> list[str]: ...
+
+    def read_exclusions(self, root: Path) -> set[str]: ...
+
+    def write_exclusions(self, root: Path, paths: Collection[str]) -> None: ...
+
+    def reinstall(self, root: Path, packages: Sequence[str],
+                  archives: Mapping[str, Path] | None = None) -> None: ...
+
+    def remove_packages(self, root: Path, packages: Sequence[str]) -> None: ...
+
+    def wait_for_lock(self, root: Path, timeout: float) -> None: ...
+
+    def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]: ...
+
+
+class NoPackageBackend:
+    """No package manager (or one kmodtrim does not know): nothing to keep truthful."""
+
+    name = "none"
+
+    def owners(self, root: Path, paths: Sequence[str]) -> dict[str, str | None]:
+        return dict.fromkeys(paths)
+
+    def package_files(self, root: Path, package: str) -> list[str]:
+        return []
+
+    def read_exclusions(self, root: Path) -> set[str]:
+        return set()
+
+    def write_exclusions(self, root: Path, paths: Collection[str]) -> None:
+        return None
+
+    def reinstall(self, root: Path, packages: Sequence[str],
+                  archives: Mapping[str, Path] | None = None) -> None:
+        return None
+
+    def remove_packages(self, root: Path, packages: Sequence[str]) -> None:
+        return None
+
+    def wait_for_lock(self, root: Path, timeout: float) -> None:
+        return None
+
+    def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
+        return []
+
+
+RPM_DB_DIRS = ("usr/lib/sysimage/rpm", "var/lib/rpm")
+_RPM_DB_FILES = ("rpmdb.sqlite", "Packages", "Packages.db")
+
+
+def rpm_db_dir(root: Path) -> str | None:
+    """The in-root directory ("/var/lib/rpm", …) holding an rpm database, or None."""
+    for rel in RPM_DB_DIRS:
+        if any((root / rel / name).is_file() for name in _RPM_DB_FILES):
+            return "/" + rel
+    return None
+
+
+def detect_backend(root: Path) -> PackageBackend:
+    """dpkg if ROOT/var/lib/dpkg/status exists, else rpm if ROOT has an rpm database, else
+    a backend whose operations do nothing."""
+    if (root / "var/lib/dpkg/status").is_file():
+        return backend_by_name("dpkg")
+    if rpm_db_dir(root) is not None:
+        return backend_by_name("rpm")
+    return NoPackageBackend()
+
+
+def backend_by_name(name: str) -> PackageBackend:
+    """The backend called ``name`` ("dpkg", "rpm" or "none"); raises InputError otherwise."""
+    if name == "dpkg":
+        from .dpkg import DpkgBackend
+
+        return DpkgBackend()
+    if name == "rpm":
+        from .rpm import RpmBackend
+
+        return RpmBackend()
+    if name == "none":
+        return NoPackageBackend()
+    raise InputError(f"unknown package backend {name!r}",
+                     hint="use one of: auto, dpkg, rpm, none")
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def is_live(root: Path) -> bool:
+    """Whether ``root`` is the running system's root, where the package manager's own
+    configuration and defaults apply without any help from us."""
+    try:
+        return os.path.samefile(root, "/")
+    except OSError:
+        return False
+
+
+def in_root(root: Path, path: str) -> Path:
+    """The host path of the in-root absolute path ``path``."""
+    return root / path.lstrip("/")
+
+
+def other_spelling(path: str) -> str | None:
+    """The same file under the other side of usrmerge: /lib/… ↔ /usr/lib/…, else None."""
+    if path.startswith("/usr/lib/"):
+        return path[len("/usr"):]
+    if path.startswith("/lib/"):
+        return "/usr" + path
+    return None
+
+
+def check_paths(paths: Collection[str], *, forbidden: str = "\n") -> list[str]:
+    """The paths sorted; raises InputError for a relative path or one containing a
+    character from ``forbidden`` (which the package manager's config cannot express)."""
+    for path in paths:
+        if not path.startswith("/"):
+            raise InputError(f"{path!r}: not an absolute path inside the root")
+        bad = [c for c in forbidden if c in path]
+        if bad:
+            raise InputError(f"{path!r}: contains {bad[0]!r}, which the package manager's "
+                             "configuration cannot express", hint="rename or keep this file")
+    return sorted(set(paths))
+
+
+def write_config(path: Path, text: str | None) -> None:
+    """Atomically replace ``path`` with ``text`` (temp file, fsync, rename); ``None`` removes
+    it. Raises CommandError when the file cannot be written."""
+    try:
+        if text is None:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                fsync_dir(path.parent)
+            return
+        if path.exists() and path.read_text(encoding="utf-8", errors="replace") == text:
+            return  # idempotent: don't touch a file that already says this
+        atomic_write_bytes(path, text.encode("utf-8"))
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise CommandError(f"cannot write {path}: {exc.strerror or exc}",
+                           hint="check that the file system is writable and not full") from exc
+
+
+def parse_verify(text: str) -> list[VerifyProblem]:
+    """Parse ``dpkg --verify`` / ``rpm -V`` output.
+
+    Lines look like ``missing     /p``, ``??5?????? c /p`` or ``S.5....T.  c /p``: a status
+    token, an optional one-letter file attribute, then the path.
+    """
+    problems = []
+    for line in text.splitlines():
+        token, _, rest = line.partition(" ")
+        slash = rest.find("/")
+        if not token or slash < 0:
+            continue
+        problems.append(VerifyProblem(rest[slash:], token))
+    return problems
+
+
+def wait_for_fcntl_locks(lock_files: Sequence[Path], timeout: float, what: str) -> None:
+    """Wait until nobody holds a write lock on any of ``lock_files`` (absent files are
+    free), polling until ``timeout`` seconds have passed; the locks are released again
+    before returning, so the caller can run the package manager.
+
+    The probe asks with F_OFD_GETLK, which sees the classic fcntl() locks dpkg, apt and rpm
+    take without taking a lock itself.
+    Raises PackageManagerBusy on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        busy = next((p for p in lock_files if _is_locked(p)), None)
+        if busy is None:
+            return
+        if time.monotonic() >= deadline:
+            raise PackageManagerBusy(
+                f"{what} is busy: {busy} is locked by another process "
+                f"(waited {timeout:g} s)",
+                hint="wait for the running package operation to finish and try again; "
+                     "kmodtrim never runs the package manager from inside its transaction")
+        time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 2, 1.0)
+
+
+def _is_locked(path: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise PackageManagerBusy(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
+    try:
+        # F_OFD_GETLK asks who would block a write lock without taking one.
+        answer = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK))
+    except OSError as exc:
+        raise PackageManagerBusy(f"cannot probe lock {path}: {exc.strerror}") from exc
+    finally:
+        # Closing drops any fcntl() lock *this* process holds on the file; kmodtrim never
+        # takes the package manager's locks itself, so there is nothing to lose.
+        os.close(fd)
+    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+
+
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
+# pid_t l_pid (+ padding); OFD locks require l_pid == 0.  Whole file: start 0, len 0.
+_FLOCK = "hhqqi4x"
+
+
+def _flock(kind: int) -> bytes:
+    return struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)

@@ -1,0 +1,315 @@
+"""rpm backend: trimmed paths go into ``%_netsharedpath`` in ROOT/etc/rpm/macros.kmodtrim.
+
+What rpm does (checked against rpm 4.18 by tests/test_backend_rpm.py):
+
+- ``%_netsharedpath`` is a colon-separated list of path prefixes (a prefix matches only at
+  a ``/`` boundary, so a file path matches exactly that file).  Matching files are not
+  installed, the database records them as "net shared", ``rpm -V`` is silent about them and
+  ``rpm -e`` leaves them alone.  Lifting the macro and reinstalling brings them back.
+- It is one macro: the definition loaded last wins.  We merge with the value the system
+  defines without our file (evaluated by rpm itself over the same macro files minus ours),
+  and after writing check that our definition is the one in effect — a file loaded after
+  ours (e.g. /etc/rpm/macros) that sets ``%_netsharedpath`` would silently drop our paths.
+  Our own paths are also available as ``%_kmodtrim_netsharedpath`` for such a file.
+- Macro files are read through a 16 KiB line buffer and longer lines are silently
+  truncated, so long lists are split over chunk macros joined by references.
+- ``rpm --root ROOT`` reads macro files from the *host* (/usr/lib/rpm, /etc/rpm, ~), never
+  from ROOT.  On the live system that is right.  For any other root every rpm command gets
+  ``--macros`` with the host's macro path, its /etc entries moved into ROOT, and
+  ``--dbpath`` of ROOT's database (Debian's rpm, for one, defaults to ~/.rpmdb).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import glob
+import os
+import time
+from collections.abc import Collection, Mapping, Sequence
+from pathlib import Path
+
+from ..errors import CommandError, InputError
+from ..run import run
+from .package import (
+    PM_ENV,
+    PackageManagerBusy,
+    VerifyProblem,
+    check_paths,
+    is_live,
+    other_spelling,
+    parse_verify,
+    rpm_db_dir,
+    wait_for_fcntl_locks,
+    write_config,
+)
+
+MACRO_FILE = "etc/rpm/macros.kmodtrim"
+DNF_LOCK = "var/lib/dnf/rpmdb_lock.pid"
+_NEVRA = "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}"
+_CHUNK = 8000  # characters per macro line, well below rpm's 16 KiB line buffer
+_FALLBACK_MACRO_PATH = ("/usr/lib/rpm/macros:/usr/lib/rpm/macros.d/macros.*:"
+                        "/usr/lib/rpm/platform/%{_target}/macros:/usr/lib/rpm/fileattrs/*.attr:"
+                        "/etc/rpm/macros.*:/etc/rpm/macros:/etc/rpm/%{_target}/macros:"
+                        "~/.rpmmacros")
+_HEADER = """\
+# Managed by kmodtrim: these module files were moved to kmodtrim's stash; rpm must not
+# install them again on reinstall or upgrade, and records them as "net shared".
+# %_netsharedpath keeps what the system defines elsewhere.  Do not edit; `kmodtrim restore`
+# (or rollback) rewrites this file.  To set %_netsharedpath in a file loaded after this one,
+# append :%{?_kmodtrim_netsharedpath} to keep kmodtrim's paths.
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _host_macro_path() -> tuple[str, ...]:
+    done = run(["rpm", "--showrc"], env=PM_ENV)
+    for line in done.stdout.splitlines():
+        if line.startswith("Macro path:"):
+            return tuple(line.split(":", 1)[1].strip().split(":"))
+    return tuple(_FALLBACK_MACRO_PATH.split(":"))
+
+
+def macro_path(root: Path, *, without_ours: bool = False) -> list[str]:
+    """The macro files rpm reads for ``root`` (globs left to rpm), optionally without our
+    macro file — to learn what the system defines on its own."""
+    live = is_live(root)
+    ours = str(Path("/") / MACRO_FILE) if live else str(root / MACRO_FILE)
+    entries = []
+    for entry in _host_macro_path():
+        if not live:
+            if entry.startswith("~"):
+                continue  # the invoking user's macros say nothing about an image
+            if entry.startswith("/etc/"):
+                entry = str(root) + entry
+        if without_ours and fnmatch.fnmatchcase(ours, entry):
+            # rpm sorts glob matches; list them ourselves, leaving our file out
+            entries += [m for m in sorted(glob.glob(entry)) if m != ours]
+        else:
+            entries.append(entry)
+    return entries
+
+
+def rpm_command(root: Path) -> list[str]:
+    """The argv prefix for running rpm on ``root`` with ROOT's macros and database."""
+    if is_live(root):
+        return ["rpm"]
+    argv = ["rpm", f"--root={root}"]
+    db = rpm_db_dir(root)
+    if db is not None:
+        argv.append(f"--dbpath={db}")
+    argv.append("--macros=" + ":".join(macro_path(root)))
+    return argv
+
+
+def _split(value: str) -> list[str]:
+    return [p for p in value.strip().split(":") if p]
+
+
+def system_netsharedpath(root: Path) -> list[str]:
+    """``%_netsharedpath`` as the system defines it without our macro file."""
+    argv = ["rpm", "--macros=" + ":".join(macro_path(root, without_ours=True)),
+            "--eval", "%{?_netsharedpath}"]
+    return _split(run(argv, env=PM_ENV).stdout)
+
+
+def effective_netsharedpath(root: Path) -> list[str]:
+    """``%_netsharedpath`` as rpm operating on ``root`` sees it."""
+    return _split(run([*rpm_command(root), "--eval", "%{?_netsharedpath}"], env=PM_ENV).stdout)
+
+
+def _macro_escape(path: str) -> str:
+    return path.replace("%", "%%")
+
+
+def _define(name: str, items: Sequence[str]) -> list[str]:
+    """Lines defining ``%name`` as ``items`` joined by colons, split over ``%name_N`` chunk
+    macros (recursively) when one line would be too long for rpm's macro file reader."""
+    line = f"%{name} " + ":".join(items)
+    if len(line) <= _CHUNK:
+        return [line]
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for item in items:
+        if chunks[-1] and size + len(item) + 1 > _CHUNK - len(name) - 16:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(item)
+        size += len(item) + 1
+    lines = [f"%{name}_{i} " + ":".join(chunk) for i, chunk in enumerate(chunks, 1)]
+    return lines + _define(name, [f"%{{{name}_{i}}}" for i in range(1, len(chunks) + 1)])
+
+
+class RpmBackend:
+    """The package manager is rpm (with dnf on top where available)."""
+
+    name = "rpm"
+
+    # -- ownership ---------------------------------------------------------------------
+
+    def owners(self, root: Path, paths: Sequence[str]) -> dict[str, str | None]:
+        """The installed package (name-version-release.arch) owning each path, or None.
+        Two rpm queries: which packages own any of the paths, then those packages' file
+        lists.  On a usrmerged root the other spelling of a path counts too."""
+        result: dict[str, str | None] = dict.fromkeys(paths)
+        if not paths:
+            return result
+        merged = (root / "lib").is_symlink()
+        queried = {p: p for p in paths}
+        if merged:
+            for p in paths:
+                alt = other_spelling(p)
+                if alt is not None:
+                    queried.setdefault(alt, p)
+        candidates: set[str] = set()
+        names = sorted(queried)
+        for start in range(0, len(names), 2000):
+            batch = names[start:start + 2000]
+            done = run([*rpm_command(root), "-qf", "--qf", _NEVRA + "\\n", "--", *batch],
+                       env=PM_ENV, check=False)
+            unexpected = [ln for ln in done.stderr.splitlines()
+                          if ln.strip() and not ln.startswith(("error: file ", "rpm: "))]
+            if done.returncode != 0 and unexpected:
+                raise CommandError(f"rpm -qf in {root} failed:\n" + "\n".join(unexpected[-10:]))
+            # owners print as one NEVRA per line; "file … is not owned …" has spaces
+            candidates |= {ln for ln in done.stdout.splitlines() if ln and " " not in ln}
+        if not candidates:
+            return result
+        listing = run([*rpm_command(root), "-q", "--qf", f"[%{{FILENAMES}}\\t{_NEVRA}\\n]",
+                       *sorted(candidates)], env=PM_ENV)
+        exact: set[str] = set()
+        for line in listing.stdout.splitlines():
+            path, _, package = line.rpartition("\t")
+            original = queried.get(path)
+            if original is None or original in exact:
+                continue
+            if path == original:
+                exact.add(original)
+                result[original] = package
+            elif result[original] is None:
+                result[original] = package
+        return result
+
+    def package_files(self, root: Path, package: str) -> list[str]:
+        """Every path (files and directories) rpm lists for ``package`` (a name or
+        name-version-release.arch); raises InputError when it is not installed."""
+        done = run([*rpm_command(root), "-q", "--qf", "[%{FILENAMES}\\n]", package],
+                   env=PM_ENV, check=False)
+        if done.returncode != 0:
+            raise InputError(f"package {package} is not installed in {root}: "
+                             f"{(done.stdout + done.stderr).strip()}")
+        return [ln for ln in done.stdout.splitlines() if ln]
+
+    # -- exclusions --------------------------------------------------------------------
+
+    def read_exclusions(self, root: Path) -> set[str]:
+        """The paths our macro file lists (without the usrmerge aliases or the system's own
+        %_netsharedpath entries)."""
+        file = root / MACRO_FILE
+        if not file.is_file():
+            return set()
+        paths: set[str] = set()
+        for line in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+            name, _, value = line.partition(" ")
+            if name == "%_kmodtrim_excluded" or name.startswith("%_kmodtrim_excluded_"):
+                paths |= {p.replace("%%", "%") for p in _split(value)
+                          if not p.startswith("%{")}
+        return paths
+
+    def write_exclusions(self, root: Path, paths: Collection[str]) -> None:
+        """Make ROOT/etc/rpm/macros.kmodtrim exclude exactly ``paths`` (both usrmerge
+        spellings) through ``%_netsharedpath``, merged with the value the system defines
+        elsewhere; an empty set removes the file.  Atomic and idempotent.
+
+        Raises InputError for a path a macro cannot hold (colon, whitespace, backslash),
+        CommandError when the file cannot be written or another macro file overrides ours.
+        """
+        ordered = check_paths(paths, forbidden="\n\t :\\")
+        file = root / MACRO_FILE
+        if not ordered:
+            write_config(file, None)
+            return
+        given = set(ordered)
+        aliases = sorted({alt for p in ordered
+                          if (alt := other_spelling(p)) is not None and alt not in given})
+        system = system_netsharedpath(root)
+        lines = _define("_kmodtrim_excluded", [_macro_escape(p) for p in ordered])
+        parts = ["%{_kmodtrim_excluded}"]
+        if aliases:
+            lines += _define("_kmodtrim_aliases", [_macro_escape(p) for p in aliases])
+            parts.append("%{_kmodtrim_aliases}")
+        lines += _define("_kmodtrim_netsharedpath", parts)
+        if system:
+            lines += _define("_kmodtrim_system_netsharedpath",
+                             [_macro_escape(p) for p in system])
+            lines.append("%_netsharedpath %{_kmodtrim_system_netsharedpath}:"
+                         "%{_kmodtrim_netsharedpath}")
+        else:
+            lines.append("%_netsharedpath %{_kmodtrim_netsharedpath}")
+        write_config(file, _HEADER + "".join(ln + "\n" for ln in lines))
+        effective = set(effective_netsharedpath(root))
+        lost = [p for p in ordered if p not in effective]
+        if lost:
+            raise CommandError(
+                f"{file}: %_netsharedpath is overridden by a macro file rpm reads later; "
+                f"rpm would reinstall {len(lost)} trimmed file(s) such as {lost[0]}",
+                hint="in that file, append :%{?_kmodtrim_netsharedpath} to %_netsharedpath")
+
+    # -- package operations ------------------------------------------------------------
+
+    def reinstall(self, root: Path, packages: Sequence[str],
+                  archives: Mapping[str, Path] | None = None) -> None:
+        """Reinstall ``packages`` so that files no longer excluded come back: from the given
+        .rpm files with ``rpm --reinstall``, the rest with ``dnf reinstall`` (which needs the
+        exact version in a configured repository).  Raises CommandError on failure."""
+        archives = archives or {}
+        files = [str(archives[p]) for p in packages if p in archives]
+        from_repo = [p for p in packages if p not in archives]
+        if files:
+            run([*rpm_command(root), "--reinstall", *files], env=PM_ENV)
+        if from_repo:
+            where = [] if is_live(root) else [f"--installroot={root}"]
+            run(["dnf", *where, "--assumeyes", "reinstall", *from_repo], env=PM_ENV)
+
+    def remove_packages(self, root: Path, packages: Sequence[str]) -> None:
+        """Erase ``packages`` with ``rpm -e``, which refuses (CommandError) when an installed
+        package requires them, rather than dnf's cascade of removals."""
+        if packages:
+            run([*rpm_command(root), "-e", *packages], env=PM_ENV)
+
+    def wait_for_lock(self, root: Path, timeout: float) -> None:
+        """Return once no dnf process holds its rpmdb lock and nobody holds rpm's
+        transaction lock; raises PackageManagerBusy after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (holder := _dnf_lock_holder(root)) is not None:
+            if time.monotonic() >= deadline:
+                raise PackageManagerBusy(
+                    f"rpm is busy: dnf (pid {holder}) holds {root / DNF_LOCK} "
+                    f"(waited {timeout:g} s)",
+                    hint="wait for the running dnf transaction to finish and try again")
+            time.sleep(0.2)
+        db = rpm_db_dir(root) or "/var/lib/rpm"
+        lock = root / db.lstrip("/") / ".rpm.lock"
+        wait_for_fcntl_locks([lock], max(0.0, deadline - time.monotonic()), "rpm")
+
+    def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
+        """``rpm -V`` of ``packages``, parsed.  Raises CommandError when rpm fails (e.g. a
+        package is not installed)."""
+        if not packages:
+            return []
+        done = run([*rpm_command(root), "-V", *packages], env=PM_ENV, check=False)
+        missing = [ln for ln in done.stdout.splitlines() if ln.endswith(" is not installed")]
+        errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
+        if missing or errors:
+            raise CommandError(f"rpm -V in {root} failed:\n" + "\n".join(missing + errors))
+        return parse_verify(done.stdout)
+
+
+def _dnf_lock_holder(root: Path) -> int | None:
+    # dnf writes its pid into this file while it holds the rpmdb and unlinks it after;
+    # a file left by a dead process does not count (dnf itself ignores those).
+    try:
+        pid = int((root / DNF_LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid != os.getpid() and os.path.exists(f"/proc/{pid}") else None

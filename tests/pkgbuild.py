@@ -1,0 +1,107 @@
+"""Build small kernel-like packages with the real tools (dpkg-deb, rpmbuild) and prepare
+scratch roots with an empty package database, for the package-manager backend tests."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+KVER = "9.9.9-test"
+MODDIR = f"/lib/modules/{KVER}/kernel/drivers"
+
+
+def need(*tools: str) -> None:
+    """Skip the calling test unless every tool is installed."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)} (apt-get install dpkg-dev rpm)")
+
+
+def sh(*argv: str | Path) -> subprocess.CompletedProcess[str]:
+    """Run a test-side command (never the code under test), failing loudly."""
+    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, check=False,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    if proc.returncode != 0:
+        raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def kernel_files(version: str, prefix: str = "", names: tuple[str, ...] = ("a", "b", "c"),
+                 ) -> dict[str, bytes]:
+    """A kernel package's payload: DIR/{a,b,c}.ko whose bytes name the package version,
+    plus /boot/vmlinuz (``prefix`` "/usr" gives the usrmerged /usr/lib/modules spelling)."""
+    files = {f"{prefix}{MODDIR}/{n}.ko": f"\x7fELF {n} module, version {version}\n".encode()
+             for n in names}
+    files[f"/boot/vmlinuz-{KVER}"] = f"kernel image {version}\n".encode()
+    return files
+
+
+def _write_tree(base: Path, files: Mapping[str, bytes]) -> None:
+    for path, data in files.items():
+        target = base / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+
+
+def build_deb(out: Path, package: str, version: str, files: Mapping[str, bytes]) -> Path:
+    """A .deb (no maintainer scripts) installing ``files``, built with dpkg-deb."""
+    tree = out / f"{package}_{version}.tree"
+    _write_tree(tree, files)
+    (tree / "DEBIAN").mkdir()
+    (tree / "DEBIAN/control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: Test <test@example.org>\nDescription: kernel-like test package\n")
+    deb = out / f"{package}_{version}_all.deb"
+    sh("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", tree, deb)
+    return deb
+
+
+def init_dpkg_root(root: Path) -> Path:
+    """An empty dpkg database (and /var/log for dpkg's log) under ``root``."""
+    admin = root / "var/lib/dpkg"
+    for sub in ("info", "updates", "triggers"):
+        (admin / sub).mkdir(parents=True, exist_ok=True)
+    for name in ("status", "available"):
+        (admin / name).touch()
+    (root / "var/log").mkdir(parents=True, exist_ok=True)
+    (root / "etc/dpkg/dpkg.cfg.d").mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def build_rpm(out: Path, name: str, version: str, release: str,
+              files: Mapping[str, bytes]) -> Path:
+    """A noarch .rpm (no scriptlets, no dependencies) installing ``files``, built with
+    rpmbuild entirely under ``out``."""
+    top = out / "rpmbuild"
+    src = out / f"{name}-{version}-{release}.payload"
+    _write_tree(src, files)
+    (top / "SPECS").mkdir(parents=True, exist_ok=True)
+    spec = top / "SPECS" / f"{name}-{version}-{release}.spec"
+    listing = "\n".join(sorted(files))
+    spec.write_text(
+        f"Name: {name}\nVersion: {version}\nRelease: {release}\nSummary: kernel-like test\n"
+        "License: GPL-2.0-only\nBuildArch: noarch\nAutoReqProv: no\n"
+        "%description\nkernel-like test package\n"
+        f"%install\nmkdir -p %{{buildroot}}\ncp -a {src}/. %{{buildroot}}/\n"
+        f"%files\n{listing}\n")
+    (out / "tmp").mkdir(exist_ok=True)
+    sh("rpmbuild", "--define", f"_topdir {top}", "--define", f"_tmppath {out / 'tmp'}",
+       "--define", "_build_id_links none", "--define", "__os_install_post %{nil}",
+       "-bb", spec)
+    rpms = sorted((top / "RPMS" / "noarch").glob(f"{name}-{version}-{release}.noarch.rpm"))
+    assert len(rpms) == 1, rpms
+    return rpms[0]
+
+
+def init_rpm_root(root: Path) -> Path:
+    """An empty rpm database at ROOT/var/lib/rpm (never the invoking user's ~/.rpmdb)."""
+    (root / "var/lib/rpm").mkdir(parents=True, exist_ok=True)
+    (root / "etc/rpm").mkdir(parents=True, exist_ok=True)
+    (root / "var/tmp").mkdir(parents=True, exist_ok=True)
+    sh("rpm", f"--root={root}", "--dbpath=/var/lib/rpm", "--initdb")
+    return root
