@@ -90,7 +90,10 @@ def build_rpm(out: Path, name: str, version: str, release: str,
         f"%install\nmkdir -p %{{buildroot}}\ncp -a {src}/. %{{buildroot}}/\n"
         f"%files\n{listing}\n")
     (out / "tmp").mkdir(exist_ok=True)
+    (out / "builddb").mkdir(exist_ok=True)
+    # rpmbuild opens an rpm database; keep it here, not in the default (~/.rpmdb on Debian)
     sh("rpmbuild", "--define", f"_topdir {top}", "--define", f"_tmppath {out / 'tmp'}",
+       "--define", f"_dbpath {out / 'builddb'}",
        "--define", "_build_id_links none", "--define", "__os_install_post %{nil}",
        "-bb", spec)
     rpms = sorted((top / "RPMS" / "noarch").glob(f"{name}-{version}-{release}.noarch.rpm"))

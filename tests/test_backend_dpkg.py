@@ -17,6 +17,7 @@ from kmodtrim.backends.package import (
     VerifyProblem,
     backend_by_name,
     detect_backend,
+    parse_verify,
 )
 from kmodtrim.errors import InputError
 from pkgbuild import KVER, MODDIR, build_deb, init_dpkg_root, kernel_files, need, sh
@@ -260,3 +261,31 @@ def test_detect_backend_by_database(tmp_path: Path, root: Path) -> None:
     assert backend_by_name("dpkg").name == "dpkg"
     with pytest.raises(InputError, match="unknown package backend"):
         backend_by_name("pacman")
+
+
+def test_commands_on_an_image_root_obey_all_of_its_dpkg_config(root: Path,
+                                                               debs: dict[str, Path]) -> None:
+    cfg = root / "etc/dpkg/dpkg.cfg.d"
+    (cfg / "local").write_text('# site policy\npath-exclude "/boot/*"\n')
+    (cfg / "ignored.conf").write_text(f"path-exclude={A}\n")  # dpkg skips names with dots
+    DpkgBackend().write_exclusions(root, {B})
+    dpkg(root, "-i", debs["v1"])
+    assert not present(root, f"/boot/vmlinuz-{KVER}")
+    assert not present(root, B)
+    assert present(root, A) and present(root, C)
+    assert (root / "var/log/dpkg.log").read_text().count(PKG) > 0  # logged inside the root
+
+
+def test_verify_output_of_both_tools_parses() -> None:
+    text = ("missing     /lib/modules/x/a.ko\n"
+            "??5??????   /lib/modules/x/b.ko\n"
+            "??5?????? c /etc/dpkg/x.conf\n"
+            "S.5....T.  c /etc/rpm/y\n"
+            "missing   d /usr/share/doc/z\n")
+    assert parse_verify(text) == [
+        VerifyProblem("/lib/modules/x/a.ko", "missing"),
+        VerifyProblem("/lib/modules/x/b.ko", "??5??????"),
+        VerifyProblem("/etc/dpkg/x.conf", "??5??????"),
+        VerifyProblem("/etc/rpm/y", "S.5....T."),
+        VerifyProblem("/usr/share/doc/z", "missing"),
+    ]

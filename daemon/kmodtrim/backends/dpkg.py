@@ -50,6 +50,7 @@ _ALIASES = "# The same paths as spelled on the other side of usrmerge (/lib <-> 
 _MAX_LINE = 1000  # dpkg reads config lines into a 1024-byte buffer
 _GLOB_SPECIAL = set("\\[]*?\"' \t")
 _VALID_CFG_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_CFG_OPTION = re.compile(r"[A-Za-z0-9-]*")
 
 
 def escape_pattern(path: str) -> str:
@@ -90,7 +91,8 @@ def _read_dpkg_cfg(file: Path) -> list[tuple[str, str]]:
         line = raw.rstrip()
         if not line or line.startswith("#"):
             continue
-        name = re.match(r"[A-Za-z0-9-]*", line).group(0)  # type: ignore[union-attr]
+        m = _CFG_OPTION.match(line)
+        name = m.group(0) if m else ""
         rest = line[len(name) + 1:]
         rest = rest.removeprefix("=").lstrip()
         if len(rest) >= 2 and rest[0] == rest[-1] and rest[0] in "\"'":

@@ -6,6 +6,9 @@ What rpm does (checked against rpm 4.18 by tests/test_backend_rpm.py):
   a ``/`` boundary, so a file path matches exactly that file).  Matching files are not
   installed, the database records them as "net shared", ``rpm -V`` is silent about them and
   ``rpm -e`` leaves them alone.  Lifting the macro and reinstalling brings them back.
+- File states are recorded at install time.  A file trimmed from an installed package is
+  reported ``missing`` by ``rpm -V`` until the package is next reinstalled or upgraded
+  with the macro in place; from then on it is "net shared" and ``rpm -V`` is silent.
 - It is one macro: the definition loaded last wins.  We merge with the value the system
   defines without our file (evaluated by rpm itself over the same macro files minus ours),
   and after writing check that our definition is the one in effect — a file loaded after
@@ -15,8 +18,9 @@ What rpm does (checked against rpm 4.18 by tests/test_backend_rpm.py):
   truncated, so long lists are split over chunk macros joined by references.
 - ``rpm --root ROOT`` reads macro files from the *host* (/usr/lib/rpm, /etc/rpm, ~), never
   from ROOT.  On the live system that is right.  For any other root every rpm command gets
-  ``--macros`` with the host's macro path, its /etc entries moved into ROOT, and
-  ``--dbpath`` of ROOT's database (Debian's rpm, for one, defaults to ~/.rpmdb).
+  ``--macros`` (placed before ``--root``, or rpm ignores it) with the host's macro path,
+  its /etc entries moved into ROOT, and ``--dbpath`` of ROOT's database (Debian's rpm,
+  for one, defaults to ~/.rpmdb).
 """
 
 from __future__ import annotations
@@ -94,11 +98,11 @@ def rpm_command(root: Path) -> list[str]:
     """The argv prefix for running rpm on ``root`` with ROOT's macros and database."""
     if is_live(root):
         return ["rpm"]
-    argv = ["rpm", f"--root={root}"]
+    # --macros must come before --root: given after it, rpm 4.18 loads none of the files.
+    argv = ["rpm", "--macros=" + ":".join(macro_path(root)), f"--root={root}"]
     db = rpm_db_dir(root)
     if db is not None:
         argv.append(f"--dbpath={db}")
-    argv.append("--macros=" + ":".join(macro_path(root)))
     return argv
 
 
@@ -175,8 +179,12 @@ class RpmBackend:
             candidates |= {ln for ln in done.stdout.splitlines() if ln and " " not in ln}
         if not candidates:
             return result
-        listing = run([*rpm_command(root), "-q", "--qf", f"[%{{FILENAMES}}\\t{_NEVRA}\\n]",
+        # inside [...] every scalar tag needs "=" to repeat alongside the file array
+        nevra = _NEVRA.replace("%{", "%{=")
+        listing = run([*rpm_command(root), "-q", "--qf", f"[%{{FILENAMES}}\\t{nevra}\\n]",
                        *sorted(candidates)], env=PM_ENV)
+        if listing.stderr.strip():
+            raise CommandError(f"rpm -q in {root} failed:\n{listing.stderr.strip()}")
         exact: set[str] = set()
         for line in listing.stdout.splitlines():
             path, _, package = line.rpartition("\t")
