@@ -8,6 +8,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kmodtrim.errors import ObservationError
 from kmodtrim.observe import (
@@ -203,6 +205,18 @@ def test_module_file_name_error_suggests_the_module_name() -> None:
 def test_several_names_on_one_line_are_an_error_not_silently_dropped() -> None:
     with pytest.raises(ObservationError, match=r"^seen\.txt:2: expected one module name"):
         parse_observed_text("ext4\nvirtio_net virtio_blk\n", "seen.txt")
+
+
+@settings(database=None, derandomize=True)
+@given(st.text(alphabet=st.sampled_from("ab_-9 #\t\n\r\ufeff.:/é"), max_size=80))
+def test_any_text_gives_names_or_an_observation_error(text: str) -> None:
+    try:
+        observed = parse_observed_text(text, "f")
+    except ObservationError as exc:
+        assert str(exc).startswith("f:")
+        return
+    assert len({o.name for o in observed}) == len(observed)
+    assert all("-" not in o.name and o.line is not None and o.line >= 1 for o in observed)
 
 
 def test_unreadable_observed_file_is_an_observation_error(tmp_path: Path) -> None:

@@ -264,7 +264,9 @@ def _read_mounts_file(root: Path, inroot: str) -> list[_Mount] | None:
     entries = []
     for raw in text.splitlines():
         fields = raw.split()
-        if len(fields) < 3 or fields[0].startswith("#"):  # fstab(5): '#' lines are comments
+        if len(fields) < 3:
+            continue
+        if inroot == FSTAB_FILE and fields[0].startswith("#"):  # fstab(5): comment lines
             continue
         device, mountpoint, fstype = (_unescape(f) for f in fields[:3])
         entries.append(_Mount(device, mountpoint, fstype))
