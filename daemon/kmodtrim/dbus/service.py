@@ -1,0 +1,497 @@
+"""The D-Bus interfaces of kmodtrimd: ``…Manager`` on /org/kmodtrim/KmodTrim1 and ``…Job``
+on /org/kmodtrim/KmodTrim1/job/N.
+
+dbus-next hands ``@method`` handlers no sender, so every method call to these interfaces is
+taken by a message handler that runs before dbus-next's dispatch: it authorises the caller
+(see auth.py), validates the arguments and calls the implementation here, then replies.
+The ``@method`` definitions describe the interface (introspection); reaching one directly
+would bypass authorisation, so they refuse.
+
+Options are ``a{sv}``; unknown keys and wrong types are ``InvalidArgs``. Options naming
+files (``observed``, ``policy``) make the daemon read those files as root, so they need uid
+0 or the ``org.kmodtrim.configure`` action even on read-only methods.
+"""
+
+# No `from __future__ import annotations`: dbus-next reads the annotations at runtime.
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.constants import (
+    BusType,
+    MessageFlag,
+    MessageType,
+    NameFlag,
+    PropertyAccess,
+    RequestNameReply,
+)
+from dbus_next.errors import DBusError
+from dbus_next.message import Message
+from dbus_next.service import ServiceInterface, dbus_property, method, signal
+from dbus_next.signature import Variant
+
+from ..daemon import BACKENDS, INITRAMFS_METHODS, Daemon, Job, Request
+from ..errors import InputError, KmodtrimError
+from ..names import is_valid_module_name
+from . import (
+    ACTION_CONFIGURE,
+    ACTION_RESTORE,
+    ACTION_ROLLBACK,
+    ACTION_TRIM,
+    BUS_NAME,
+    JOB_INTERFACE,
+    JOB_PATH_PREFIX,
+    MANAGER_INTERFACE,
+    OBJECT_PATH,
+    job_path,
+)
+from .auth import authorize, caller_uid
+from .errors import ACCESS_DENIED, to_dbus_error
+
+log = logging.getLogger("kmodtrim.dbus")
+UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _annotated(fn: F, ret: str, args: Mapping[str, str]) -> F:
+    annotations: dict[str, str] = dict(args)
+    if ret:
+        annotations["return"] = ret
+    fn.__annotations__ = annotations
+    return fn
+
+
+def dbus_method(ret: str = "", **args: str) -> Callable[[F], F]:
+    """``@method()`` with the D-Bus signature given as arguments (``ret`` and one keyword
+    per parameter), so the Python annotations stay checkable."""
+    def decorator(fn: F) -> F:
+        return cast(F, method()(_annotated(fn, ret, args)))
+    return decorator
+
+
+def dbus_signal(ret: str = "") -> Callable[[F], F]:
+    def decorator(fn: F) -> F:
+        return cast(F, signal()(_annotated(fn, ret, {})))
+    return decorator
+
+
+def dbus_readonly_property(sig: str) -> Callable[[F], F]:
+    def decorator(fn: F) -> F:
+        return cast(F, dbus_property(access=PropertyAccess.READ)(_annotated(fn, sig, {})))
+    return decorator
+
+
+def _not_dispatched() -> DBusError:
+    return DBusError(ACCESS_DENIED,  # type: ignore[no-untyped-call]
+                     "this call did not pass kmodtrimd's authorisation")
+
+
+# ---------------------------------------------------------------------------------------
+# Options
+
+
+OPTION_TYPES = {
+    "kernel": "s", "observed": "as", "policy": "s", "force": "b", "dry_run": "b",
+    "initramfs": "s", "backend": "s", "latest": "b",
+}
+_TYPE_NAMES = {"s": "a string (s)", "as": "an array of strings (as)", "b": "a boolean (b)"}
+ALLOWED_OPTIONS = {
+    "Plan": ("kernel", "observed", "policy"),
+    "Explain": ("kernel", "observed", "policy"),
+    "Trim": ("kernel", "observed", "policy", "force", "dry_run", "initramfs", "backend"),
+    "Rollback": ("latest", "dry_run", "initramfs", "backend"),
+    "Restore": ("kernel", "dry_run", "initramfs", "backend"),
+}
+
+
+def _absolute(member: str, key: str, value: str) -> Path:
+    path = Path(value)
+    if not value or not path.is_absolute():
+        raise InputError(f"{member}: option {key!r}: {value!r} is not an absolute path")
+    return path
+
+
+def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request, bool]:
+    """The Request (and the ``latest`` flag) for ``member``'s ``a{sv}`` options.
+
+    Raises InputError (InvalidArgs) naming the key for an unknown key, a wrong type or
+    a bad value.
+    """
+    allowed = ALLOWED_OPTIONS[member]
+    values: dict[str, Any] = {}
+    for key, variant in options.items():
+        if key not in allowed:
+            raise InputError(f"{member}: unknown option {key!r} "
+                             f"(allowed: {', '.join(allowed)})")
+        want = OPTION_TYPES[key]
+        if variant.signature != want:
+            raise InputError(f"{member}: option {key!r} must be {_TYPE_NAMES[want]}, "
+                             f"not of type {variant.signature}")
+        values[key] = variant.value
+    kernel = values.get("kernel")
+    if kernel is not None and (not kernel or "/" in kernel or kernel in (".", "..")):
+        raise InputError(f"{member}: option 'kernel': {kernel!r} is not a kernel version")
+    for key, choices in (("initramfs", INITRAMFS_METHODS), ("backend", BACKENDS)):
+        if key in values and values[key] not in choices:
+            raise InputError(f"{member}: option {key!r}: {values[key]!r} is not one of "
+                             f"{', '.join(choices)}")
+    request = Request(
+        kernel=kernel or None,
+        observed=tuple(_absolute(member, "observed", v) for v in values.get("observed", ())),
+        policy=_absolute(member, "policy", values["policy"]) if "policy" in values else None,
+        force=bool(values.get("force", False)),
+        dry_run=bool(values.get("dry_run", False)),
+        initramfs=values.get("initramfs", "auto"),
+        backend=values.get("backend"),
+    )
+    return request, bool(values.get("latest", False))
+
+
+# ---------------------------------------------------------------------------------------
+# Interfaces
+
+
+class ManagerInterface(ServiceInterface):
+    """org.kmodtrim.KmodTrim1.Manager (methods are dispatched by Dispatcher)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        super().__init__(MANAGER_INTERFACE)
+        self.daemon = daemon
+
+    @dbus_readonly_property("s")
+    def Version(self) -> str:
+        return self.daemon.version
+
+    @dbus_readonly_property("s")
+    def KernelRelease(self) -> str:
+        return self.daemon.kernel_release
+
+    @dbus_readonly_property("s")
+    def State(self) -> str:
+        return self.daemon.state
+
+    @dbus_readonly_property("u")
+    def CurrentGeneration(self) -> int:
+        return self.daemon.current_generation
+
+    @dbus_readonly_property("t")
+    def ObservedSince(self) -> int:
+        return self.daemon.observed_since
+
+    @dbus_method("s", options="a{sv}")
+    def Plan(self, options: Any) -> str:
+        raise _not_dispatched()
+
+    @dbus_method("s", name="s", options="a{sv}")
+    def Explain(self, name: str, options: Any) -> str:
+        raise _not_dispatched()
+
+    @dbus_method("s")
+    def ListGenerations(self) -> str:
+        raise _not_dispatched()
+
+    @dbus_method("s", generation="u")
+    def ShowGeneration(self, generation: int) -> str:
+        raise _not_dispatched()
+
+    @dbus_method("uo", options="a{sv}")
+    def Trim(self, options: Any) -> list[Any]:
+        raise _not_dispatched()
+
+    @dbus_method("uo", generation="u", options="a{sv}")
+    def Rollback(self, generation: int, options: Any) -> list[Any]:
+        raise _not_dispatched()
+
+    @dbus_method("uo", names="as", options="a{sv}")
+    def Restore(self, names: list[str], options: Any) -> list[Any]:
+        raise _not_dispatched()
+
+    @dbus_signal("uo")
+    def JobNew(self, job_id: int, path: str) -> list[Any]:
+        return [job_id, path]
+
+    @dbus_signal("uos")
+    def JobRemoved(self, job_id: int, path: str, result: str) -> list[Any]:
+        return [job_id, path, result]
+
+    @dbus_signal("u")
+    def GenerationNew(self, generation: int) -> int:
+        return generation
+
+    @dbus_signal("ssu")
+    def ModuleRestored(self, name: str, modalias: str, generation: int) -> list[Any]:
+        return [name, modalias, generation]
+
+
+class JobInterface(ServiceInterface):
+    """org.kmodtrim.KmodTrim1.Job: one running operation."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(JOB_INTERFACE)
+        self.job = job
+
+    @dbus_readonly_property("u")
+    def Id(self) -> int:
+        return self.job.id
+
+    @dbus_readonly_property("s")
+    def Type(self) -> str:
+        return self.job.type
+
+    @dbus_readonly_property("s")
+    def Phase(self) -> str:
+        return self.job.phase
+
+    @dbus_readonly_property("d")
+    def Progress(self) -> float:
+        return self.job.progress
+
+    @dbus_readonly_property("s")
+    def Result(self) -> str:
+        return self.job.result
+
+    @dbus_readonly_property("s")
+    def Error(self) -> str:
+        return self.job.error
+
+    @dbus_readonly_property("s")
+    def ErrorMessage(self) -> str:
+        return self.job.error_message
+
+    @dbus_readonly_property("s")
+    def Outcome(self) -> str:
+        return json.dumps(self.job.outcome) if self.job.outcome else ""
+
+    @dbus_method()
+    def Cancel(self) -> None:
+        raise _not_dispatched()
+
+
+# ---------------------------------------------------------------------------------------
+# Events → signals
+
+
+class DBusEvents:
+    """Publishes the daemon's events (kmodtrim.daemon.Events) as signals and objects."""
+
+    def __init__(self, bus: Any, manager: ManagerInterface) -> None:
+        self.bus = bus
+        self.manager = manager
+        self.jobs: dict[str, JobInterface] = {}
+
+    def job_new(self, job: Job) -> None:
+        path = job_path(job.id)
+        iface = JobInterface(job)
+        self.jobs[path] = iface
+        self.bus.export(path, iface)
+        self.manager.JobNew(job.id, path)
+
+    def job_changed(self, job: Job, changed: Mapping[str, object]) -> None:
+        iface = self.jobs.get(job_path(job.id))
+        if iface is None:
+            return
+        props = dict(changed)
+        if job.result:
+            props["Outcome"] = json.dumps(job.outcome) if job.outcome else ""
+        iface.emit_properties_changed(props)
+
+    def job_removed(self, job: Job) -> None:
+        path = job_path(job.id)
+        self.manager.JobRemoved(job.id, path, job.result)
+        iface = self.jobs.pop(path, None)
+        if iface is not None:
+            self.bus.unexport(path, iface)
+
+    def generation_new(self, number: int) -> None:
+        self.manager.GenerationNew(number)
+
+    def module_restored(self, name: str, modalias: str, generation: int) -> None:
+        self.manager.ModuleRestored(name, modalias, generation)
+
+    def manager_changed(self, changed: Mapping[str, object]) -> None:
+        if changed:
+            self.manager.emit_properties_changed(dict(changed))
+
+
+# ---------------------------------------------------------------------------------------
+# Dispatch with authorisation
+
+
+Impl = Callable[[Message], Awaitable[list[Any]]]
+
+
+@dataclass(frozen=True)
+class _Member:
+    in_signature: str
+    out_signature: str
+    impl: Impl
+
+
+class Dispatcher:
+    """Takes every method call to the Manager and Job interfaces before dbus-next does."""
+
+    def __init__(self, bus: Any, daemon: Daemon, events: DBusEvents) -> None:
+        self.bus = bus
+        self.daemon = daemon
+        self.events = events
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.manager_members: dict[str, _Member] = {
+            "Plan": _Member("a{sv}", "s", self._plan),
+            "Explain": _Member("sa{sv}", "s", self._explain),
+            "ListGenerations": _Member("", "s", self._list_generations),
+            "ShowGeneration": _Member("u", "s", self._show_generation),
+            "Trim": _Member("a{sv}", "uo", self._trim),
+            "Rollback": _Member("ua{sv}", "uo", self._rollback),
+            "Restore": _Member("asa{sv}", "uo", self._restore),
+        }
+        self.job_members: dict[str, _Member] = {"Cancel": _Member("", "", self._cancel)}
+
+    def on_message(self, msg: Message) -> bool:
+        """dbus-next message handler: True when the call is ours (answered later)."""
+        if msg.message_type != MessageType.METHOD_CALL:
+            return False
+        member: _Member | None = None
+        if msg.interface == MANAGER_INTERFACE and msg.path == OBJECT_PATH:
+            member = self.manager_members.get(msg.member)
+        elif msg.interface == JOB_INTERFACE and msg.path.startswith(JOB_PATH_PREFIX):
+            # Also for finished jobs: the caller is authorised before it learns anything.
+            member = self.job_members.get(msg.member)
+        if member is None or member.in_signature != (msg.signature or ""):
+            return False  # dbus-next answers UnknownMethod / UnknownObject
+        task = asyncio.ensure_future(self._dispatch(msg, member))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _dispatch(self, msg: Message, member: _Member) -> None:
+        try:
+            body = await member.impl(msg)
+            reply = Message.new_method_return(msg, member.out_signature, body)
+        except Exception as exc:  # every error becomes a D-Bus error reply
+            if not isinstance(exc, (KmodtrimError, DBusError)):
+                log.exception("%s.%s failed", msg.interface, msg.member)
+            error = to_dbus_error(exc)
+            reply = Message.new_error(msg, error.type, error.text)
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            self.bus.send(reply)
+
+    async def _authorize_files(self, msg: Message, request: Request) -> None:
+        # Reading files the caller names happens as root: only for root or `configure`.
+        if (request.observed or request.policy) and await caller_uid(self.bus, msg.sender) != 0:
+            await authorize(self.bus, msg.sender, ACTION_CONFIGURE)
+
+    async def _plan(self, msg: Message) -> list[Any]:
+        request, _ = parse_options("Plan", msg.body[0])
+        await self._authorize_files(msg, request)
+        doc = await asyncio.to_thread(self.daemon.plan, request)
+        return [json.dumps(doc)]
+
+    async def _explain(self, msg: Message) -> list[Any]:
+        name: str = msg.body[0]
+        if not name or len(name) > 4096:
+            raise InputError("Explain: give a module name or alias")
+        request, _ = parse_options("Explain", msg.body[1])
+        await self._authorize_files(msg, request)
+        doc = await asyncio.to_thread(self.daemon.explain, name, request)
+        return [json.dumps(doc)]
+
+    async def _list_generations(self, msg: Message) -> list[Any]:
+        return [json.dumps(await asyncio.to_thread(self.daemon.list_generations))]
+
+    async def _show_generation(self, msg: Message) -> list[Any]:
+        doc = await asyncio.to_thread(self.daemon.show_generation, int(msg.body[0]))
+        return [json.dumps(doc)]
+
+    async def _trim(self, msg: Message) -> list[Any]:
+        await authorize(self.bus, msg.sender, ACTION_TRIM)
+        request, _ = parse_options("Trim", msg.body[0])
+        await self._authorize_files(msg, request)
+        job, _started = self.daemon.trim(request)
+        return [job.id, job_path(job.id)]
+
+    async def _rollback(self, msg: Message) -> list[Any]:
+        await authorize(self.bus, msg.sender, ACTION_ROLLBACK)
+        request, latest = parse_options("Rollback", msg.body[1])
+        job, _started = self.daemon.rollback(None if latest else int(msg.body[0]), request)
+        return [job.id, job_path(job.id)]
+
+    async def _restore(self, msg: Message) -> list[Any]:
+        await authorize(self.bus, msg.sender, ACTION_RESTORE)
+        names: list[str] = msg.body[0]
+        if not names:
+            raise InputError("Restore: give at least one module name")
+        bad = [n for n in names if not is_valid_module_name(n)]
+        if bad:
+            raise InputError(f"Restore: not module names: {', '.join(repr(n) for n in bad)}")
+        request, _ = parse_options("Restore", msg.body[1])
+        job, _started = self.daemon.restore(names, request)
+        return [job.id, job_path(job.id)]
+
+    async def _cancel(self, msg: Message) -> list[Any]:
+        iface = self.events.jobs.get(msg.path)
+        kind = iface.job.type if iface is not None else "trim"
+        action = {"rollback": ACTION_ROLLBACK, "restore": ACTION_RESTORE}.get(kind, ACTION_TRIM)
+        await authorize(self.bus, msg.sender, action)
+        iface = self.events.jobs.get(msg.path)
+        if iface is None:
+            raise DBusError(UNKNOWN_OBJECT,  # type: ignore[no-untyped-call]
+                            f"no job at {msg.path} (it has finished)")
+        self.daemon.cancel(iface.job)
+        return []
+
+
+# ---------------------------------------------------------------------------------------
+# Connecting
+
+
+class DaemonConnection:
+    """The daemon's bus connection, interfaces and event publisher."""
+
+    def __init__(self, bus: Any, events: DBusEvents) -> None:
+        self.bus = bus
+        self.events = events
+
+    async def wait_for_disconnect(self) -> None:
+        await self.bus.wait_for_disconnect()
+
+    def disconnect(self) -> None:
+        self.bus.disconnect()
+
+
+async def connect(daemon: Daemon, which: str) -> DaemonConnection:
+    """Connect to the system (honours DBUS_SYSTEM_BUS_ADDRESS) or session bus, export the
+    Manager, attach the daemon's events and claim org.kmodtrim.KmodTrim1.
+
+    Raises KmodtrimError when the bus is unreachable or the name is taken or forbidden.
+    """
+    bus_type = BusType.SYSTEM if which == "system" else BusType.SESSION
+    try:
+        bus: Any = await MessageBus(bus_type=bus_type).connect()
+    except Exception as exc:  # dbus-next raises OSError, AuthError, ValueError…
+        raise KmodtrimError(f"cannot connect to the {which} bus: {exc}") from exc
+    manager = ManagerInterface(daemon)
+    events = DBusEvents(bus, manager)
+    daemon.events = events
+    dispatcher = Dispatcher(bus, daemon, events)
+    bus.add_message_handler(dispatcher.on_message)
+    bus.export(OBJECT_PATH, manager)
+    try:
+        reply = await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+    except DBusError as exc:
+        bus.disconnect()
+        raise KmodtrimError(
+            f"cannot own {BUS_NAME} on the {which} bus: {exc.text}",
+            hint="the bus policy (org.kmodtrim.KmodTrim1.conf) lets only root own it",
+        ) from exc
+    if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+        bus.disconnect()
+        raise KmodtrimError(f"{BUS_NAME} is already owned on the {which} bus "
+                            "(is another kmodtrimd running?)")
+    return DaemonConnection(bus, events)

@@ -1,0 +1,138 @@
+"""A private, system-bus-like dbus-daemon for tests, and kmodtrimd running on it.
+
+The bus is a real ``dbus-daemon --nofork --print-address`` with a configuration modelled on
+Debian's system.conf (EXTERNAL auth; by default nobody may own names or send method calls,
+signals and replies may flow) that includes the project's own bus policy,
+units/org.kmodtrim.KmodTrim1.conf. It listens on an abstract socket so that a test can
+also call it as an unprivileged user (tmp_path's parents are not searchable by them).
+
+kmodtrimd runs as a subprocess with ``DBUS_SYSTEM_BUS_ADDRESS`` pointing at the bus, so it
+connects exactly as it does to the real system bus.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from kmodtrim.dbus.client import daemon_running, manager_properties
+
+__all__ = ["BUS_POLICY", "PrivateBus", "private_bus", "running_daemon", "start_private_bus"]
+
+REPO = Path(__file__).resolve().parent.parent
+BUS_POLICY = REPO / "units" / "org.kmodtrim.KmodTrim1.conf"
+
+CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:abstract={abstract}</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus"
+           send_interface="org.freedesktop.DBus.Properties"/>
+    <deny send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"
+          send_member="UpdateActivationEnvironment"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+@dataclass(frozen=True)
+class PrivateBus:
+    address: str
+    config: Path
+    pid: int
+
+    def env(self) -> dict[str, str]:
+        """This process's environment with the private bus as the system bus."""
+        return {**os.environ, "DBUS_SYSTEM_BUS_ADDRESS": self.address}
+
+
+@contextmanager
+def start_private_bus(directory: Path) -> Iterator[PrivateBus]:
+    """Run a private system-like dbus-daemon (config in ``directory``) while in the block."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "bus.conf"
+    config.write_text(CONFIG.format(abstract=f"kmodtrim-test-{uuid.uuid4().hex}",
+                                    policy=BUS_POLICY))
+    proc = subprocess.Popen(
+        ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    assert proc.stdout is not None
+    address = proc.stdout.readline().strip()
+    if not address:
+        proc.kill()
+        _, err = proc.communicate()
+        raise RuntimeError(f"dbus-daemon did not start: {err}")
+    try:
+        yield PrivateBus(address, config, proc.pid)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def private_bus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateBus]:
+    """A private system bus; DBUS_SYSTEM_BUS_ADDRESS points at it for the test."""
+    with start_private_bus(tmp_path / "bus") as bus:
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+        yield bus
+
+
+@contextmanager
+def running_daemon(bus: PrivateBus, root: Path, *args: str,
+                   env: dict[str, str] | None = None,
+                   timeout: float = 20.0) -> Iterator[subprocess.Popen[str]]:
+    """kmodtrimd on ``bus`` serving ``root``, started and idle (its start-up done)."""
+    log = root.parent / f"kmodtrimd-{uuid.uuid4().hex[:8]}.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kmodtrim.daemon", "--root", str(root), *args],
+            env={**bus.env(), **(env or {})}, stdout=log_file, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, text=True,
+        )
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"kmodtrimd exited {proc.returncode}:\n{log.read_text()}")
+            if daemon_running(bus.address) and \
+                    manager_properties(bus_address=bus.address)["State"] == "idle":
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kmodtrimd did not get ready:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
