@@ -226,10 +226,10 @@ def _read_line(proc: subprocess.Popen[str], timeout: float = 10.0) -> str:
 def _stop(proc: subprocess.Popen[str]) -> None:
     proc.terminate()
     try:
-        proc.wait(timeout=5)
+        proc.communicate(timeout=5)  # also closes the pipes
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.wait()
+        proc.communicate()
 
 
 @pytest.fixture(scope="module")
