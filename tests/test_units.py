@@ -205,9 +205,14 @@ async def main():
     def answer(msg):
         if msg.message_type == MessageType.METHOD_CALL and msg.destination == sys.argv[2]:
             return Message.new_method_return(msg, "s", ["ok " + msg.member])
+        if msg.message_type == MessageType.SIGNAL and msg.interface == "org.example.Test":
+            print("signal " + msg.member, flush=True)
         return None
     bus.add_message_handler(answer)
     await bus.request_name(sys.argv[2])
+    await bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                           interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                           body=["type='signal',interface='org.example.Test'"]))
     print("ready", flush=True)
     await asyncio.get_running_loop().create_future()
 
@@ -258,12 +263,12 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
 
 
 @pytest.fixture(scope="module")
-def responder(bus: Bus) -> Iterator[None]:
+def responder(bus: Bus) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen([sys.executable, "-c", RESPONDER, bus.address, BUS_NAME],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert _read_line(proc) == "ready"
-        yield
+        yield proc
     finally:
         _stop(proc)
 
@@ -331,6 +336,18 @@ def test_bus_policy_refuses_other_calls_from_non_root(bus: Bus, member: str,
     assert denied(dbus_send(bus, OBJECT_PATH, member, *args, uid=NOBODY))
     as_root = dbus_send(bus, OBJECT_PATH, member, *args)
     assert as_root.returncode == 0, as_root.stderr  # root reaches everything
+
+
+def test_bus_policy_lets_broadcast_signals_from_anyone_reach_the_daemon(
+        bus: Bus, responder: subprocess.Popen[str]) -> None:
+    # A <deny send_destination=...> rule in the default context would also drop every
+    # broadcast signal a non-root sender emits before it reaches the daemon.
+    need("setpriv")
+    argv = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+            "dbus-send", f"--bus={bus.address}", "--type=signal", "/org/example/Test",
+            "org.example.Test.Hello"]
+    subprocess.run(argv, env=C_ENV, timeout=30, check=True)
+    assert _read_line(responder, timeout=5) == "signal Hello"
 
 
 def test_bus_accepts_the_activation_file(bus: Bus) -> None:
