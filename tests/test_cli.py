@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from kernels import KernelTree
 from modbuild import ModSpec, build_tree
 

@@ -81,11 +81,11 @@ def _cli(
     )
 
 
-def _apply(root: Path, observed: Path, **kw: bool) -> None:
+def _apply(root: Path, observed: Path, force: bool = False) -> None:
     target = Target(root=root, kernel=KVER, observed_files=(observed,))
     result = make_plan_for(target)
     apply_plan(root, result.plan, result.index, result.evidence, result.policy,
-               Options(initramfs="skip", **kw))
+               Options(initramfs="skip", force=force))
 
 
 def _present(root: Path, name: str) -> bool:

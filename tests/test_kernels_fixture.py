@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from kernels import KernelTree, copy_kernel_tree
 
 pytestmark = pytest.mark.kernel

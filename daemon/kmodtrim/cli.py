@@ -244,7 +244,7 @@ def _print_plan(plan: Plan, out: TextIO, show_all: bool) -> None:
     if plan.firmware_remove:
         print(f"  firmware: remove {len(plan.firmware_remove)} files "
               f"({human_bytes(plan.firmware_bytes)})", file=out)
-    roots = Counter()
+    roots: Counter[str] = Counter()
     for m in plan.keep:
         roots[m.reasons[0].kind if m.reasons[0].via is None else "dependency"] += 1
     print("  kept because: " + ", ".join(f"{k} {n}" for k, n in roots.most_common()), file=out)
@@ -260,8 +260,8 @@ def _print_plan(plan: Plan, out: TextIO, show_all: bool) -> None:
     shown = biggest if show_all else biggest[:TOP_SAVINGS]
     if shown:
         print(f"\n{'biggest savings' if not show_all else 'remove'}:", file=out)
-        for m in shown:
-            print(f"  {human_bytes(m.size):>10}  {m.name}", file=out)
+        for r in shown:
+            print(f"  {human_bytes(r.size):>10}  {r.name}", file=out)
         if len(biggest) > len(shown):
             print(f"  … and {len(biggest) - len(shown)} more (--all lists them)", file=out)
     if show_all:
@@ -339,8 +339,8 @@ def cmd_observe(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     for d in matched:
         print(f"  {d['modalias']}: {', '.join(d['drivers'])}", file=out)
     print("filesystems: " + ", ".join(sorted({f.fstype for f in evidence.filesystems})), file=out)
-    for d in evidence.root_drivers:
-        print(f"storage driver of {d.mountpoint}: {d.module}", file=out)
+    for drv in evidence.root_drivers:
+        print(f"storage driver of {drv.mountpoint}: {drv.module}", file=out)
     return 0
 
 
@@ -495,7 +495,7 @@ def cmd_status(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     else:
         print(f"generation {g.number}: {g.description}", file=out)
         print(f"  {len(g.removed)} files ({human_bytes(g.removed_bytes)}) out of the tree, "
-              f"stash {human_bytes(doc['stash_bytes_on_disk'])} on disk", file=out)  # type: ignore[arg-type]
+              f"stash {human_bytes(Stash(target.root).size_on_disk())} on disk", file=out)
         print(f"  observed boots: {len(boots)}", file=out)
     return 0
 

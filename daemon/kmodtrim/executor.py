@@ -30,6 +30,7 @@ from .closure import Reason, closure_of
 from .errors import PolicyViolation, StashError, UnknownModuleError
 from .index import MODULE_DIR_BASES, ModuleIndex
 from .names import normalize
+from .observe import filesystem_module_aliases
 from .planner import Evidence, Plan
 from .policy import LoadedPolicy
 from .store import (
@@ -351,9 +352,9 @@ def protected_modules(
             protected.setdefault(name, f"loaded ({obs.source})")
     for drv in evidence.root_drivers:
         protected.setdefault(drv.module, f"storage driver of {drv.mountpoint}")
-    for fs in evidence.filesystems:
-        for name in index.resolve(f"fs-{fs.fstype}"):
-            protected.setdefault(name, f"{fs.fstype} filesystem on {fs.mountpoint}")
+    for alias, mounts in filesystem_module_aliases(evidence.filesystems).items():
+        for name in index.resolve(alias):
+            protected.setdefault(name, f"{mounts[0].fstype} filesystem on {mounts[0].mountpoint}")
     for entry in index.modules.values():
         rule = policy.decide(entry.name, entry.relpath, entry.info.aliases)
         if rule is not None and not rule.exclude:

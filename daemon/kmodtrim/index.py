@@ -348,7 +348,7 @@ def read_kernel_exports(
         key = f"exports:{path}"
         hit = memo.get(key) if memo is not None else None
         if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-            syms = list(hit[3])  # type: ignore[arg-type]
+            syms = [str(sym) for sym in hit[3]]
         else:
             text = _read_maybe_compressed(path)
             syms = parser(text) if text is not None else []

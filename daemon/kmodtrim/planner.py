@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .closure import Closure, Reason, UnresolvedSymbol, closure_of, verify_symbols
+from .closure import Closure, Reason, ReasonKind, UnresolvedSymbol, closure_of, verify_symbols
 from .index import ModuleIndex
-from .observe import DeviceModalias, MountedFilesystem, ObservedName, RootDriver
+from .observe import (
+    DeviceModalias,
+    MountedFilesystem,
+    ObservedName,
+    RootDriver,
+    filesystem_module_aliases,
+)
 from .policy import LoadedPolicy
 
 FIRMWARE_BASES = ("lib/firmware", "usr/lib/firmware")
@@ -180,12 +186,14 @@ def seeds_from(
     for dev in evidence.devices:
         for module in index.match_alias(dev.modalias):
             add(module, Reason("hardware", f"{dev.modalias} at {dev.devpath}"))
-    for fs in evidence.filesystems:
-        alias = f"fs-{fs.fstype}"
-        kind = "boot-critical" if fs.mountpoint in BOOT_MOUNTPOINTS else "observed"
-        targets = index.resolve(alias) or index.resolve(fs.fstype)
-        for module in targets:
-            add(module, Reason(kind, f"{fs.fstype} filesystem on {fs.mountpoint} ({fs.source})"))
+    for alias, mounts in filesystem_module_aliases(evidence.filesystems).items():
+        for fs in mounts:
+            kind: ReasonKind = (
+                "boot-critical" if fs.mountpoint in BOOT_MOUNTPOINTS else "observed"
+            )
+            for module in index.resolve(alias):
+                add(module, Reason(kind, f"{fs.fstype} filesystem on {fs.mountpoint} "
+                                         f"({fs.source})"))
     for drv in evidence.root_drivers:
         detail = f"storage driver of {drv.mountpoint} ({drv.devpath})"
         add(drv.module, Reason("boot-critical", detail))
