@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -23,7 +23,6 @@ from .executor import (
     Options,
     Outcome,
     apply_plan,
-    forget_kernel,
     recover,
     restore_modules,
     rollback,
@@ -35,7 +34,9 @@ from .operations import (
     explain,
     gather_evidence,
     human_bytes,
+    kernel_event,
     load_index,
+    load_target_policy,
     make_plan_for,
 )
 from .planner import Plan
@@ -68,8 +69,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
-                        help="operate on an image root instead of the live system")
+    parser.add_argument("--root", type=Path, default=Path(os.environ.get("KMODTRIM_ROOT", "/")),
+                        metavar="DIR", help="operate on an image root instead of the live "
+                        "system (default: $KMODTRIM_ROOT, else /)")
     parser.add_argument("--kernel", metavar="KVER",
                         help="kernel version (default: running kernel, else newest installed)")
     parser.add_argument("--observed", type=Path, action="append", default=[], metavar="FILE",
@@ -504,21 +506,8 @@ def cmd_kernel_event(args: argparse.Namespace, target: Target, out: TextIO) -> i
     """A kernel was installed or removed. Added kernels are trimmed like the ones before
     them (or, in auto mode, once observation suffices); removed ones are forgotten."""
     _recover(target)
-    if args.action == "remove":
-        outcome = forget_kernel(target.root, args.kver)
-        _print_outcome(outcome, args, out, target.root)
-        return 0
-    target = replace(target, kernel=args.kver)
-    result = make_plan_for(target)
-    trimmed_before = any(f.kind == "module" and f.kernel != args.kver
-                         for f in current_generation(target.root).removed)
-    if not trimmed_before and result.policy.settings.mode != "auto":
-        print(f"kernel {args.kver}: left as installed (policy mode is manual and no "
-              "kernel was trimmed before)", file=out)
-        return 0
-    options = replace(_options(args, result.policy), force=trimmed_before)
-    outcome = apply_plan(target.root, result.plan, result.index, result.evidence,
-                         result.policy, options)
+    policy = load_target_policy(target)
+    outcome = kernel_event(target, args.action, args.kver, _options(args, policy))
     _print_outcome(outcome, args, out, target.root)
     return 0
 

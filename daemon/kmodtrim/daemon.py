@@ -678,16 +678,8 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
 async def serve(root: Path, bus: str, observe: bool) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
     loop = asyncio.get_running_loop()
-    try:
-        daemon, connection = await start(root, bus, observe)
-    except KmodtrimError as exc:
-        log_event("error", f"kmodtrimd: cannot start: {exc.message}", error=True)
-        return 1
-    if observe and daemon.live:
-        daemon.start_uevent_listener()
-    stop = asyncio.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # Ping from the start: with Type=dbus systemd counts us started once the name is
+    # ours, and the first index of a large tree may take longer than WatchdogSec.
     interval = _watchdog_interval()
     watchdog: asyncio.TimerHandle | None = None
     if interval:
@@ -696,6 +688,18 @@ async def serve(root: Path, bus: str, observe: bool) -> int:
             sd_notify("WATCHDOG=1")
             watchdog = loop.call_later(interval, ping)
         ping()
+    try:
+        daemon, connection = await start(root, bus, observe)
+    except KmodtrimError as exc:
+        if watchdog is not None:
+            watchdog.cancel()
+        log_event("error", f"kmodtrimd: cannot start: {exc.message}", error=True)
+        return 1
+    if observe and daemon.live:
+        daemon.start_uevent_listener()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
     sd_notify("READY=1", f"STATUS=idle (generation {daemon.current_generation})")
     log.info("kmodtrimd %s ready on the %s bus (root %s, generation %d)",
              __version__, bus, root, daemon.current_generation)

@@ -43,6 +43,7 @@ from .store import (
     operation_lock,
     read_journal,
     read_observations,
+    record_supplied,
     write_generation,
     write_journal,
 )
@@ -441,6 +442,11 @@ def apply_plan(
         }}
         method = options.initramfs if options.initramfs != "auto" else policy.settings.initramfs
         opts = replace(options, initramfs=method)
+        supplied = {o.name: o.source for o in evidence.observed
+                    if not o.source.startswith(("recorded on", "supplied earlier"))}
+        if supplied and not options.dry_run:
+            # Kernels installed later are trimmed with what the admin vouched for now.
+            record_supplied(root, supplied)
         return _transition(
             root, current, to_stash, to_restore,
             action="apply",

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .backends.stash import Stash
 from .closure import Reason
-from .errors import UnknownModuleError
+from .errors import InputError, UnknownModuleError
+from .executor import Options, Outcome, apply_plan, forget_kernel
 from .index import (
     IndexStats,
     ModuleIndex,
@@ -33,7 +34,7 @@ from .observe import (
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
-from .store import current_generation, read_observations
+from .store import current_generation, read_observations, read_supplied
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,8 @@ def gather_evidence(target: Target) -> Evidence:
     for path in target.observed_files:
         observed.extend(read_observed_file(path))
     root = target.root
+    for name, source in sorted(read_supplied(root).items()):
+        observed.append(ObservedName(name, f"supplied earlier ({source})", None))
     recorded = read_observations(root)
     if recorded:
         source = f"recorded on {len(recorded)} boot(s)"
@@ -186,6 +189,30 @@ def explain(result: PlanResult, name: str) -> Explanation:
         policy_rule=rule.describe() if rule is not None else None,
         aliases=entry.info.aliases,
     )
+
+
+def kernel_event(target: Target, action: str, kernel: str, options: Options) -> Outcome:
+    """A kernel was installed (``add``) or removed (``remove``) under the target's root.
+
+    An added kernel is trimmed like the kernels before it (the observation was already
+    accepted then), or — in ``mode = "auto"`` — once the minimum observation is met; in
+    manual mode on a never-trimmed machine it is left as installed. A removed kernel's
+    stash is forgotten. Idempotent: a second call for the same kernel changes nothing.
+    """
+    if action == "remove":
+        return forget_kernel(target.root, kernel)
+    if action != "add":
+        raise InputError(f"kernel event {action!r}: expected 'add' or 'remove'")
+    target = replace(target, kernel=kernel)
+    result = make_plan_for(target)
+    trimmed_before = any(f.kind == "module" and f.kernel != kernel
+                         for f in current_generation(target.root).removed)
+    if not trimmed_before and result.policy.settings.mode != "auto":
+        return Outcome(None, (), (), options.dry_run, (
+            f"kernel {kernel}: left as installed (policy mode is manual and no kernel "
+            "was trimmed before)",))
+    return apply_plan(target.root, result.plan, result.index, result.evidence,
+                      result.policy, replace(options, force=options.force or trimmed_before))
 
 
 def boot_id(root: Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ from typing import Any
 from .errors import BusyError, NoSuchGenerationError, StoreError
 
 STATE_DIR = "var/lib/kmodtrim"
+log = logging.getLogger("kmodtrim.store")
 
 
 def state_dir(root: Path) -> Path:
@@ -257,25 +259,46 @@ def observations_path(root: Path) -> Path:
     return state_dir(root) / "observations.json"
 
 
-def read_observations(root: Path) -> dict[str, dict[str, Any]]:
-    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}.
-
-    A corrupt file is moved aside (``observations.json.corrupt-TIME``) and treated as empty.
-    """
+def _observations_doc(root: Path) -> dict[str, Any]:
+    """The whole observations file. A corrupt one is moved aside
+    (``observations.json.corrupt-TIME``, logged) and treated as empty."""
     path = observations_path(root)
     try:
         doc = read_json(path)
-        if not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict):
+        if (not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict)
+                or not isinstance(doc.get("supplied", {}), dict)):
             raise StoreError(f"{path}: unexpected structure")
-        boots: dict[str, dict[str, Any]] = doc["boots"]
-        return boots
+        return doc
     except FileNotFoundError:
-        return {}
-    except StoreError:
+        return {"boots": {}}
+    except StoreError as exc:
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
-        return {}
+        log.warning("%s; set aside as %s, starting from no observations", exc.message, aside)
+        return {"boots": {}}
+
+
+def read_observations(root: Path) -> dict[str, dict[str, Any]]:
+    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}."""
+    boots: dict[str, dict[str, Any]] = _observations_doc(root)["boots"]
+    return boots
+
+
+def read_supplied(root: Path) -> dict[str, str]:
+    """Module name → where it came from, for observations an admin supplied to an applied
+    trim (``--observed FILE``): later kernels are trimmed with them too."""
+    supplied: dict[str, str] = _observations_doc(root).get("supplied", {})
+    return supplied
+
+
+def record_supplied(root: Path, names: dict[str, str]) -> None:
+    """Remember supplied observations (name → source), in addition to earlier ones."""
+    doc = _observations_doc(root)
+    supplied = doc.setdefault("supplied", {})
+    for name, source in names.items():
+        supplied.setdefault(name, source)
+    atomic_write_json(observations_path(root), doc)
 
 
 def record_observation(
@@ -283,8 +306,8 @@ def record_observation(
 ) -> None:
     """Add modules seen loaded during boot ``boot_id`` (union with what was recorded)."""
     now = time.time() if now is None else now
-    boots = read_observations(root)
-    boot = boots.setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
+    doc = _observations_doc(root)
+    boot = doc["boots"].setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
     boot["last_seen"] = now
     boot["modules"] = sorted(set(boot["modules"]) | set(modules))
-    atomic_write_json(observations_path(root), {"boots": boots})
+    atomic_write_json(observations_path(root), doc)
