@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from modbuild import ModSpec, build_tree
 
 from kmodtrim.store import current_generation
+from modbuild import ModSpec, build_tree
 
 REPO = Path(__file__).resolve().parent.parent
 OLD, NEW, NEWER = "6.1.0-1-test", "6.1.0-2-test", "6.1.0-3-test"

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from kernels import KernelTree, copy_kernel_tree
-from modbuild import ModSpec, module_bytes
-from pkgbuild import build_deb, build_rpm, init_dpkg_root, init_rpm_root
 
+from kernels import KernelTree, copy_kernel_tree
 from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
 from kmodtrim.backends.rpm import RpmBackend, rpm_command
 from kmodtrim.store import current_generation, generation_numbers
+from modbuild import ModSpec, module_bytes
+from pkgbuild import build_deb, build_rpm, init_dpkg_root, init_rpm_root
 
 REPO = Path(__file__).resolve().parent.parent
 OBSERVED = REPO / "examples/observed-bookworm-qemu-virtio.txt"
