@@ -21,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -217,11 +218,16 @@ def _transition(
         owners: dict[str, str | None] = {}
         if backend is not None and getattr(backend, "name", "none") != "none":
             owners = backend.owners(root, stash_paths)
-        for i, item in enumerate(to_stash, 1):
-            new_entries.append(stash.put(item.path, kind=item.kind, module=item.module,
-                                         kernel=item.kernel, package=owners.get(item.path)))
-            fault_point("stash", i)
-            _notify(options.progress, "stash", i, len(to_stash))
+        def put(item: ToStash) -> StashedFile:
+            return stash.put(item.path, kind=item.kind, module=item.module,
+                             kernel=item.kernel, package=owners.get(item.path))
+
+        # Hashing and compressing release the GIL: copy on every CPU, record in order.
+        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
+            for i, entry in enumerate(pool.map(put, to_stash), 1):
+                new_entries.append(entry)
+                fault_point("stash", i)
+                _notify(options.progress, "stash", i, len(to_stash))
         os.sync()  # every copy is durable before any original goes
         journal["stashed_entries"] = [e.__dict__ for e in new_entries]
         write_journal(root, journal)
@@ -235,7 +241,8 @@ def _transition(
             stash.restore(entry)
             fault_point("restore", i)
             _notify(options.progress, "restore", i, len(to_restore))
-        os.sync()
+        if to_restore:
+            os.sync()
         fault_point("after-restore")
         journal["phase"] = "regenerating"
         write_journal(root, journal)

@@ -534,9 +534,15 @@ def build_index(
     for item in stashed:
         key = "stash:" + item.relpath
         hit = cached.get(key)
+        before = cached.get(item.relpath)
         if hit is not None and hit[0] == item.size and hit[2] == item.sha256:  # type: ignore[comparison-overlap]
             info = _tuple_to_info(hit[3])
             fresh[key] = hit
+        elif before is not None and before[0] == item.size:
+            # Trimmed since the last index: the plan that trimmed it had just validated this
+            # entry against the file, so its modinfo carries over to the stashed copy.
+            info = _tuple_to_info(before[3])
+            fresh[key] = (item.size, 0, item.sha256, before[3])  # type: ignore[assignment]
         else:
             try:
                 origin = f"stash:{item.relpath}"

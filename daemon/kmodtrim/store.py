@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,8 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
 
 
 def atomic_write_json(path: Path, doc: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode())
+    # Compact: only then does json use its C encoder (manifests list thousands of files).
+    atomic_write_bytes(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
 
 def read_json(path: Path) -> Any:
@@ -172,7 +173,12 @@ class Generation:
         return sum(f.size for f in self.removed)
 
     def to_json(self) -> dict[str, Any]:
-        doc = asdict(self)
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["removed"] = [dict(entry.__dict__) for entry in self.removed]
+        for key in ("stashed", "restored", "kernels"):
+            doc[key] = list(doc[key])
+        doc["keep_reasons"] = dict(self.keep_reasons)
+        doc["regen"] = dict(self.regen)
         doc["removed_bytes"] = self.removed_bytes
         return doc
 
