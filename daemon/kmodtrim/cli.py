@@ -12,7 +12,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -28,22 +28,21 @@ from .executor import (
     rollback,
 )
 from .operations import (
-    PlanResult,
     Target,
     boot_id,
     explain,
+    explanation_json,
     gather_evidence,
+    generation_summary,
     human_bytes,
     kernel_event,
     load_index,
     load_target_policy,
     make_plan_for,
 )
-from .planner import Plan
 from .policy import LoadedPolicy
 from .store import (
     current_generation,
-    generation_numbers,
     load_generation,
     read_journal,
     read_observations,
@@ -85,6 +84,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         help="index cache directory (default ROOT/var/cache/kmodtrim)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--offline", action="store_true",
+                        help="never ask a running kmodtrimd; work in this process")
     parser.add_argument("--debug", action="store_true", help="debug log and tracebacks")
 
 
@@ -236,69 +237,67 @@ def cmd_index(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     return 1 if index.parse_errors else 0
 
 
-def _print_plan(plan: Plan, out: TextIO, show_all: bool) -> None:
-    total = plan.total_bytes or 1
-    print(f"kernel {plan.kernel} (root {plan.root})", file=out)
-    print(f"  keep   {len(plan.keep):5d} modules  {human_bytes(plan.keep_bytes):>10}", file=out)
-    print(f"  remove {len(plan.remove):5d} modules  {human_bytes(plan.remove_bytes):>10}  "
-          f"({100 * plan.remove_bytes / total:.1f}% of {human_bytes(plan.total_bytes)})",
+def _print_plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> None:
+    """Human output of a plan document (plan.to_json(), local or from the daemon)."""
+    totals = doc["totals"]
+    total = doc["total_bytes"] or 1
+    print(f"kernel {doc['kernel']} (root {doc['root']})", file=out)
+    print(f"  keep   {totals['keep_modules']:5d} modules  {human_bytes(doc['keep_bytes']):>10}",
           file=out)
-    if plan.firmware_remove:
-        print(f"  firmware: remove {len(plan.firmware_remove)} files "
-              f"({human_bytes(plan.firmware_bytes)})", file=out)
+    print(f"  remove {totals['remove_modules']:5d} modules  "
+          f"{human_bytes(doc['remove_bytes']):>10}  "
+          f"({100 * doc['remove_bytes'] / total:.1f}% of {human_bytes(doc['total_bytes'])})",
+          file=out)
+    if doc["firmware_remove"]:
+        print(f"  firmware: remove {totals['firmware_remove_files']} files "
+              f"({human_bytes(totals['firmware_remove_bytes'])})", file=out)
     roots: Counter[str] = Counter()
-    for m in plan.keep:
-        roots[m.reasons[0].kind if m.reasons[0].via is None else "dependency"] += 1
+    for m in doc["keep"]:
+        first = m["reasons"][0]
+        roots[first["kind"] if first["via"] is None else "dependency"] += 1
     print("  kept because: " + ", ".join(f"{k} {n}" for k, n in roots.most_common()), file=out)
-    if plan.unresolved_symbols:
-        print(f"  SYMBOL CHECK FAILED: {len(plan.unresolved_symbols)} unresolved symbols",
+    if doc["unresolved_symbols"]:
+        print(f"  SYMBOL CHECK FAILED: {len(doc['unresolved_symbols'])} unresolved symbols",
               file=out)
     else:
         print("  symbol check: every kept module's symbols resolve "
-              f"(kernel exports: {plan.kernel_exports_source})", file=out)
-    for warning in plan.warnings:
+              f"(kernel exports: {doc['kernel_exports_source']})", file=out)
+    for warning in doc["warnings"]:
         print(f"warning: {warning}", file=out)
-    biggest = sorted(plan.remove, key=lambda m: m.size, reverse=True)
+    biggest = sorted(doc["remove"], key=lambda m: int(m["size"]), reverse=True)
     shown = biggest if show_all else biggest[:TOP_SAVINGS]
     if shown:
         print(f"\n{'biggest savings' if not show_all else 'remove'}:", file=out)
         for r in shown:
-            print(f"  {human_bytes(r.size):>10}  {r.name}", file=out)
+            print(f"  {human_bytes(r['size']):>10}  {r['name']}", file=out)
         if len(biggest) > len(shown):
             print(f"  … and {len(biggest) - len(shown)} more (--all lists them)", file=out)
     if show_all:
         print("\nkeep:", file=out)
-        for k in plan.keep:
-            print(f"  {human_bytes(k.size):>10}  {k.name}: {k.reasons[0].describe()}", file=out)
+        for k in doc["keep"]:
+            print(f"  {human_bytes(k['size']):>10}  {k['name']}: {k['reasons'][0]['text']}",
+                  file=out)
 
 
 def cmd_plan(args: argparse.Namespace, target: Target, out: TextIO) -> int:
-    result = make_plan_for(target)
+    doc = _daemon().plan(_remote_options(args)) if _via_daemon(args) else \
+        make_plan_for(target).plan.to_json()
     if args.json:
-        _dump(result.plan.to_json(), out)
+        _dump(doc, out)
     else:
-        _print_plan(result.plan, out, args.all)
+        _print_plan(doc, out, args.all)
     return 0
 
 
 def cmd_explain(args: argparse.Namespace, target: Target, out: TextIO) -> int:
-    result: PlanResult = make_plan_for(target)
-    explanation = explain(result, args.name)
-    if args.json:
-        _dump({
-            "name": explanation.name,
-            "status": explanation.status,
-            "path": explanation.path,
-            "size": explanation.size,
-            "chains": [
-                [{"module": module, "kind": r.kind, "detail": r.detail, "via": r.via,
-                  "text": r.describe()} for module, r in chain]
-                for chain in explanation.chains
-            ],
-            "policy_rule": explanation.policy_rule,
-        }, out)
+    if _via_daemon(args):
+        doc = _daemon().explain(args.name, _remote_options(args))
     else:
-        print("\n".join(explanation.lines()), file=out)
+        doc = explanation_json(explain(make_plan_for(target), args.name))
+    if args.json:
+        _dump({k: v for k, v in doc.items() if k != "lines"}, out)
+    else:
+        print("\n".join(doc["lines"]), file=out)
     return 0
 
 
@@ -403,6 +402,63 @@ def _print_outcome(outcome: Outcome, args: argparse.Namespace, out: TextIO, root
             print(f"kernel {kernel}: depmod done, initramfs: {state}", file=out)
 
 
+# Verbs that go through kmodtrimd when it runs on the live system, so admin tools and
+# the CLI share one job slot, one lock holder and one log.
+_DAEMON_VERBS = frozenset({"plan", "explain", "history", "apply", "rollback", "restore"})
+_SYSTEM_BUS_SOCKET = Path("/run/dbus/system_bus_socket")
+
+
+def _daemon() -> Any:
+    from .dbus import client
+
+    return client
+
+
+def _via_daemon(args: argparse.Namespace) -> bool:
+    """True when this verb should be a request to a running kmodtrimd: the live root, no
+    option the daemon does not take, and the daemon's name has an owner."""
+    if (args.offline or args.verb not in _DAEMON_VERBS or args.root.resolve() != Path("/")
+            or args.cache_dir or args.symvers or args.no_cache):
+        return False
+    if not (os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or _SYSTEM_BUS_SOCKET.exists()):
+        return False
+    try:
+        return bool(_daemon().daemon_running())
+    except Exception:  # no bus, no dbus-next: run in-process
+        return False
+
+
+def _remote_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "kernel": args.kernel,
+        "observed": [str(p.resolve()) for p in args.observed] or None,
+        "policy": str(args.policy.resolve()) if args.policy else None,
+    }
+
+
+def _remote_progress(args: argparse.Namespace) -> Callable[[str, float], None] | None:
+    if args.json or not sys.stderr.isatty():
+        return None
+
+    def show(phase: str, fraction: float) -> None:
+        print(f"\r  {phase}: {100 * fraction:3.0f}%", end="", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _print_remote_outcome(doc: dict[str, Any], args: argparse.Namespace, out: TextIO) -> None:
+    if args.json:
+        _dump(doc, out)
+        return
+    verb = "would" if doc.get("dry_run") else "did"
+    print(f"{verb} take out {len(doc.get('stash', []))} files and put back "
+          f"{len(doc.get('restore', []))} (kmodtrimd job {doc.get('job')})", file=out)
+    for note in doc.get("notes", []):
+        print(note, file=out)
+    if doc.get("generation") is not None:
+        print(f"generation {doc['generation']}", file=out)
+
+
 def _recover(target: Target) -> None:
     done = recover(target.root)
     if done:
@@ -410,11 +466,25 @@ def _recover(target: Target) -> None:
 
 
 def cmd_apply(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    if _via_daemon(args):
+        doc = _daemon().plan(_remote_options(args))
+        if not args.json:
+            _print_plan(doc, out, False)
+            print(file=out)
+        if not _confirm(args, f"remove {len(doc['remove'])} modules "
+                              f"({human_bytes(doc['remove_bytes'])}) from kernel "
+                              f"{doc['kernel']}?"):
+            print("nothing changed", file=out)
+            return 1
+        opts = {**_remote_options(args), "force": args.force, "dry_run": args.dry_run,
+                "initramfs": args.initramfs, "backend": args.backend}
+        _print_remote_outcome(_daemon().trim(opts, _remote_progress(args)), args, out)
+        return 0
     _recover(target)
     result = make_plan_for(target)
     plan = result.plan
     if not args.json:
-        _print_plan(plan, out, False)
+        _print_plan(plan.to_json(), out, False)
         print(file=out)
     options = _options(args, result.policy)
     if not _confirm(args, f"remove {len(plan.remove)} modules "
@@ -435,12 +505,22 @@ def cmd_rollback(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     if not _confirm(args, f"roll back to generation {which}?"):
         print("nothing changed", file=out)
         return 1
+    if _via_daemon(args):
+        opts = {"dry_run": args.dry_run, "initramfs": args.initramfs, "backend": args.backend}
+        _print_remote_outcome(_daemon().rollback(to, opts, _remote_progress(args)), args, out)
+        return 0
     outcome = rollback(target.root, to, _options(args, None))
     _print_outcome(outcome, args, out, target.root)
     return 0
 
 
 def cmd_restore(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    if _via_daemon(args):
+        opts = {"kernel": args.kernel, "dry_run": args.dry_run, "initramfs": args.initramfs,
+                "backend": args.backend}
+        doc = _daemon().restore(args.names, opts, _remote_progress(args))
+        _print_remote_outcome(doc, args, out)
+        return 0
     _recover(target)
     index, _ = load_index(target)
     outcome = restore_modules(target.root, args.names, index, _options(args, None))
@@ -449,20 +529,16 @@ def cmd_restore(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 
 
 def cmd_history(args: argparse.Namespace, target: Target, out: TextIO) -> int:
-    gens = [load_generation(target.root, n) for n in generation_numbers(target.root)]
-    current = gens[-1].number
+    gens = _daemon().list_generations() if _via_daemon(args) else \
+        generation_summary(target.root)
     if args.json:
-        _dump([{
-            "generation": g.number, "created": g.created, "action": g.action,
-            "description": g.description, "removed_files": len(g.removed),
-            "removed_bytes": g.removed_bytes, "current": g.number == current,
-        } for g in gens], out)
+        _dump(gens, out)
         return 0
     for g in gens:
-        mark = "*" if g.number == current else " "
-        print(f"{mark}{g.number:4d}  {g.created or '-':24}  {g.action:9}  "
-              f"{len(g.removed):5d} files {human_bytes(g.removed_bytes):>10} out  {g.description}",
-              file=out)
+        mark = "*" if g["current"] else " "
+        print(f"{mark}{g['generation']:4d}  {g['created'] or '-':24}  {g['action']:9}  "
+              f"{g['removed_files']:5d} files {human_bytes(g['removed_bytes']):>10} out  "
+              f"{g['description']}", file=out)
     return 0
 
 

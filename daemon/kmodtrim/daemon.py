@@ -44,17 +44,17 @@ from .index import ModuleIndex, default_kernel
 from .names import normalize
 from .observe import read_proc_modules
 from .operations import (
-    Explanation,
     Target,
     boot_id,
     explain,
+    explanation_json,
+    generation_summary,
     load_index,
     make_plan_for,
 )
 from .run import run
 from .store import (
     current_generation,
-    generation_numbers,
     load_generation,
     read_observations,
     record_observation,
@@ -190,35 +190,6 @@ class _NoEvents:
 # Progress goes 0 → 0.1 while planning, 0.1 → 0.9 over the executor's per-file steps,
 # then 1.0. PropertiesChanged is emitted only for steps of at least 1 %.
 _PROGRESS_MIN_STEP = 0.01
-
-
-def explanation_json(e: Explanation) -> dict[str, Any]:
-    """The JSON document of an explanation (the same keys ``kmodtrim explain --json``
-    prints), plus the human-readable ``lines``."""
-    return {
-        "name": e.name,
-        "status": e.status,
-        "path": e.path,
-        "size": e.size,
-        "chains": [
-            [{"module": module, "kind": r.kind, "detail": r.detail, "via": r.via,
-              "text": r.describe()} for module, r in chain]
-            for chain in e.chains
-        ],
-        "policy_rule": e.policy_rule,
-        "lines": e.lines(),
-    }
-
-
-def generation_summary(root: Path) -> list[dict[str, Any]]:
-    """Every generation, oldest first, as ``kmodtrim history --json`` lists them."""
-    gens = [load_generation(root, n) for n in generation_numbers(root)]
-    current = gens[-1].number
-    return [{
-        "generation": g.number, "created": g.created, "action": g.action,
-        "description": g.description, "removed_files": len(g.removed),
-        "removed_bytes": g.removed_bytes, "current": g.number == current,
-    } for g in gens]
 
 
 # ---------------------------------------------------------------------------------------

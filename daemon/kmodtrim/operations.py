@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from .backends.stash import Stash
 from .closure import Reason
@@ -34,7 +35,13 @@ from .observe import (
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
-from .store import current_generation, read_observations, read_supplied
+from .store import (
+    current_generation,
+    generation_numbers,
+    load_generation,
+    read_observations,
+    read_supplied,
+)
 
 
 @dataclass(frozen=True)
@@ -158,6 +165,36 @@ class Explanation:
         if self.policy_rule:
             out.append(f"  last matching policy rule: {self.policy_rule}")
         return out
+
+
+def explanation_json(e: Explanation) -> dict[str, Any]:
+    """The JSON document of an explanation (``kmodtrim explain --json`` and D-Bus
+    ``Explain``), including the human-readable ``lines``."""
+    return {
+        "name": e.name,
+        "status": e.status,
+        "path": e.path,
+        "size": e.size,
+        "chains": [
+            [{"module": module, "kind": r.kind, "detail": r.detail, "via": r.via,
+              "text": r.describe()} for module, r in chain]
+            for chain in e.chains
+        ],
+        "policy_rule": e.policy_rule,
+        "lines": e.lines(),
+    }
+
+
+def generation_summary(root: Path) -> list[dict[str, Any]]:
+    """Every generation, oldest first (``kmodtrim history --json``, D-Bus
+    ``ListGenerations``)."""
+    gens = [load_generation(root, n) for n in generation_numbers(root)]
+    current = gens[-1].number
+    return [{
+        "generation": g.number, "created": g.created, "action": g.action,
+        "description": g.description, "removed_files": len(g.removed),
+        "removed_bytes": g.removed_bytes, "current": g.number == current,
+    } for g in gens]
 
 
 def explain(result: PlanResult, name: str) -> Explanation:
