@@ -24,7 +24,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 
 from kernels import copy_kernel_tree, prepare_kernel  # noqa: E402
-
 from kmodtrim.backends.stash import Stash  # noqa: E402
 from kmodtrim.store import current_generation  # noqa: E402
 

@@ -1,0 +1,113 @@
+"""kmodtrimd's footprint and self-healing latency on a trimmed Debian cloud kernel.
+
+Reports: idle RSS after start-up (target ≤ 40 MB), CPU time used over an idle period
+(target ~0; default 60 s), and the latency from a device uevent for a trimmed driver to
+that driver back in the tree with depmod rerun (target ≤ 2 s). The daemon runs on a
+private dbus-daemon standing in for the system bus.
+
+    .venv/bin/python benchmarks/bench_daemon.py [--idle-seconds 60] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from dbusfixture import running_daemon, start_private_bus  # noqa: E402
+from kernels import copy_kernel_tree, prepare_kernel  # noqa: E402
+
+OBSERVED = REPO / "examples" / "observed-bookworm-qemu-virtio.txt"
+# A virtio input device appearing (virtio_input is not in the recorded VM: trimmed).
+DEVICE_ADD = (b"add@/devices/pci0000:00/0000:00:09.0/virtio5\0ACTION=add\0"
+              b"DEVPATH=/devices/pci0000:00/0000:00:09.0/virtio5\0SUBSYSTEM=virtio\0"
+              b"MODALIAS=virtio:d00000012v00001AF4\0SEQNUM=4242\0")
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _heal_latency(root: Path) -> float:
+    from kmodtrim.daemon import start
+
+    daemon, connection = await start(root, "system", observe=False)
+    try:
+        target = next(root.glob("lib/modules/*/kernel/drivers/virtio/virtio_input.ko"), None)
+        moddir = next(root.glob("lib/modules/*"))
+        assert target is None, "virtio_input must be trimmed first"
+        started = time.perf_counter()
+        daemon.handle_uevent(DEVICE_ADD)
+        path = moddir / "kernel/drivers/virtio/virtio_input.ko"
+        while not (path.exists() and daemon.job is None
+                   and "virtio_input.ko" in (moddir / "modules.dep").read_text()):
+            await asyncio.sleep(0.005)
+            if time.perf_counter() - started > 60:
+                raise RuntimeError("the driver did not come back within 60 s")
+        return time.perf_counter() - started
+    finally:
+        connection.disconnect()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    pristine = prepare_kernel("cloud")
+    with tempfile.TemporaryDirectory(prefix="kmodtrim-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        tree = copy_kernel_tree(pristine, scratch / "root")
+        subprocess.run([sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--initramfs",
+                        "skip", "--root", str(tree.root), "--kernel", tree.kver, "--symvers",
+                        str(tree.symvers), "--observed", str(OBSERVED)],
+                       check=True, capture_output=True)
+        with start_private_bus(scratch / "bus") as bus:
+            with running_daemon(bus, tree.root) as proc:
+                time.sleep(1.0)  # let start-up allocations settle
+                rss = _rss_kib(proc.pid)
+                cpu_before = _cpu_seconds(proc.pid)
+                time.sleep(args.idle_seconds)
+                idle_cpu = _cpu_seconds(proc.pid) - cpu_before
+                rss_after = _rss_kib(proc.pid)
+            os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
+            latency = asyncio.run(_heal_latency(tree.root))
+    figures = {
+        "kernel": tree.kver,
+        "idle_rss_mib": round(rss / 1024, 1),
+        "idle_rss_mib_after_idle": round(rss_after / 1024, 1),
+        "idle_seconds": args.idle_seconds,
+        "idle_cpu_seconds": round(idle_cpu, 3),
+        "device_event_to_restored_driver_seconds": round(latency, 3),
+    }
+    if args.json:
+        print(json.dumps(figures, indent=2))
+    else:
+        print(f"kmodtrimd on a trimmed {tree.kver} root (private system bus)")
+        print(f"  idle RSS               {rss / 1024:6.1f} MiB (after {args.idle_seconds:g} s idle: "
+              f"{rss_after / 1024:.1f} MiB)   (target ≤ 40 MB)")
+        print(f"  CPU over {args.idle_seconds:g} s idle    {idle_cpu:6.2f} s   (target ~0)")
+        print(f"  device event → driver back with depmod  {latency:5.2f} s   (target ≤ 2 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
