@@ -102,8 +102,8 @@ def main() -> int:
         print(json.dumps(figures, indent=2))
     else:
         print(f"kmodtrimd on a trimmed {tree.kver} root (private system bus)")
-        print(f"  idle RSS               {rss / 1024:6.1f} MiB (after {args.idle_seconds:g} s idle: "
-              f"{rss_after / 1024:.1f} MiB)   (target ≤ 40 MB)")
+        print(f"  idle RSS               {rss / 1024:6.1f} MiB (after "
+              f"{args.idle_seconds:g} s idle: {rss_after / 1024:.1f} MiB)   (target ≤ 40 MB)")
         print(f"  CPU over {args.idle_seconds:g} s idle    {idle_cpu:6.2f} s   (target ~0)")
         print(f"  device event → driver back with depmod  {latency:5.2f} s   (target ≤ 2 s)")
     return 0
