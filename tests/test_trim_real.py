@@ -201,3 +201,28 @@ def test_failing_initramfs_generation_undoes_the_trim(tmp_path: Path) -> None:
     assert (root / f"boot/initrd.img-{KVER}").read_bytes() == b"old image"
     assert generation_numbers(root) == [0]
     assert "unused.ko" in (root / f"lib/modules/{KVER}/modules.dep").read_text()
+
+
+@pytest.mark.kernel
+def test_crash_after_the_initramfs_swap_puts_the_old_image_back(
+    cloud_kernel: KernelTree, tmp_path: Path
+) -> None:
+    from kmodtrim.executor import recover
+
+    tree = copy_kernel_tree(cloud_kernel, tmp_path / "root")
+    image = tree.root / f"boot/initramfs-{tree.kver}.img"
+    image.parent.mkdir(exist_ok=True)
+    image.write_bytes(b"the image that booted")
+    before = _hashes(tree.moddir)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--root", str(tree.root),
+         "--kernel", tree.kver, "--symvers", str(tree.symvers), "--observed", str(OBSERVED),
+         "--initramfs", "dracut"],
+        capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL,
+        env={**os.environ, "KMODTRIM_FAULT": "after-initramfs"})
+    assert proc.returncode == -9, proc.stderr
+    assert image.read_bytes() != b"the image that booted"  # dracut's new image was in place
+    assert recover(tree.root) is not None
+    assert image.read_bytes() == b"the image that booted"
+    assert _hashes(tree.moddir) == before
+    assert generation_numbers(tree.root) == [0]

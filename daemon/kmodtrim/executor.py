@@ -17,6 +17,7 @@ the process with SIGKILL at that step boundary; the tests use it to prove recove
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import time
@@ -128,8 +129,17 @@ def _write_exclusions(backend: Any, root: Path, paths: Iterable[str]) -> None:
 # Regeneration (depmod + initramfs)
 
 
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def _regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]],
-                method: str) -> dict[str, Any]:
+                method: str, journal: dict[str, Any]) -> dict[str, Any]:
+    """depmod, then the initramfs, for each kernel. Before an image can be swapped, the
+    journal records its current hash, so recovery can tell whether the swap happened."""
     from . import regen
 
     results: dict[str, Any] = {}
@@ -138,8 +148,14 @@ def _regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]
         regen.run_depmod(root, kernel)
         entry: dict[str, Any] = {"depmod_seconds": round(time.perf_counter() - started, 3)}
         fault_point("after-depmod")
-        if method != "skip":
-            result = regen.regenerate_initramfs(root, kernel, required.get(kernel, set()), method)  # type: ignore[arg-type]
+        detected = regen.detect_initramfs_method(root, kernel) if method == "auto" else method
+        if detected != "skip":
+            image = regen.initramfs_path(root, kernel, detected)
+            journal.setdefault("initramfs_pending", {})[kernel] = {
+                "image": str(image), "sha256": _file_sha256(image)}
+            write_journal(root, journal)
+            result = regen.regenerate_initramfs(
+                root, kernel, required.get(kernel, set()), method)  # type: ignore[arg-type]
             entry["initramfs"] = {
                 "method": result.method,
                 "image": str(result.image) if result.image else None,
@@ -152,18 +168,28 @@ def _regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]
     return results
 
 
-def _restore_initramfs(root: Path, regen_results: dict[str, Any]) -> None:
+def _restore_initramfs(root: Path, journal: dict[str, Any]) -> None:
+    """Undo any initramfs swap an interrupted or failed transition made: the image goes
+    back to the bytes the journal recorded (or away, if there was none)."""
     from . import regen
 
-    for kernel, entry in regen_results.items():
-        info = entry.get("initramfs") or {}
-        if info.get("previous") and info.get("image"):
-            result = regen.InitramfsResult(
-                method=info["method"], image=Path(info["image"]),
-                previous=Path(info["previous"]), modules=frozenset(), seconds=0.0,
-                skipped_reason=None,
+    for kernel, pending in (journal.get("initramfs_pending") or {}).items():
+        image = Path(pending["image"])
+        before = pending.get("sha256")
+        if _file_sha256(image) == before:
+            continue  # never swapped
+        previous = regen.previous_path(image)
+        if before is not None and _file_sha256(previous) != before:
+            raise StashError(
+                f"cannot restore the initramfs of {kernel}: {previous} is not the image "
+                "it replaced",
+                hint=f"regenerate it (update-initramfs -u -k {kernel} or dracut --force)",
             )
-            regen.restore_previous_initramfs(root, kernel, result)
+        result = regen.InitramfsResult(
+            method="", image=image, previous=previous if before is not None else None,
+            modules=frozenset(), seconds=0.0, skipped_reason=None,
+        )
+        regen.restore_previous_initramfs(root, kernel, result)
 
 
 # ---------------------------------------------------------------------------------------
@@ -248,7 +274,8 @@ def _transition(
         write_journal(root, journal)
         regen_results: dict[str, Any] = {}
         try:
-            regen_results = _regenerate(root, kernels, required or {}, options.initramfs)
+            regen_results = _regenerate(root, kernels, required or {}, options.initramfs,
+                                        journal)
         except BaseException:
             journal["regen"] = regen_results
             raise
@@ -311,7 +338,7 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     os.sync()
     backend = _backend(root, journal.get("backend", "auto"))
     _write_exclusions(backend, root, current_paths)
-    _restore_initramfs(root, journal.get("regen") or {})
+    _restore_initramfs(root, journal)
     from . import regen
 
     for kernel in journal.get("kernels", []):
