@@ -228,3 +228,30 @@ def test_unprivileged_process_cannot_own_the_name(private_bus: PrivateBus) -> No
     assert "cannot own org.kmodtrim.KmodTrim1" in proc.stderr
     assert "AccessDenied" in proc.stderr or "not allowed" in proc.stderr
 
+
+
+def test_auto_mode_trims_once_the_minimum_observation_is_met(
+    private_bus: PrivateBus, root: Path
+) -> None:
+    (root / "etc/kmodtrim/policy.toml").write_text('mode = "auto"\n' + POLICY)
+
+    async def scenario() -> None:
+        async with _serving(root) as (daemon, _):
+            # Start-up recorded this boot (/proc/modules: core): one boot is the minimum.
+            await _wait_for(lambda: daemon.job is None and daemon.current_generation == 1)
+
+    asyncio.run(scenario())
+    assert _module(root, "core").exists()
+    assert not _module(root, "unused_c").exists() and not _module(root, "nic_x").exists()
+    assert current_generation(root).action == "apply"
+
+
+def test_manual_mode_never_trims_by_itself(private_bus: PrivateBus, root: Path) -> None:
+    async def scenario() -> None:
+        async with _serving(root) as (daemon, _):
+            daemon.handle_uevent(MODULE_ADD)
+            await asyncio.sleep(0.5)
+            assert daemon.job is None
+
+    asyncio.run(scenario())
+    assert current_generation(root).number == 0 and _module(root, "unused_c").exists()

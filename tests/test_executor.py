@@ -220,3 +220,20 @@ def test_crash_during_rollback_loses_nothing(root: Path, observed: Path, step: s
     assert _snapshot(root) in (before, trimmed)
     assert _cli(root, "rollback", "0", "--yes", "--initramfs", "skip").returncode == 0
     assert _snapshot(root) == before
+
+
+@pytest.mark.parametrize("step", ["after-journal", "restore:1", "restore:2", "after-restore",
+                                  "after-depmod", "after-commit", "after-final-exclude"])
+def test_crash_during_restore_loses_nothing(root: Path, observed: Path, step: str) -> None:
+    before = _snapshot(root)
+    _apply(root, observed)
+    trimmed = _snapshot(root)
+    proc = _cli(root, "restore", "unused_e", "--yes", "--initramfs", "skip",
+                env={"KMODTRIM_FAULT": step})
+    assert proc.returncode == -9, proc.stderr
+    recover(root)
+    after = _snapshot(root)
+    restored = {p: v for p, v in before.items() if p.endswith(("unused_e.ko", "unused_d.ko"))}
+    assert after in (trimmed, {**trimmed, **restored})
+    assert _cli(root, "rollback", "0", "--yes", "--initramfs", "skip").returncode == 0
+    assert _snapshot(root) == before

@@ -39,7 +39,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
 from .errors import BusyError, KmodtrimError, StoreError
-from .executor import Options, apply_plan, recover, restore_modules, rollback
+from .executor import (
+    Options,
+    apply_plan,
+    observation_shortfall,
+    recover,
+    restore_modules,
+    rollback,
+)
 from .index import ModuleIndex, default_kernel
 from .names import normalize
 from .observe import read_proc_modules
@@ -52,6 +59,8 @@ from .operations import (
     load_index,
     make_plan_for,
 )
+from .planner import Evidence
+from .policy import load_policy
 from .run import run
 from .store import (
     current_generation,
@@ -485,6 +494,35 @@ class Daemon:
             if self._heal_task is None or self._heal_task.done():
                 self._heal_task = self._spawn(self._heal())
 
+    def _auto_trim_due(self) -> bool:
+        """policy mode = "auto": trim the running (default) kernel once the minimum
+        observation is met, if it has not been trimmed yet."""
+        try:
+            policy = load_policy(self.root)
+            if policy.settings.mode != "auto":
+                return False
+            kernel = default_kernel(self.root)
+            if any(f.kind == "module" and f.kernel == kernel
+                   for f in current_generation(self.root).removed):
+                return False
+            return observation_shortfall(self.root, policy, Evidence()) is None
+        except KmodtrimError as exc:
+            log_event("error", f"auto mode: cannot decide whether to trim: {exc.message}",
+                      error=True)
+            return False
+
+    async def maybe_auto_trim(self) -> None:
+        """Start an automatic trim if it is due (called at start-up and after new
+        observations are recorded: event-driven, never on a timer)."""
+        if self.job is not None or not await asyncio.to_thread(self._auto_trim_due):
+            return
+        try:
+            job, _ = self.trim(Request())
+        except KmodtrimError as exc:
+            log_event("error", f"auto mode: trim not started: {exc.message}", error=True)
+            return
+        log_event("trim", f"auto mode: minimum observation met, trimming (job {job.id})")
+
     async def _flush_observations(self) -> None:
         # A burst of module loads is written once, not once per module.
         while self._pending_modules:
@@ -499,6 +537,7 @@ class Daemon:
         changed = await asyncio.to_thread(self._refresh_state)
         if changed:
             self.events.manager_changed(changed)
+        await self.maybe_auto_trim()
 
     def _stashed_matches(self, modalias: str) -> list[str]:
         assert self._heal_index is not None
@@ -643,6 +682,7 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
     daemon.loading = False
     daemon.loaded.set()
     connection.events.manager_changed({"State": daemon.state})
+    await daemon.maybe_auto_trim()
     return daemon, connection
 
 
