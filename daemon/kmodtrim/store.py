@@ -43,26 +43,49 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def replace_file(
+    path: Path,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    owner: tuple[int, int] | None = None,
+    mtime_ns: int | None = None,
+    durable: bool = True,
+) -> None:
+    """Write ``data`` beside ``path`` and rename it over ``path``: a reader or a crash sees
+    the old file or the new one, never a part. ``durable`` fsyncs the file and directory
+    (callers writing thousands of files sync once instead). Raises OSError, leaving no
+    temporary file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".kmodtrim")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        if owner is not None:
+            with contextlib.suppress(PermissionError):
+                os.chown(tmp, *owner)
+        if mtime_ns is not None:
+            os.utime(tmp, ns=(mtime_ns, mtime_ns))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``data`` so a crash leaves either the old or the new file.
+    """Replace ``path`` with ``data`` durably (see replace_file).
 
     Raises StoreError (e.g. disk full) with the old file untouched.
     """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        fsync_dir(path.parent)
+        replace_file(path, data, mode=mode)
     except OSError as exc:
         raise StoreError(
             f"cannot write {path}: {exc.strerror or exc}",

@@ -29,6 +29,7 @@ from ..errors import CommandError, InputError
 from ..run import run
 from .package import (
     PM_ENV,
+    OwnerTable,
     VerifyProblem,
     check_paths,
     is_live,
@@ -125,28 +126,13 @@ class DpkgBackend:
         """The package (as dpkg names it: ``name`` or ``name:arch``) owning each path, or
         None.  Reads ROOT/var/lib/dpkg/info/*.list in one pass; a path not listed under its
         own spelling is looked up under the other usrmerge spelling when ROOT is merged."""
-        wanted: dict[str, str] = {p: p for p in paths}
-        merged = (root / "lib").is_symlink()
-        if merged:
-            for p in paths:
-                alt = other_spelling(p)
-                if alt is not None:
-                    wanted.setdefault(alt, p)
-        result: dict[str, str | None] = dict.fromkeys(paths)
-        exact: set[str] = set()
+        table = OwnerTable(root, paths)
         info = root / ADMIN_DIR / "info"
         for listing in sorted(info.glob("*.list")) if info.is_dir() else []:
             package = listing.name[: -len(".list")]
             for line in listing.read_text(encoding="utf-8", errors="surrogateescape").split("\n"):
-                original = wanted.get(line)
-                if original is None or original in exact:
-                    continue
-                if line == original:
-                    exact.add(original)
-                    result[original] = package
-                elif result[original] is None:
-                    result[original] = package
-        return result
+                table.record(line, package)
+        return table.result
 
     def package_files(self, root: Path, package: str) -> list[str]:
         """Every path (files and directories) dpkg lists for ``package``; raises InputError

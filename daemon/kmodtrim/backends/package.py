@@ -261,3 +261,29 @@ _FLOCK = "hhqqi4x"
 
 def _flock(kind: int) -> bytes:
     return struct.pack(_FLOCK, kind, os.SEEK_SET, 0, 0, 0)
+
+
+class OwnerTable:
+    """Owners of a set of paths, looked up under each path's own spelling and — on a
+    usrmerged root — the other one; a match under the path's own spelling wins."""
+
+    def __init__(self, root: Path, paths: Sequence[str]) -> None:
+        self.queried: dict[str, str] = {p: p for p in paths}
+        if (root / "lib").is_symlink():
+            for p in paths:
+                alt = other_spelling(p)
+                if alt is not None:
+                    self.queried.setdefault(alt, p)
+        self.result: dict[str, str | None] = dict.fromkeys(paths)
+        self._exact: set[str] = set()
+
+    def record(self, path: str, package: str) -> None:
+        """``package`` lists ``path``: credit it to the queried path it spells."""
+        original = self.queried.get(path)
+        if original is None or original in self._exact:
+            return
+        if path == original:
+            self._exact.add(original)
+            self.result[original] = package
+        elif self.result[original] is None:
+            self.result[original] = package

@@ -37,6 +37,7 @@ from ..errors import CommandError, InputError
 from ..run import run
 from .package import (
     PM_ENV,
+    OwnerTable,
     PackageManagerBusy,
     VerifyProblem,
     check_paths,
@@ -155,16 +156,10 @@ class RpmBackend:
         """The installed package (name-version-release.arch) owning each path, or None.
         Two rpm queries: which packages own any of the paths, then those packages' file
         lists.  On a usrmerged root the other spelling of a path counts too."""
-        result: dict[str, str | None] = dict.fromkeys(paths)
+        table = OwnerTable(root, paths)
         if not paths:
-            return result
-        merged = (root / "lib").is_symlink()
-        queried = {p: p for p in paths}
-        if merged:
-            for p in paths:
-                alt = other_spelling(p)
-                if alt is not None:
-                    queried.setdefault(alt, p)
+            return table.result
+        queried = table.queried
         candidates: set[str] = set()
         names = sorted(queried)
         for start in range(0, len(names), 2000):
@@ -178,25 +173,17 @@ class RpmBackend:
             # owners print as one NEVRA per line; "file … is not owned …" has spaces
             candidates |= {ln for ln in done.stdout.splitlines() if ln and " " not in ln}
         if not candidates:
-            return result
+            return table.result
         # inside [...] every scalar tag needs "=" to repeat alongside the file array
         nevra = _NEVRA.replace("%{", "%{=")
         listing = run([*rpm_command(root), "-q", "--qf", f"[%{{FILENAMES}}\\t{nevra}\\n]",
                        *sorted(candidates)], env=PM_ENV)
         if listing.stderr.strip():
             raise CommandError(f"rpm -q in {root} failed:\n{listing.stderr.strip()}")
-        exact: set[str] = set()
         for line in listing.stdout.splitlines():
             path, _, package = line.rpartition("\t")
-            original = queried.get(path)
-            if original is None or original in exact:
-                continue
-            if path == original:
-                exact.add(original)
-                result[original] = package
-            elif result[original] is None:
-                result[original] = package
-        return result
+            table.record(path, package)
+        return table.result
 
     def package_files(self, root: Path, package: str) -> list[str]:
         """Every path (files and directories) rpm lists for ``package`` (a name or

@@ -12,11 +12,10 @@ import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from ..errors import StashError
-from ..store import StashedFile, state_dir
+from ..store import StashedFile, replace_file, state_dir
 
 _LEVEL = 1  # ~480 MB/s a core; level 3 saves under 1% more on modules
 
@@ -59,16 +58,8 @@ class Stash:
         blob = self._blob(sha)
         if not blob.exists():
             try:
-                blob.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=blob.parent, prefix=".in-", suffix=".tmp")
-                try:
-                    with os.fdopen(fd, "wb") as f:
-                        f.write(zstandard.ZstdCompressor(level=_LEVEL).compress(data))
-                    os.replace(tmp, blob)
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                compressed = zstandard.ZstdCompressor(level=_LEVEL).compress(data)
+                replace_file(blob, compressed, durable=False)  # the executor syncs once
             except OSError as exc:
                 raise StashError(
                     f"cannot stash {path}: {exc.strerror or exc}",
@@ -104,20 +95,8 @@ class Stash:
             return
         data = self.read(entry)
         try:
-            full.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=full.parent, prefix=f".{full.name}.", suffix=".kmodtrim")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.chmod(tmp, entry.mode)
-                with contextlib.suppress(PermissionError):
-                    os.chown(tmp, entry.uid, entry.gid)
-                os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns))
-                os.replace(tmp, full)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+            replace_file(full, data, mode=entry.mode, owner=(entry.uid, entry.gid),
+                         mtime_ns=entry.mtime_ns, durable=False)
         except OSError as exc:
             raise StashError(
                 f"cannot restore {entry.path}: {exc.strerror or exc}",
