@@ -312,3 +312,41 @@ def test_canceled_trim_changes_nothing(
         assert reply.error_name == "org.freedesktop.DBus.Error.UnknownObject"  # job gone
     assert sorted(p.name for p in cloud_root.moddir.rglob("*.ko")) == before
     assert generation_numbers(cloud_root.root) == [0]
+
+
+def _kmodtrim_cli(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "kmodtrim.cli", *args],
+                          env={**os.environ, **bus.env()}, capture_output=True, text=True,
+                          check=False, stdin=subprocess.DEVNULL)
+
+
+def test_cli_goes_through_the_daemon_and_gets_the_same_answers(
+    daemon_on: PrivateBus, root: Path, observed: Path
+) -> None:
+    common = ["--root", str(root), "--kernel", KVER, "--observed", str(observed), "--json"]
+    via_daemon = _kmodtrim_cli(daemon_on, "plan", *common)
+    in_process = _kmodtrim_cli(daemon_on, "plan", *common, "--offline")
+    assert via_daemon.returncode == 0 and in_process.returncode == 0, via_daemon.stderr
+    assert json.loads(via_daemon.stdout) == json.loads(in_process.stdout)
+
+    explained = [_kmodtrim_cli(daemon_on, "explain", "core", *common, *extra)
+                 for extra in ((), ("--offline",))]
+    assert explained[0].stdout == explained[1].stdout
+    assert json.loads(explained[0].stdout)["status"] == "kept"
+
+    applied = _kmodtrim_cli(daemon_on, "apply", "--yes", "--initramfs", "skip", *common)
+    assert applied.returncode == 0, applied.stderr
+    outcome = json.loads(applied.stdout)
+    assert outcome["job"] >= 1 and outcome["generation"] == 1  # a kmodtrimd job did it
+    assert not _module(root, "unused_c").exists()
+
+    history = [_kmodtrim_cli(daemon_on, "history", "--root", str(root), "--json", *extra)
+               for extra in ((), ("--offline",))]
+    assert json.loads(history[0].stdout) == json.loads(history[1].stdout)
+    assert [g["generation"] for g in json.loads(history[0].stdout)] == [0, 1]
+
+    # A usage error is the same error (and exit status) both ways.
+    errors = [_kmodtrim_cli(daemon_on, "explain", "no_such", *common, *extra)
+              for extra in ((), ("--offline",))]
+    assert [e.returncode for e in errors] == [2, 2]
+    assert "no_such" in errors[0].stderr and "no_such" in errors[1].stderr

@@ -415,17 +415,22 @@ def _daemon() -> Any:
 
 
 def _via_daemon(args: argparse.Namespace) -> bool:
-    """True when this verb should be a request to a running kmodtrimd: the live root, no
-    option the daemon does not take, and the daemon's name has an owner."""
-    if (args.offline or args.verb not in _DAEMON_VERBS or args.root.resolve() != Path("/")
+    """True when this verb should be a request to a running kmodtrimd: a daemon serves
+    the same root, and no option is given that the daemon does not take."""
+    if (args.offline or args.verb not in _DAEMON_VERBS
             or args.cache_dir or args.symvers or args.no_cache):
         return False
     if not (os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or _SYSTEM_BUS_SOCKET.exists()):
         return False
-    try:
-        return bool(_daemon().daemon_running())
-    except Exception:  # no bus, no dbus-next: run in-process
-        return False
+    cached = getattr(args, "_daemon_root", None)
+    if cached is None:
+        try:
+            client = _daemon()
+            served = client.manager_properties()["Root"] if client.daemon_running() else ""
+        except Exception:  # no bus, no dbus-next, an older daemon: run in-process
+            served = ""
+        args._daemon_root = cached = served
+    return bool(cached) and Path(cached).resolve() == args.root.resolve()
 
 
 def _remote_options(args: argparse.Namespace) -> dict[str, Any]:

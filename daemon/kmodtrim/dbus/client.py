@@ -157,7 +157,7 @@ def show_generation(number: int, *, bus_address: str | None = None) -> dict[str,
 
 
 def manager_properties(*, bus_address: str | None = None) -> dict[str, Any]:
-    """Version, KernelRelease, State, CurrentGeneration, ObservedSince."""
+    """Version, KernelRelease, Root, State, CurrentGeneration, ObservedSince."""
     async def get() -> dict[str, Any]:
         bus = await _connect(bus_address)
         try:

@@ -174,6 +174,11 @@ class ManagerInterface(ServiceInterface):
         return self.daemon.kernel_release
 
     @dbus_readonly_property("s")
+    def Root(self) -> str:
+        """The root this daemon serves ("/" on a live system, else an image root)."""
+        return str(self.daemon.root)
+
+    @dbus_readonly_property("s")
     def State(self) -> str:
         return self.daemon.state
 
