@@ -37,6 +37,9 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
   <type>system</type>
   <auth>EXTERNAL</auth>
   <listen>unix:abstract={abstract}</listen>
+  {extra}
+  <!-- The defaults of the real system bus (system.conf): deny method calls and owning
+       unless a service's own policy allows them. -->
   <policy context="default">
     <allow user="*"/>
     <deny own="*"/>
@@ -61,6 +64,12 @@ CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configurat
 """
 
 
+def bus_config(abstract: str, extra: str = "") -> str:
+    """A dbus-daemon configuration like the real system bus's that includes the project's
+    own bus policy. ``extra`` is more configuration (e.g. a ``<servicedir>``)."""
+    return CONFIG.format(abstract=abstract, extra=extra, policy=BUS_POLICY)
+
+
 @dataclass(frozen=True)
 class PrivateBus:
     address: str
@@ -77,8 +86,7 @@ def start_private_bus(directory: Path) -> Iterator[PrivateBus]:
     """Run a private system-like dbus-daemon (config in ``directory``) while in the block."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "bus.conf"
-    config.write_text(CONFIG.format(abstract=f"kmodtrim-test-{uuid.uuid4().hex}",
-                                    policy=BUS_POLICY))
+    config.write_text(bus_config(f"kmodtrim-test-{uuid.uuid4().hex}"))
     proc = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,

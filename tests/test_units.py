@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from dbusfixture import bus_config
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
 SERVICE = UNITS / "kmodtrimd.service"
@@ -165,33 +167,6 @@ class Bus:
     address: str
 
 
-BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:abstract={abstract}</listen>
-  <auth>EXTERNAL</auth>
-  <servicedir>{servicedir}</servicedir>
-  <!-- The defaults of the real system bus (system.conf): deny method calls and owning
-       unless a service's own policy allows them. -->
-  <policy context="default">
-    <allow user="*"/>
-    <deny own="*"/>
-    <deny send_type="method_call"/>
-    <allow send_type="signal"/>
-    <allow send_requested_reply="true" send_type="method_return"/>
-    <allow send_requested_reply="true" send_type="error"/>
-    <allow receive_type="method_call"/>
-    <allow receive_type="method_return"/>
-    <allow receive_type="error"/>
-    <allow receive_type="signal"/>
-    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
-    <allow send_destination="org.freedesktop.DBus"
-           send_interface="org.freedesktop.DBus.Introspectable"/>
-  </policy>
-  <include>{policy}</include>
-</busconfig>
-"""
 
 # Owns the name as root and answers every method call sent to it with "ok MEMBER", so a
 # test sees whether the bus let a call through (authorisation proper is the daemon's).
@@ -249,8 +224,8 @@ def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     shutil.copy(ACTIVATION, servicedir / ACTIVATION.name)
     config = base / "system.conf"
     # Abstract socket: reachable by the unprivileged test uid without opening up tmp dirs.
-    config.write_text(BUS_CONFIG.format(abstract=f"kmodtrim-test-{os.getpid()}-{id(base)}",
-                                        servicedir=servicedir, policy=BUS_POLICY))
+    config.write_text(bus_config(f"kmodtrim-test-{os.getpid()}-{id(base)}",
+                                 f"<servicedir>{servicedir}</servicedir>"))
     daemon = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--nofork", "--nopidfile",
          "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
