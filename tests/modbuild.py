@@ -448,3 +448,14 @@ def swap_elf_byte_order(data: bytes, *, machine: int | None = None) -> bytes:
 def tools_available() -> list[str]:
     """The build tools missing from PATH (empty when modules can be built)."""
     return [tool for tool in ("gcc", "ld") if shutil.which(tool) is None]
+
+
+def scratch_root(root: Path, kver: str, specs: Iterable[ModSpec], *, policy: str) -> Path:
+    """A root holding a built module tree, ``policy`` as ROOT/etc/kmodtrim/policy.toml and
+    the modules.* files of a real ``depmod`` run: what most kmodtrim tests start from."""
+    build_tree(root, kver, specs)
+    policy_file = root / "etc/kmodtrim/policy.toml"
+    policy_file.parent.mkdir(parents=True, exist_ok=True)
+    policy_file.write_text(policy)
+    subprocess.run(["depmod", "-b", str(root), kver], check=True, capture_output=True)
+    return root

@@ -30,7 +30,7 @@ from kmodtrim.dbus.service import DaemonConnection
 from kmodtrim.executor import Options, apply_plan
 from kmodtrim.operations import Target, make_plan_for
 from kmodtrim.store import current_generation, read_observations, record_observation
-from modbuild import ModSpec, build_tree
+from modbuild import ModSpec, scratch_root
 
 __all__ = ["private_bus"]  # the fixture, re-exported for pytest
 
@@ -59,16 +59,11 @@ UNMATCHED_DEVICE_ADD = DEVICE_ADD.replace(b"ABCD", b"EEEE")
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    build_tree(root, KVER, SPECS)
-    policy = root / "etc/kmodtrim/policy.toml"
-    policy.parent.mkdir(parents=True)
-    policy.write_text(POLICY)
+    root = scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
     (root / "proc/sys/kernel/random").mkdir(parents=True)
     (root / "proc/sys/kernel/random/boot_id").write_text(BOOT_ID + "\n")
     (root / "proc/modules").write_text(
         "core 16384 1 - Live 0x0000000000000000\n")
-    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
     return root
 
 

@@ -32,7 +32,7 @@ from kmodtrim.dbus import BUS_NAME, JOB_INTERFACE, MANAGER_INTERFACE, OBJECT_PAT
 from kmodtrim.dbus.service import JobInterface, ManagerInterface
 from kmodtrim.errors import BusyError, KmodtrimError, NoSuchGenerationError
 from kmodtrim.store import generation_numbers
-from modbuild import ModSpec, build_tree
+from modbuild import ModSpec, scratch_root
 
 __all__ = ["private_bus"]  # the fixture, re-exported for pytest
 
@@ -50,13 +50,7 @@ REGENERATE = "KMODTRIM_REGENERATE_INTROSPECTION"
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    build_tree(root, KVER, SPECS)
-    policy = root / "etc/kmodtrim/policy.toml"
-    policy.parent.mkdir(parents=True)
-    policy.write_text(POLICY)
-    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
-    return root
+    return scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kmodtrim.errors import BusyError, PolicyViolation
 from kmodtrim.executor import FAULT_STEPS, Options, apply_plan, recover
 from kmodtrim.operations import Target, make_plan_for
 from kmodtrim.store import current_generation, generation_numbers, operation_lock
-from modbuild import ModSpec, build_tree
+from modbuild import ModSpec, scratch_root
 
 KVER = "6.1.0-test"
 SPECS = (
@@ -48,8 +48,7 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    root = tmp_path / "root"
-    build_tree(root, KVER, SPECS)
+    root = scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
     (root / f"lib/modules/{KVER}/kernel/drivers/test/unused_d.ko").chmod(0o600)
     fw = root / "lib/firmware/test"
     fw.mkdir(parents=True)
@@ -58,10 +57,6 @@ def root(tmp_path: Path) -> Path:
     (fw / "link.bin").symlink_to("only.bin")
     (fw / "shared.bin").write_bytes(b"also wanted by a kept module")
     (fw / "unrequested-link.bin").symlink_to("fw.bin")
-    policy = root / "etc/kmodtrim/policy.toml"
-    policy.parent.mkdir(parents=True)
-    policy.write_text(POLICY)
-    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
     return root
 
 

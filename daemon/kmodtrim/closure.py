@@ -25,10 +25,6 @@ ReasonKind = Literal[
     "observed", "hardware", "boot-critical", "policy", "loaded",
     "depends", "symbol", "softdep-pre", "softdep-post", "weakdep",
 ]
-ROOT_KINDS: frozenset[str] = frozenset(
-    {"observed", "hardware", "boot-critical", "policy", "loaded"}
-)
-
 
 @dataclass(frozen=True)
 class Reason:

@@ -284,7 +284,7 @@ def _transition(
     except BaseException as exc:
         # Undo synchronously: the same code crash recovery runs.
         _undo(root, journal, current)
-        if isinstance(exc, (StashError, OSError)) and not isinstance(exc, StashError):
+        if isinstance(exc, OSError):
             raise StashError(f"{action} failed and was undone: {exc}") from exc
         raise
     restored = set(restore_paths)
@@ -325,7 +325,7 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
         full = root / item["path"].lstrip("/")
         if os.path.lexists(full):
             continue
-        entry = next((e for e in _entries_for(stash, item["path"], journal)), None)
+        entry = next((e for e in _entries_for(item["path"], journal)), None)
         if entry is None:
             raise StashError(f"cannot undo: no stash copy of {item['path']}")
         stash.restore(entry)
@@ -347,7 +347,7 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     clear_journal(root)
 
 
-def _entries_for(stash: Stash, path: str, journal: dict[str, Any]) -> Iterable[StashedFile]:
+def _entries_for(path: str, journal: dict[str, Any]) -> Iterable[StashedFile]:
     """Stash entries the interrupted transition recorded for ``path`` (written to the
     journal after the copies were synced and before any original was unlinked)."""
     for doc in journal.get("stashed_entries", []):
@@ -476,12 +476,7 @@ def apply_plan(
         }}
         method = options.initramfs if options.initramfs != "auto" else policy.settings.initramfs
         opts = replace(options, initramfs=method)
-        supplied = {o.name: o.source for o in evidence.observed
-                    if not o.source.startswith(("recorded on", "supplied earlier"))}
-        if supplied and not options.dry_run:
-            # Kernels installed later are trimmed with what the admin vouched for now.
-            record_supplied(root, supplied)
-        return _transition(
+        outcome = _transition(
             root, current, to_stash, to_restore,
             action="apply",
             description=f"trim kernel {plan.kernel}: keep {len(plan.keep)}, "
@@ -490,6 +485,12 @@ def apply_plan(
             required=required,
             keep_reasons={m.name: m.reasons[0].describe() for m in plan.keep},
         )
+        supplied = {o.name: o.source for o in evidence.observed
+                    if not o.source.startswith(("recorded on", "supplied earlier"))}
+        if supplied and not options.dry_run:
+            # Kernels installed later are trimmed with what the admin vouched for now.
+            record_supplied(root, supplied)
+        return outcome
 
 
 def rollback(root: Path, to: int | None, options: Options) -> Outcome:

@@ -14,7 +14,6 @@ import lzma
 import marshal
 import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_modul
 from .errors import KernelNotFoundError, ModuleParseError
 from .modprobe import ModprobeConfig, read_modprobe_config
 from .names import MODULE_SUFFIXES, compression_of, module_name_from_path, normalize
+from .store import replace_file
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 _CACHE_FORMAT = 3
@@ -451,19 +451,8 @@ def _load_cache(path: Path, moddir: Path) -> dict[str, tuple[int, int, int, tupl
 
 def _save_cache(path: Path, moddir: Path, entries: _CacheEntries) -> None:
     payload = marshal.dumps((_CACHE_FORMAT, __version__, str(moddir), entries))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".index-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-    except OSError:
-        pass  # a read-only root or full disk only costs speed next time
+    with contextlib.suppress(OSError):  # a read-only root or full disk only costs speed
+        replace_file(path, payload, durable=False)  # a lost cache is rebuilt, not wrong
 
 
 def _tuple_to_info(t: tuple[object, ...]) -> ModuleInfo:

@@ -7,7 +7,6 @@ No semantics live only in a shell: ``kmodtrim plan`` and the D-Bus ``Plan`` meth
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -269,6 +268,3 @@ def human_bytes(n: int) -> str:
         value /= 1024
     return f"{n} B"
 
-
-def observed_names(values: Sequence[ObservedName]) -> list[str]:
-    return [v.name for v in values]
