@@ -158,6 +158,11 @@ def test_failed_job_reports_its_typed_error(daemon_on: PrivateBus, root: Path) -
     ("Restore", "asa{sv}", [["../evil"], {}], "not module names"),
     ("Restore", "asa{sv}", [[], {}], "at least one module"),
     ("Rollback", "ua{sv}", [0, {"kernel": Variant("s", KVER)}], "unknown option 'kernel'"),
+    ("KernelEvent", "ssa{sv}", ["install", KVER, {}], "expected 'add' or 'remove'"),
+    ("KernelEvent", "ssa{sv}", ["add", "../../etc", {}], "not a kernel version"),
+    ("KernelEvent", "ssa{sv}", ["add", "", {}], "not a kernel version"),
+    ("KernelEvent", "ssa{sv}", ["add", KVER, {"dry_run": Variant("b", True)}],
+     "unknown option 'dry_run'"),
 ])
 def test_bad_arguments_are_invalid_args(
     daemon_on: PrivateBus, member: str, signature: str, body: list[Any], fragment: str
@@ -185,6 +190,7 @@ def test_unprivileged_caller_reads_but_cannot_change_anything(
     daemon_on: PrivateBus, root: Path, observed: Path
 ) -> None:
     for args in (["trim", "{}"], ["rollback", "0", "{}"], ["restore", '["core"]', "{}"],
+                 ["kernel_event", '"add"', json.dumps(KVER), "{}"],
                  ["plan", json.dumps({"policy": "/etc/shadow"})]):
         proc = _as_nobody(daemon_on, *args)
         assert proc.returncode == 1, (args, proc.stdout, proc.stderr)

@@ -1,18 +1,28 @@
 """Kernel installs: the real hooks, run with their documented arguments, keep a second
-kernel trimmed on a scratch root; kernel removal forgets its stash."""
+kernel trimmed on a scratch root; kernel removal forgets its stash. Without a daemon the
+hooks run kmodtrim in-process; with kmodtrimd serving the root they hand the kernel to it
+over a real private system bus, and it trims once the package manager's lock is free."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from kmodtrim.store import current_generation
+from dbusfixture import PrivateBus, private_bus, running_daemon
+from kmodtrim.dbus import client
+from kmodtrim.store import current_generation, state_dir
 from modbuild import ModSpec, build_tree
+
+__all__ = ["private_bus"]  # the fixture, re-exported for pytest
 
 REPO = Path(__file__).resolve().parent.parent
 OLD, NEW, NEWER = "6.1.0-1-test", "6.1.0-2-test", "6.1.0-3-test"
@@ -108,3 +118,96 @@ def test_manual_mode_leaves_a_new_kernel_alone_on_a_never_trimmed_machine(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "left as installed" in proc.stdout
     assert _present(root, NEW, "unused")
+
+
+# ---------------------------------------------------------------------------------------
+# With kmodtrimd running: the hooks hand over, the daemon waits for the package manager
+
+
+@contextmanager
+def _dpkg_lock(root: Path) -> Iterator[None]:
+    """Hold dpkg's database lock of ``root`` the way dpkg does while it runs a kernel
+    package's maintainer scripts (and so our hook)."""
+    admin = root / "var/lib/dpkg"
+    admin.mkdir(parents=True, exist_ok=True)
+    (admin / "status").touch()
+    with open(admin / "lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _wait(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def _hook(root: Path, bus: PrivateBus, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(REPO / "units" / argv[0]), *argv[1:]],
+                          env={**_env(root), "DBUS_SYSTEM_BUS_ADDRESS": bus.address},
+                          capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, check=False, timeout=60)
+
+
+def test_hook_hands_the_kernel_to_kmodtrimd_which_trims_after_dpkg_finishes(
+    root: Path, private_bus: PrivateBus
+) -> None:
+    build_tree(root, NEW, SPECS)
+    with running_daemon(private_bus, root):
+        with _dpkg_lock(root):
+            started = time.monotonic()
+            proc = _hook(root, private_bus, "kernel-postinst.d-kmodtrim", NEW)
+            # The hook returns at once: waiting for the daemon would deadlock on dpkg.
+            assert time.monotonic() - started < 15
+            assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+            assert f"kmodtrimd trims kernel {NEW} once the package manager" in proc.stderr
+            assert "warning" not in proc.stderr, proc.stderr
+            props = client.manager_properties()
+            assert props["PendingKernelEvents"] == [f"add {NEW}"]
+            time.sleep(1.5)  # several lock probes: nothing may happen while dpkg runs
+            assert _present(root, NEW, "unused")
+            assert current_generation(root).number == 1
+            assert client.manager_properties()["PendingKernelEvents"] == [f"add {NEW}"]
+        _wait(lambda: client.manager_properties()["PendingKernelEvents"] == []
+              and client.manager_properties()["State"] == "idle", "the kernel event")
+        generation = current_generation(root)
+        assert generation.number == 2 and generation.kernels == (NEW,)
+        assert _present(root, NEW, "nic") and not _present(root, NEW, "unused")
+        assert not (state_dir(root) / "kernel-events.json").exists()
+        # The postrm hook's removal goes the same way and forgets the stash.
+        shutil.rmtree(root / f"lib/modules/{NEW}")
+        proc = _hook(root, private_bus, "kernel-postrm.d-kmodtrim", NEW)
+        assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+        _wait(lambda: current_generation(root).action == "forget", "the removal")
+    assert not any(f.kernel == NEW for f in current_generation(root).removed)
+
+
+def test_queued_kernel_event_survives_a_daemon_restart(
+    root: Path, private_bus: PrivateBus
+) -> None:
+    build_tree(root, NEW, SPECS)
+    queue = state_dir(root) / "kernel-events.json"
+    with _dpkg_lock(root):
+        with running_daemon(private_bus, root):
+            proc = _hook(root, private_bus, "45-kmodtrim.install", "add", NEW,
+                         str(root / "boot/entry"), str(root / f"boot/vmlinuz-{NEW}"))
+            assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+            assert queue.exists()
+        # Stopped (SIGTERM) before dpkg finished: still queued on disk, nothing changed.
+        assert queue.exists() and _present(root, NEW, "unused")
+    with running_daemon(private_bus, root):
+        _wait(lambda: current_generation(root).number == 2, "the resumed kernel event")
+        _wait(lambda: not queue.exists(), "the queue to empty")
+    assert _present(root, NEW, "nic") and not _present(root, NEW, "unused")
+
+
+def test_corrupt_kernel_event_queue_is_set_aside_not_fatal(
+    root: Path, private_bus: PrivateBus
+) -> None:
+    queue = state_dir(root) / "kernel-events.json"
+    queue.write_text('[{"action": "add", "kernel": "../../etc"}]\n')
+    with running_daemon(private_bus, root):
+        assert client.manager_properties()["PendingKernelEvents"] == []
+    assert not queue.exists()
+    assert "../../etc" in queue.with_name("kernel-events.json.corrupt").read_text()

@@ -33,7 +33,7 @@ OBJECT_PATH = "/org/kmodtrim/KmodTrim1"
 MANAGER = "org.kmodtrim.KmodTrim1.Manager"
 JOB = "org.kmodtrim.KmodTrim1.Job"
 READ_ONLY_METHODS = {"Plan", "Explain", "ListGenerations", "ShowGeneration"}
-MUTATING_METHODS = {"Trim", "Rollback", "Restore"}
+MUTATING_METHODS = {"Trim", "Rollback", "Restore", "KernelEvent"}
 NOBODY = 65534
 
 # Measured with systemd 252: 3.0 ("OK"). A change that loosens the sandbox fails here;

@@ -404,7 +404,8 @@ def _print_outcome(outcome: Outcome, args: argparse.Namespace, out: TextIO, root
 
 # Verbs that go through kmodtrimd when it runs on the live system, so admin tools and
 # the CLI share one job slot, one lock holder and one log.
-_DAEMON_VERBS = frozenset({"plan", "explain", "history", "apply", "rollback", "restore"})
+_DAEMON_VERBS = frozenset({"plan", "explain", "history", "apply", "rollback", "restore",
+                           "kernel-event"})
 _SYSTEM_BUS_SOCKET = Path("/run/dbus/system_bus_socket")
 
 
@@ -420,6 +421,8 @@ def _via_daemon(args: argparse.Namespace) -> bool:
     if (args.offline or args.verb not in _DAEMON_VERBS
             or args.cache_dir or args.symvers or args.no_cache):
         return False
+    if args.verb == "kernel-event" and (args.observed or args.policy):
+        return False  # KernelEvent takes neither: the daemon uses what it has
     if not (os.environ.get("DBUS_SYSTEM_BUS_ADDRESS") or _SYSTEM_BUS_SOCKET.exists()):
         return False
     cached = getattr(args, "_daemon_root", None)
@@ -585,7 +588,22 @@ def cmd_status(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 
 def cmd_kernel_event(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     """A kernel was installed or removed. Added kernels are trimmed like the ones before
-    them (or, in auto mode, once observation suffices); removed ones are forgotten."""
+    them (or, in auto mode, once observation suffices); removed ones are forgotten.
+
+    With kmodtrimd serving this root the event is handed to it and this returns at once:
+    the daemon handles it after the package manager's transaction (which is running the
+    hook that called us) has finished. Without a daemon (image builds) it runs here."""
+    if _via_daemon(args):
+        opts = {"initramfs": args.initramfs, "backend": args.backend}
+        pending = _daemon().kernel_event(args.action, args.kver, opts)
+        if args.json:
+            _dump({"queued": True, "action": args.action, "kernel": args.kver,
+                   "pending": pending}, out)
+        else:
+            what = "trims" if args.action == "add" else "forgets the stash of"
+            print(f"kmodtrimd {what} kernel {args.kver} once the package manager has "
+                  f"finished ({pending} kernel event(s) queued)", file=out)
+        return 0
     _recover(target)
     policy = load_target_policy(target)
     outcome = kernel_event(target, args.action, args.kver, _options(args, policy))

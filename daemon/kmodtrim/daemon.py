@@ -4,7 +4,9 @@ A thin shell around the library calls the CLI makes (operations, executor, store
 a job slot (one operation at a time; an identical request joins the running job, others
 get ``Busy``), observation without polling (a ``/proc/modules`` snapshot at start, then the
 kernel's module uevents), self-healing (a device appearing whose driver was trimmed gets
-that driver restored, depmod'ed and loaded), sd_notify and structured journal messages.
+that driver restored, depmod'ed and loaded), kernel installs handed over by the hooks
+(queued, persisted, and run once the package manager's transaction has finished), sd_notify
+and structured journal messages.
 
 Start-up order: claim the bus name, then recover an interrupted operation and snapshot the
 loaded modules, then ``READY=1``. Idle means idle: no timer runs except the watchdog ping
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import __version__
-from .errors import BusyError, KmodtrimError, StoreError
+from .errors import BusyError, InputError, KmodtrimError, StoreError
 from .executor import (
     Options,
     apply_plan,
@@ -56,17 +58,22 @@ from .operations import (
     explain,
     explanation_json,
     generation_summary,
+    kernel_event,
     load_index,
+    load_target_policy,
     make_plan_for,
 )
 from .planner import Evidence
 from .policy import load_policy
 from .run import run
 from .store import (
+    atomic_write_json,
     current_generation,
     load_generation,
+    read_json,
     read_observations,
     record_observation,
+    state_dir,
 )
 from .uevent import parse_uevent
 
@@ -164,7 +171,7 @@ class Job:
     worker thread only reads ``cancel`` and reports progress through the loop."""
 
     id: int
-    type: str  # "trim", "rollback", "restore"
+    type: str  # "trim", "rollback", "restore", "kernel-install"
     key: Hashable  # identical requests have equal keys and join this job
     phase: str = "queued"
     progress: float = 0.0
@@ -200,6 +207,48 @@ class _NoEvents:
 # then 1.0. PropertiesChanged is emitted only for steps of at least 1 %.
 _PROGRESS_MIN_STEP = 0.01
 
+# Kernel events handed over by the hooks wait here (under the state directory) until the
+# package manager's transaction that installed or removed the kernel has finished.
+KERNEL_EVENTS_FILE = "kernel-events.json"
+KERNEL_EVENT_ACTIONS = ("add", "remove")
+# While an event waits for the package manager, its lock is probed this often (seconds).
+_PM_PROBE_INTERVAL = 0.5
+
+
+def check_kernel_version(kernel: str) -> str:
+    """``kernel`` if it can name a directory under lib/modules; raises InputError."""
+    if (not kernel or len(kernel) > 255 or "/" in kernel or kernel in (".", "..")
+            or any(c.isspace() or not c.isprintable() for c in kernel)):
+        raise InputError(f"{kernel!r} is not a kernel version (as in `uname -r`)")
+    return kernel
+
+
+@dataclass(frozen=True)
+class KernelEvent:
+    """A kernel install (``add``) or removal (``remove``) waiting to be handled."""
+
+    action: str
+    kernel: str
+    initramfs: str = "auto"
+    backend: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "kernel": self.kernel,
+                "initramfs": self.initramfs, "backend": self.backend}
+
+    @staticmethod
+    def from_json(doc: Any) -> KernelEvent:
+        """Raises InputError for a document that is not a valid event."""
+        if not isinstance(doc, dict) or doc.get("action") not in KERNEL_EVENT_ACTIONS:
+            raise InputError(f"not a kernel event: {doc!r}")
+        initramfs = doc.get("initramfs", "auto")
+        backend = doc.get("backend")
+        if initramfs not in INITRAMFS_METHODS or (backend is not None
+                                                   and backend not in BACKENDS):
+            raise InputError(f"not a kernel event: {doc!r}")
+        return KernelEvent(doc["action"], check_kernel_version(str(doc.get("kernel", ""))),
+                           initramfs, backend)
+
 
 # ---------------------------------------------------------------------------------------
 # The daemon
@@ -228,6 +277,9 @@ class Daemon:
         self._uevent_socket: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._kernel_events: list[KernelEvent] = []
+        self._kernel_task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     # -- properties ------------------------------------------------------------------
 
@@ -269,6 +321,7 @@ class Daemon:
             # boot would count towards the minimum observation, so record only real ones.
             if names:
                 record_observation(self.root, boot_id(self.root), names)
+        self._kernel_events = self._read_kernel_events()
         self._refresh_state()
         return done
 
@@ -597,6 +650,148 @@ class Daemon:
                       generation=self._generation, module=name, modalias=wanted[name])
             self.events.module_restored(name, wanted[name], self._generation)
 
+    # -- kernel installs ---------------------------------------------------------------
+
+    @property
+    def pending_kernel_events(self) -> list[str]:
+        """Kernel events not handled yet, as "add KVER" / "remove KVER", oldest first."""
+        return [f"{e.action} {e.kernel}" for e in self._kernel_events]
+
+    def _kernel_events_path(self) -> Path:
+        return state_dir(self.root) / KERNEL_EVENTS_FILE
+
+    def _read_kernel_events(self) -> list[KernelEvent]:
+        """The events an earlier run had not handled. A corrupt file is set aside (logged)
+        rather than stopping the daemon."""
+        path = self._kernel_events_path()
+        try:
+            doc = read_json(path)
+            if not isinstance(doc, list):
+                raise InputError("not a list of kernel events")
+            return [KernelEvent.from_json(item) for item in doc]
+        except FileNotFoundError:
+            return []
+        except KmodtrimError as exc:
+            aside = path.with_name(path.name + ".corrupt")
+            with contextlib.suppress(OSError):
+                path.replace(aside)
+            log_event("error", f"{path}: unreadable pending kernel events ({exc.message}); "
+                               f"set aside as {aside.name}; reinstall a kernel's package "
+                               "or run `kmodtrim kernel-event add KVER` to hand it over "
+                               "again", error=True)
+            return []
+
+    def _save_kernel_events(self, events: Sequence[KernelEvent]) -> None:
+        path = self._kernel_events_path()
+        if events:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(path, [e.to_json() for e in events])
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    def kernel_event(self, action: str, kernel: str, request: Request) -> int:
+        """A hook reports that kernel ``kernel`` was installed (``add``) or removed.
+
+        The event is queued (and written to disk before this returns) and handled as a
+        ``kernel-install`` job once no other job runs and the package manager's lock is
+        free: the hooks call from inside the package transaction that installs the
+        kernel, so the trim must wait for it to end, and the caller must not wait for the
+        trim. A later event for the same kernel replaces an earlier one still queued.
+        Returns the number of queued events. Raises InputError for a bad action or
+        version, StoreError/OSError when the queue cannot be written.
+        """
+        if action not in KERNEL_EVENT_ACTIONS:
+            raise InputError(f"kernel event {action!r}: expected 'add' or 'remove'")
+        if request.initramfs not in INITRAMFS_METHODS:
+            raise InputError(f"initramfs method {request.initramfs!r} is not one of "
+                             f"{', '.join(INITRAMFS_METHODS)}")
+        event = KernelEvent(action, check_kernel_version(kernel), request.initramfs,
+                            request.backend)
+        queue = [e for e in self._kernel_events if e.kernel != event.kernel] + [event]
+        self._save_kernel_events(queue)
+        self._kernel_events = queue
+        self.events.manager_changed({"PendingKernelEvents": self.pending_kernel_events})
+        what = "installed" if action == "add" else "removed"
+        log_event("kernel-install", f"kernel {kernel} {what}: queued ({len(queue)} pending)",
+                  kernel=kernel)
+        self._ensure_kernel_worker()
+        return len(queue)
+
+    def resume_kernel_events(self) -> None:
+        """Start handling the events an earlier run left queued (at start-up)."""
+        if self._kernel_events:
+            log_event("kernel-install", "resuming queued kernel events: "
+                                        + ", ".join(self.pending_kernel_events))
+        self._ensure_kernel_worker()
+
+    def _ensure_kernel_worker(self) -> None:
+        if self._kernel_events and (self._kernel_task is None or self._kernel_task.done()):
+            self._kernel_task = self._spawn(self._run_kernel_events())
+
+    def _package_manager_busy(self) -> str | None:
+        """Why the root's package manager is busy (its lock is held), or None."""
+        from .backends.package import PackageManagerBusy, detect_backend
+
+        try:
+            detect_backend(self.root).wait_for_lock(self.root, 0)
+        except PackageManagerBusy as exc:
+            return exc.message
+        return None
+
+    async def _run_kernel_events(self) -> None:
+        """Handle queued kernel events in order, each after the running job and after the
+        package manager's transaction (probed while an event waits; idle otherwise)."""
+        await self.loaded.wait()
+        waiting_logged = False
+        while self._kernel_events and not self._stopping:
+            if self.job is not None:
+                await self.job.finished.wait()
+                continue
+            busy = await asyncio.to_thread(self._package_manager_busy)
+            if busy is not None:
+                if not waiting_logged:
+                    log.info("kernel events wait for the package manager: %s", busy)
+                    sd_notify("STATUS=waiting for the package manager to finish")
+                    waiting_logged = True
+                await asyncio.sleep(_PM_PROBE_INTERVAL)
+                continue
+            waiting_logged = False
+            event = self._kernel_events[0]
+            try:
+                job = self._start_kernel_job(event)
+            except BusyError:
+                continue  # a job started in between: wait for it
+            await job.finished.wait()
+            if job.result == "canceled" and self._stopping:
+                return  # still queued on disk: the next start handles it
+            if self._kernel_events and self._kernel_events[0] is event:
+                self._kernel_events.pop(0)
+                try:
+                    await asyncio.to_thread(self._save_kernel_events,
+                                            list(self._kernel_events))
+                except (OSError, KmodtrimError) as exc:
+                    # Handled events may run again after a restart: they are idempotent.
+                    log_event("error", f"cannot update the kernel event queue: {exc}",
+                              error=True)
+                self.events.manager_changed(
+                    {"PendingKernelEvents": self.pending_kernel_events})
+
+    def _start_kernel_job(self, event: KernelEvent) -> Job:
+        def work(job: Job, report: Callable[[str, int, int], None]) -> dict[str, Any]:
+            recover(self.root)
+            target = Target(root=self.root)
+            backend = event.backend or load_target_policy(target).settings.backend
+            options = Options(initramfs=event.initramfs, backend=backend, progress=report)
+            doc = kernel_event(target, event.action, event.kernel, options).to_json()
+            doc["kernel_event"] = event.to_json()
+            return doc
+
+        job, _ = self.start_job("kernel-install", ("kernel-install", event), work)
+        log_event("kernel-install", f"kernel {event.kernel}: handling '{event.action}' "
+                                    f"(job {job.id})", kernel=event.kernel, job=job.id)
+        return job
+
     # -- the uevent socket -----------------------------------------------------------
 
     def start_uevent_listener(self) -> bool:
@@ -626,6 +821,7 @@ class Daemon:
             self.handle_uevent(payload)
 
     def close(self) -> None:
+        self._stopping = True
         if self._uevent_socket is not None:
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_reader(self._uevent_socket.fileno())
@@ -682,6 +878,7 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
     daemon.loading = False
     daemon.loaded.set()
     connection.events.manager_changed({"State": daemon.state})
+    daemon.resume_kernel_events()
     await daemon.maybe_auto_trim()
     return daemon, connection
 

@@ -251,6 +251,24 @@ def restore(names: Sequence[str], options: Mapping[str, Any],
     return doc
 
 
+def kernel_event(action: str, kernel: str, options: Mapping[str, Any], *,
+                 bus_address: str | None = None) -> int:
+    """Hand a kernel install (``add``) or removal (``remove``) to the daemon, which
+    queues it until the package manager's transaction has finished; returns how many
+    events are queued. Does not wait: the hooks call this from inside that transaction."""
+    async def call() -> int:
+        bus = await _connect(bus_address)
+        try:
+            (pending,) = await _call(bus, "KernelEvent", "ssa{sv}",
+                                     [action, kernel, to_variants(options)])
+            return int(pending)
+        finally:
+            bus.disconnect()
+
+    result: int = _run(call())
+    return result
+
+
 def cancel(job_path: str, *, bus_address: str | None = None) -> None:
     """Ask the daemon to cancel the job at ``job_path`` (e.g. on Ctrl-C in the CLI)."""
     async def call() -> None:
@@ -273,6 +291,7 @@ def _main(argv: Sequence[str]) -> int:
         "show_generation": show_generation, "trim": trim, "rollback": rollback,
         "restore": restore, "daemon_running": daemon_running,
         "manager_properties": manager_properties, "cancel": cancel,
+        "kernel_event": kernel_event,
     }
     if not argv or argv[0] not in helpers:
         print(f"usage: client.py {{{','.join(helpers)}}} [JSON-ARG…]", file=sys.stderr)

@@ -108,6 +108,7 @@ ALLOWED_OPTIONS = {
     "Trim": ("kernel", "observed", "policy", "force", "dry_run", "initramfs", "backend"),
     "Rollback": ("latest", "dry_run", "initramfs", "backend"),
     "Restore": ("kernel", "dry_run", "initramfs", "backend"),
+    "KernelEvent": ("initramfs", "backend"),
 }
 
 
@@ -190,6 +191,11 @@ class ManagerInterface(ServiceInterface):
     def ObservedSince(self) -> int:
         return self.daemon.observed_since
 
+    @dbus_readonly_property("as")
+    def PendingKernelEvents(self) -> list[str]:
+        """Kernel installs/removals handed over and not handled yet ("add 6.1.0-9-amd64")."""
+        return self.daemon.pending_kernel_events
+
     @dbus_method("s", options="a{sv}")
     def Plan(self, options: Any) -> str:
         raise _not_dispatched()
@@ -216,6 +222,10 @@ class ManagerInterface(ServiceInterface):
 
     @dbus_method("uo", names="as", options="a{sv}")
     def Restore(self, names: list[str], options: Any) -> list[Any]:
+        raise _not_dispatched()
+
+    @dbus_method("u", action="s", kernel="s", options="a{sv}")
+    def KernelEvent(self, action: str, kernel: str, options: Any) -> int:
         raise _not_dispatched()
 
     @dbus_signal("uo")
@@ -355,6 +365,7 @@ class Dispatcher:
             "Trim": _Member("a{sv}", "uo", self._trim),
             "Rollback": _Member("ua{sv}", "uo", self._rollback),
             "Restore": _Member("asa{sv}", "uo", self._restore),
+            "KernelEvent": _Member("ssa{sv}", "u", self._kernel_event),
         }
         self.job_members: dict[str, _Member] = {"Cancel": _Member("", "", self._cancel)}
 
@@ -438,6 +449,15 @@ class Dispatcher:
         request, _ = parse_options("Restore", msg.body[1])
         job, _started = self.daemon.restore(names, request)
         return [job.id, job_path(job.id)]
+
+    async def _kernel_event(self, msg: Message) -> list[Any]:
+        # Installing a kernel's trim (or forgetting a removed kernel's stash) is a trim.
+        await authorize(self.bus, msg.sender, ACTION_TRIM)
+        action: str = msg.body[0]
+        kernel: str = msg.body[1]
+        request, _ = parse_options("KernelEvent", msg.body[2])
+        # In the loop's thread: it queues (one small file write) and starts no work here.
+        return [self.daemon.kernel_event(action, kernel, request)]
 
     async def _cancel(self, msg: Message) -> list[Any]:
         iface = self.events.jobs.get(msg.path)
