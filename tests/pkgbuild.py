@@ -48,17 +48,52 @@ def _write_tree(base: Path, files: Mapping[str, bytes]) -> None:
         target.write_bytes(data)
 
 
-def build_deb(out: Path, package: str, version: str, files: Mapping[str, bytes]) -> Path:
-    """A .deb (no maintainer scripts) installing ``files``, built with dpkg-deb."""
+def build_deb(out: Path, package: str, version: str, files: Mapping[str, bytes], *,
+              fields: str = "", control: Mapping[str, bytes] | None = None,
+              modes: Mapping[str, int] | None = None) -> Path:
+    """A .deb (no maintainer scripts) installing ``files``, built with dpkg-deb; ``fields``
+    are extra control lines ("Depends: x\n"), ``control`` extra control files (shlibs, …),
+    ``modes`` file modes other than 0644."""
     tree = out / f"{package}_{version}.tree"
     _write_tree(tree, files)
+    for path, mode in (modes or {}).items():
+        (tree / path.lstrip("/")).chmod(mode)
     (tree / "DEBIAN").mkdir()
     (tree / "DEBIAN/control").write_text(
         f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
-        "Maintainer: Test <test@example.org>\nDescription: kernel-like test package\n")
+        f"Maintainer: Test <test@example.org>\n{fields}"
+        "Description: kernel-like test package\n with a long description\n .\n over lines\n")
+    for name, data in (control or {}).items():
+        (tree / "DEBIAN" / name).write_bytes(data)
+        if name in MAINTAINER_SCRIPTS:
+            (tree / "DEBIAN" / name).chmod(0o755)
     deb = out / f"{package}_{version}_all.deb"
     sh("dpkg-deb", "--root-owner-group", "-Zgzip", "--build", tree, deb)
     return deb
+
+
+MAINTAINER_SCRIPTS = ("preinst", "postinst", "prerm", "postrm")
+
+
+def install_shell(root: Path) -> None:
+    """Put the host's busybox (with the libraries it links) into ``root`` as /bin/sh and
+    /bin/rm, so dpkg can run maintainer scripts there (it chroots into ROOT to run them).
+    Skips the calling test without busybox or ldd."""
+    need("busybox", "ldd")
+    busybox = Path(shutil.which("busybox") or "busybox").resolve()
+    files = [(busybox, "/bin/busybox")]
+    (root / "bin").mkdir(parents=True, exist_ok=True)
+    for applet in ("sh", "rm"):
+        (root / "bin" / applet).symlink_to("busybox")
+    for line in sh("ldd", busybox).stdout.splitlines():
+        words = line.split()
+        lib = words[2] if "=>" in words and len(words) > 2 else words[0]
+        if lib.startswith("/"):
+            files.append((Path(lib), lib))
+    for source, dest in files:
+        target = root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
 
 
 def init_dpkg_root(root: Path) -> Path:

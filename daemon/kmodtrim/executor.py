@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -27,9 +28,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .backends.package import PackageDescription, PackageManagerBusy, is_doc, other_spelling
 from .backends.stash import Stash
 from .closure import Reason, closure_of
-from .errors import PolicyViolation, StashError, UnknownModuleError
+from .errors import InputError, PolicyViolation, StashError, UnknownModuleError
 from .index import MODULE_DIR_BASES, ModuleIndex
 from .names import normalize
 from .observe import filesystem_module_aliases
@@ -37,6 +39,7 @@ from .planner import Evidence, Plan
 from .policy import LoadedPolicy
 from .store import (
     Generation,
+    RemovedPackage,
     StashedFile,
     clear_journal,
     current_generation,
@@ -46,16 +49,23 @@ from .store import (
     read_journal,
     read_observations,
     record_supplied,
+    state_dir,
     write_generation,
     write_journal,
 )
 
 Progress = Callable[[str, int, int], None]
 FAULT_STEPS = (
-    "after-journal", "after-exclude", "stash", "after-stash", "unlink", "after-unlink",
-    "restore", "after-restore", "after-depmod", "after-initramfs", "after-commit",
-    "after-final-exclude",
+    "after-journal", "after-exclude", "stash", "after-stash", "before-package-remove",
+    "after-package-remove", "unlink", "after-unlink", "restore", "after-restore",
+    "before-package-reinstall", "after-package-reinstall", "after-depmod", "after-initramfs",
+    "after-commit", "after-final-exclude",
 )
+# How long a package operation waits for the package manager's lock (apt, dnf or another
+# dpkg/rpm) before the operation fails and is undone; deciding whether a package could be
+# removed waits less, then trims it file by file instead.
+PM_LOCK_TIMEOUT = 300.0
+PM_CHECK_TIMEOUT = 30.0
 
 
 def fault_point(step: str, n: int | None = None) -> None:
@@ -74,6 +84,7 @@ class ToStash:
     kind: str = "module"
     module: str | None = None
     kernel: str | None = None
+    package: str | None = None  # set for a removed package's own files (else: its owner)
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,7 @@ class Options:
     initramfs: str = "auto"  # auto | skip | dracut | update-initramfs | kernel-install
     backend: str = "auto"  # auto | stash | dpkg | rpm
     progress: Progress | None = None
+    remove_packages: bool = True  # a package whose files are all trimmed leaves whole
 
 
 @dataclass(frozen=True)
@@ -95,6 +107,8 @@ class Outcome:
     dry_run: bool
     notes: tuple[str, ...] = ()
     regen: dict[str, Any] = field(default_factory=dict)
+    packages_removed: tuple[str, ...] = ()  # whole packages removed (or, dry, to remove)
+    packages_reinstalled: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +118,8 @@ class Outcome:
             "restore": list(self.restore),
             "notes": list(self.notes),
             "regen": self.regen,
+            "packages_removed": list(self.packages_removed),
+            "packages_reinstalled": list(self.packages_reinstalled),
         }
 
 
@@ -123,6 +139,202 @@ def _write_exclusions(backend: Any, root: Path, paths: Iterable[str]) -> None:
     if backend is None or getattr(backend, "name", "none") == "none":
         return
     backend.write_exclusions(root, set(paths))
+
+
+def _has_backend(backend: Any) -> bool:
+    return backend is not None and getattr(backend, "name", "none") != "none"
+
+
+# ---------------------------------------------------------------------------------------
+# Whole packages: one whose every file is trimmed (documentation aside) leaves through the
+# package manager, and comes back rebuilt from the stash when any of its files is wanted.
+
+
+@dataclass(frozen=True)
+class _PackagePlan:
+    remove: tuple[PackageDescription, ...] = ()
+    reinstall: tuple[RemovedPackage, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+def _spellings(paths: Iterable[str]) -> set[str]:
+    """``paths`` under both usrmerge spellings."""
+    out = set()
+    for path in paths:
+        out.add(path)
+        alt = other_spelling(path)
+        if alt is not None:
+            out.add(alt)
+    return out
+
+
+def _split_listing(root: Path, paths: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A package's listed paths as (directories, other files). A path is a directory when
+    the package lists something under it or it is a real directory in the tree (a listed
+    /lib on a usrmerged root is a directory to the package, a symlink in the tree)."""
+    parents = {path.rsplit("/", 1)[0] for path in paths}
+    dirs, files = [], []
+    for path in paths:
+        full = root / path.lstrip("/")
+        if path in parents or (full.is_dir() and not full.is_symlink()):
+            dirs.append(path)
+        else:
+            files.append(path)
+    return dirs, files
+
+
+def _is_module(path: str) -> bool:
+    return "/modules/" in path and ".ko" in path.rsplit("/", 1)[-1]
+
+
+def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set[str],
+                   owners: dict[str, str | None], *, enabled: bool,
+                   candidates: set[str] | None = None) -> _PackagePlan:
+    """Which packages this transition removes whole and which it reinstalls.
+
+    A removed package comes back when any of its files (documentation aside) is no longer
+    to be out of the tree. An installed package owning a path of ``new_paths`` is removed
+    when every non-directory path it lists is in ``new_paths`` (either usrmerge spelling)
+    or is documentation — a kernel image package owning /boot/vmlinuz never is — and the
+    package manager agrees that removing it removes nothing else. Otherwise its files are
+    trimmed one by one, with a note saying why. ``candidates`` limits removals to those
+    names (a rollback re-removes only what its target had removed).
+    Raises CommandError when the package manager cannot be queried.
+    """
+    if not _has_backend(backend):
+        return _PackagePlan()
+    spelled = _spellings(new_paths)
+    reinstall = tuple(p for p in current.packages
+                      if any(not is_doc(f.path) and f.path not in spelled for f in p.files))
+    if not enabled:
+        return _PackagePlan(reinstall=reinstall)
+    gone = {p.name for p in current.packages}
+    names = {pkg for path, pkg in owners.items() if pkg and path in new_paths} - gone
+    if candidates is not None:
+        names &= candidates
+    notes: list[str] = []
+    whole: list[PackageDescription] = []
+    for name in sorted(names):
+        try:
+            desc = backend.describe_package(root, name)
+        except InputError:
+            continue  # not installed (any more): nothing to remove
+        _dirs, files = _split_listing(root, desc.paths)
+        trimmed = [f for f in files if f in spelled]
+        staying = [f for f in files if f not in spelled and not is_doc(f)]
+        if trimmed and not staying:
+            whole.append(desc)
+        elif trimmed and not any(_is_module(f) for f in staying):
+            notes.append(f"package {name} stays installed: it also owns {staying[0]}"
+                         + (f" and {len(staying) - 1} more file(s)" if len(staying) > 1 else "")
+                         + f"; its {len(trimmed)} trimmed file(s) are excluded one by one")
+    if not whole:
+        return _PackagePlan(reinstall=reinstall, notes=tuple(notes))
+    try:
+        backend.wait_for_lock(root, PM_CHECK_TIMEOUT)
+    except PackageManagerBusy as exc:
+        notes.append(f"{backend.name} is busy ({exc.message}); package(s) "
+                     f"{', '.join(d.name for d in whole)} trimmed file by file instead")
+        return _PackagePlan(reinstall=reinstall, notes=tuple(notes))
+    if backend.removal_refusal(root, [d.name for d in whole]) is not None:
+        accepted = []
+        for desc in whole:
+            refusal = backend.removal_refusal(root, [desc.name])
+            if refusal is None:
+                accepted.append(desc)
+            else:
+                notes.append(f"package {desc.name} stays installed ({backend.name} would not "
+                             f"remove it alone: {refusal}); its files are excluded one by one")
+        if accepted and backend.removal_refusal(root, [d.name for d in accepted]) is not None:
+            notes.append(f"packages {', '.join(d.name for d in accepted)} stay installed "
+                         "(they cannot be removed together); their files are excluded one by one")
+            accepted = []
+        whole = accepted
+    return _PackagePlan(tuple(whole), reinstall, tuple(notes))
+
+
+def _package_items(root: Path, remove: Sequence[PackageDescription], spelled: set[str]
+                   ) -> list[ToStash]:
+    """What else must be stashed before packages leave whole: their files outside the
+    trimmed set (documentation) and their control files."""
+    items = []
+    for desc in remove:
+        _dirs, files = _split_listing(root, desc.paths)
+        for path in files:
+            if path not in spelled and os.path.lexists(root / path.lstrip("/")):
+                items.append(ToStash(path, "package", None, None, desc.name))
+        for name, path in sorted(desc.control.items()):
+            items.append(ToStash(path, "package-control", name, None, desc.name))
+    return items
+
+
+def _capture(root: Path, desc: PackageDescription, backend: Any,
+             entries: dict[str, StashedFile], extra: Sequence[StashedFile]) -> RemovedPackage:
+    """The record a package is rebuilt from: ``entries`` maps every trimmed path (both
+    spellings) to its stash entry, ``extra`` are the entries _package_items stashed."""
+    dirs, files = _split_listing(root, desc.paths)
+    own = {e.path: e for e in extra if e.kind == "package" and e.package == desc.name}
+    recorded, absent = [], []
+    for path in files:
+        entry = own.get(path) or entries.get(path)
+        if entry is None:
+            absent.append(path)
+        else:
+            recorded.append(entry if entry.path == path else replace(entry, path=path))
+    modes = []
+    for path in dirs:
+        try:
+            modes.append((path, os.stat(root / path.lstrip("/")).st_mode & 0o7777))
+        except OSError:
+            modes.append((path, 0o755))
+    return RemovedPackage(
+        name=desc.name, version=desc.version, arch=desc.arch, backend=backend.name,
+        metadata=desc.metadata, files=tuple(recorded),
+        control=tuple(e for e in extra
+                      if e.kind == "package-control" and e.package == desc.name),
+        dirs=tuple(modes), absent=tuple(absent))
+
+
+def _rebuild_dir(root: Path) -> Path:
+    return state_dir(root) / "rebuild"
+
+
+def _rebuild(root: Path, backend: Any, packages: Sequence[RemovedPackage]) -> list[Path]:
+    """Rebuild ``packages`` from the stash into archives under the state directory (so a
+    restore needs no network). Raises StashError (missing blob, disk full), CommandError."""
+    work = _rebuild_dir(root)
+    shutil.rmtree(work, ignore_errors=True)
+    stash = Stash(root)
+    archives = []
+    for number, package in enumerate(packages):
+        base = work / str(number)
+        tree, control = base / "tree", base / "control"
+        try:
+            tree.mkdir(parents=True)
+            control.mkdir()
+            for path, _mode in package.dirs:
+                (tree / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
+            for entry in package.files:
+                stash.restore_to(entry, tree / entry.path.lstrip("/"))
+            for entry in package.control:
+                stash.restore_to(entry, control / (entry.module or "unknown"))
+            for path, mode in sorted(package.dirs, reverse=True):
+                os.chmod(tree / path.lstrip("/"), mode)
+        except OSError as exc:
+            raise StashError(f"cannot rebuild package {package.name}: {exc.strerror or exc}",
+                             hint=f"free space under {state_dir(root)} and try again") from None
+        archives.append(backend.build_archive(package, tree, control, base))
+    return archives
+
+
+def _run_package_op(root: Path, backend: Any, op: Callable[[], None]) -> None:
+    """Run one package-manager command, never while its lock is held by someone else."""
+    backend.wait_for_lock(root, PM_LOCK_TIMEOUT)
+    op()
+
+
+def _gone(state: str) -> bool:
+    return state in ("not-installed", "config-files")
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,16 +425,36 @@ def _transition(
     required: dict[str, set[str]] | None = None,
     rollback_to: int | None = None,
     keep_reasons: dict[str, str] | None = None,
+    remove_packages: bool = False,
+    package_candidates: set[str] | None = None,
 ) -> Outcome:
     stash_paths = tuple(t.path for t in to_stash)
     restore_paths = tuple(e.path for e in to_restore)
-    if options.dry_run or (not to_stash and not to_restore):
-        notes = ("nothing to do",) if not to_stash and not to_restore else ()
-        return Outcome(None, stash_paths, restore_paths, options.dry_run, notes)
+    backend = _backend(root, options.backend)
+    restored = set(restore_paths)
+    new_paths = {f.path for f in current.removed if f.path not in restored} | set(stash_paths)
+    owners: dict[str, str | None] = {f.path: f.package for f in current.removed}
+    if _has_backend(backend) and stash_paths:
+        owners.update(backend.owners(root, stash_paths))
+    packages = _plan_packages(root, backend, current, new_paths, owners,
+                              enabled=remove_packages and options.remove_packages,
+                              candidates=package_candidates)
+    removing = tuple(d.name for d in packages.remove)
+    reinstalling = tuple(p.name for p in packages.reinstall)
+    if options.dry_run or not (to_stash or to_restore or removing or reinstalling):
+        notes = packages.notes
+        if not (to_stash or to_restore or removing or reinstalling):
+            notes = ("nothing to do", *notes)
+        else:
+            notes += tuple(f"would remove package {d.name} {d.version} whole"
+                           for d in packages.remove)
+            notes += tuple(f"would reinstall package {p.name} {p.version} from the stash"
+                           for p in packages.reinstall)
+        return Outcome(None, stash_paths, restore_paths, options.dry_run, notes,
+                       packages_removed=removing, packages_reinstalled=reinstalling)
     kernels = sorted({t.kernel for t in to_stash if t.kernel}
                      | {e.kernel for e in to_restore if e.kernel})
     number = generation_numbers(root)[-1] + 1
-    backend = _backend(root, options.backend)
     stash = Stash(root)
     journal: dict[str, Any] = {
         "action": action,
@@ -232,32 +464,53 @@ def _transition(
         "restore": [e.__dict__ for e in to_restore],
         "kernels": kernels,
         "backend": options.backend,
+        "packages_remove": list(removing),
+        "packages_reinstall": list(reinstalling),
         "phase": "moving",
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     write_journal(root, journal)
     fault_point("after-journal")
+    captured: list[RemovedPackage] = []
     try:
         _write_exclusions(backend, root, {f.path for f in current.removed} | set(stash_paths))
         fault_point("after-exclude")
-        new_entries: list[StashedFile] = []
-        owners: dict[str, str | None] = {}
-        if backend is not None and getattr(backend, "name", "none") != "none":
-            owners = backend.owners(root, stash_paths)
+        spelled = _spellings(new_paths)
+        extra_items = _package_items(root, packages.remove, spelled)
+        items = [*to_stash, *extra_items]
+
         def put(item: ToStash) -> StashedFile:
             return stash.put(item.path, kind=item.kind, module=item.module,
-                             kernel=item.kernel, package=owners.get(item.path))
+                             kernel=item.kernel, package=item.package or owners.get(item.path))
 
         # Hashing and compressing release the GIL: copy on every CPU, record in order.
+        stashed: list[StashedFile] = []
         with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
-            for i, entry in enumerate(pool.map(put, to_stash), 1):
-                new_entries.append(entry)
+            for i, entry in enumerate(pool.map(put, items), 1):
+                stashed.append(entry)
                 fault_point("stash", i)
-                _notify(options.progress, "stash", i, len(to_stash))
+                _notify(options.progress, "stash", i, len(items))
+        new_entries = stashed[:len(to_stash)]
         os.sync()  # every copy is durable before any original goes
         journal["stashed_entries"] = [e.__dict__ for e in new_entries]
+        if packages.remove:
+            by_path: dict[str, StashedFile] = {}
+            for entry in [*current.removed, *new_entries]:
+                if entry.path in new_paths:
+                    for spelling in _spellings([entry.path]):
+                        by_path.setdefault(spelling, entry)
+            captured = [_capture(root, desc, backend, by_path, stashed[len(to_stash):])
+                        for desc in packages.remove]
+            journal["packages_captured"] = [p.to_json() for p in captured]
         write_journal(root, journal)
         fault_point("after-stash")
+        if removing:
+            journal["packages_removing"] = True
+            write_journal(root, journal)
+            fault_point("before-package-remove")
+            _run_package_op(root, backend,
+                            lambda: backend.remove_packages(root, list(removing)))
+            fault_point("after-package-remove")
         for i, item in enumerate(to_stash, 1):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(root / item.path.lstrip("/"))
@@ -270,6 +523,15 @@ def _transition(
         if to_restore:
             os.sync()
         fault_point("after-restore")
+        if reinstalling:
+            # The files staying trimmed stay out of the reinstalled packages.
+            _write_exclusions(backend, root, new_paths)
+            archives = _rebuild(root, backend, packages.reinstall)
+            journal["packages_reinstalling"] = True
+            write_journal(root, journal)
+            fault_point("before-package-reinstall")
+            _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
+            fault_point("after-package-reinstall")
         journal["phase"] = "regenerating"
         write_journal(root, journal)
         regen_results: dict[str, Any] = {}
@@ -287,13 +549,15 @@ def _transition(
         if isinstance(exc, OSError):
             raise StashError(f"{action} failed and was undone: {exc}") from exc
         raise
-    restored = set(restore_paths)
     removed = [f for f in current.removed if f.path not in restored] + new_entries
+    kept_packages = [p for p in current.packages if p.name not in reinstalling]
     generation = Generation(
         number=number,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         action=action,
-        description=description,
+        description=description + "".join(
+            f"; {verb} package{'s' if len(names) > 1 else ''} {', '.join(names)}"
+            for verb, names in (("remove", removing), ("reinstall", reinstalling)) if names),
         removed=tuple(sorted(removed, key=lambda f: f.path)),
         stashed=stash_paths,
         restored=restore_paths,
@@ -301,22 +565,34 @@ def _transition(
         rollback_to=rollback_to,
         keep_reasons=keep_reasons or {},
         regen=regen_results,
+        packages=tuple(sorted([*kept_packages, *captured], key=lambda p: p.name)),
+        packages_removed=removing,
+        packages_reinstalled=reinstalling,
     )
     write_generation(root, generation)  # the commit point
     fault_point("after-commit")
     _finish(root, generation, backend)
-    return Outcome(generation, stash_paths, restore_paths, False, regen=regen_results)
+    tool = getattr(backend, "name", "the package manager")
+    notes = packages.notes + tuple(
+        f"removed package {p.name} {p.version} whole ({tool}); its {len(p.files)} files are "
+        "in the stash and restoring any of them reinstalls it" for p in captured
+    ) + tuple(f"reinstalled package {p.name} {p.version} from the stash"
+              for p in packages.reinstall)
+    return Outcome(generation, stash_paths, restore_paths, False, notes, regen=regen_results,
+                   packages_removed=removing, packages_reinstalled=reinstalling)
 
 
 def _finish(root: Path, generation: Generation, backend: Any) -> None:
     _write_exclusions(backend, root, {f.path for f in generation.removed})
     fault_point("after-final-exclude")
-    Stash(root).collect_garbage({f.sha256 for f in generation.removed})
+    shutil.rmtree(_rebuild_dir(root), ignore_errors=True)
+    Stash(root).collect_garbage(generation.referenced_blobs)
     clear_journal(root)
 
 
 def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
-    """Return the tree to ``current``'s state after an interrupted transition."""
+    """Return the tree (and the package manager) to ``current``'s state after an
+    interrupted transition."""
     stash = Stash(root)
     current_paths = {f.path for f in current.removed}
     # Files the transition took out: put back any that is gone (their blobs were synced
@@ -338,13 +614,47 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     os.sync()
     backend = _backend(root, journal.get("backend", "auto"))
     _write_exclusions(backend, root, current_paths)
+    _undo_packages(root, backend, journal, current)
     _restore_initramfs(root, journal)
     from . import regen
 
     for kernel in journal.get("kernels", []):
         if any((root / base / kernel).is_dir() for base in MODULE_DIR_BASES):
             regen.run_depmod(root, kernel)
+    shutil.rmtree(_rebuild_dir(root), ignore_errors=True)
     clear_journal(root)
+
+
+def _undo_packages(root: Path, backend: Any, journal: dict[str, Any],
+                   current: Generation) -> None:
+    """Packages an interrupted transition was reinstalling go out again; packages it was
+    removing come back, rebuilt from the copies it stashed before the removal started.
+    Whatever state dpkg/rpm was killed in (half-installed, unpacked, …) ends consistent:
+    installed as before, or not installed. With ROOT's exclusions already those of the
+    state being returned to."""
+    if not _has_backend(backend):
+        return
+    if journal.get("packages_reinstalling"):
+        records = {p.name: p for p in current.packages}
+        states = {name: backend.package_state(root, name)
+                  for name in journal.get("packages_reinstall", [])}
+        # dpkg refuses to remove a package it left half-installed: install it whole first.
+        broken = [records[n] for n, state in states.items()
+                  if not _gone(state) and state != "installed" and n in records]
+        if broken:
+            archives = _rebuild(root, backend, broken)
+            _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
+        back = [name for name, state in states.items() if not _gone(state)]
+        if back:
+            _run_package_op(root, backend, lambda: backend.remove_packages(root, back))
+    if journal.get("packages_removing"):
+        captured = {doc["name"]: RemovedPackage.from_json(doc)
+                    for doc in journal.get("packages_captured", [])}
+        gone = [captured[name] for name in journal.get("packages_remove", [])
+                if name in captured and backend.package_state(root, name) != "installed"]
+        if gone:
+            archives = _rebuild(root, backend, gone)
+            _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
 
 
 def _entries_for(path: str, journal: dict[str, Any]) -> Iterable[StashedFile]:
@@ -484,6 +794,7 @@ def apply_plan(
             options=opts,
             required=required,
             keep_reasons={m.name: m.reasons[0].describe() for m in plan.keep},
+            remove_packages=policy.settings.remove_packages,
         )
         supplied = {o.name: o.source for o in evidence.observed
                     if not o.source.startswith(("recorded on", "supplied earlier"))}
@@ -517,6 +828,8 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
             description=f"roll back to generation {to}",
             options=options,
             rollback_to=to,
+            remove_packages=True,
+            package_candidates={p.name for p in target.packages},
         )
 
 
@@ -540,6 +853,10 @@ def forget_kernel(root: Path, kernel: str) -> Outcome:
             action="forget",
             description=f"kernel {kernel} was removed: forget its {len(gone)} stashed files",
             removed=tuple(f for f in current.removed if f.kernel != kernel),
+            # A package removed whole with that kernel's modules goes with it.
+            packages=tuple(p for p in current.packages
+                           if not any(f"/modules/{kernel}/" in f.path for f in p.files)),
+            packages_removed=(), packages_reinstalled=(),
             stashed=(), restored=(), kernels=(kernel,), rollback_to=None,
             keep_reasons={}, regen={},
         )

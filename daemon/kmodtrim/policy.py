@@ -250,6 +250,7 @@ class Policy(BaseModel):
     min_observation: MinObservation = Field(default_factory=MinObservation)
     firmware: Literal["trim", "keep"] = "trim"
     backend: Literal["auto", "stash", "dpkg", "rpm"] = "auto"
+    remove_packages: bool = True
     initramfs: Literal["auto", "skip", "dracut", "update-initramfs", "kernel-install"] = "auto"
     stash_compression: Literal["zstd", "xz", "none"] = "zstd"
 

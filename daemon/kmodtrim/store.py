@@ -175,6 +175,57 @@ class StashedFile:
 
 
 @dataclass(frozen=True)
+class RemovedPackage:
+    """A whole package kmodtrim removed through the package manager, with everything needed
+    to rebuild it offline (dpkg-repack style) and install it again.
+
+    ``files`` are every non-directory path the package owns, as it spells them, each with
+    its stash copy (files already trimmed share the blob of their ``removed`` entry);
+    ``control`` are the package manager's own files for it (dpkg: maintainer scripts,
+    md5sums, … with ``module`` holding the control file's name), also stashed; ``dirs``
+    the directories it lists with their modes; ``absent`` paths it lists that were already
+    missing from the tree for another reason (e.g. documentation a site ``path-exclude``
+    keeps out) and that a rebuilt package therefore lacks; ``metadata`` what the backend
+    needs for the package's header (dpkg: the control paragraph; rpm: header tags)."""
+
+    name: str  # as the package manager names it (dpkg ``name`` or ``name:arch``)
+    version: str
+    arch: str
+    backend: str  # "dpkg" or "rpm"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: tuple[StashedFile, ...] = ()
+    control: tuple[StashedFile, ...] = ()
+    dirs: tuple[tuple[str, int], ...] = ()
+    absent: tuple[str, ...] = ()
+
+    @property
+    def blobs(self) -> set[str]:
+        """The stash blobs a rebuild of this package reads."""
+        return {f.sha256 for f in self.files + self.control if f.link is None}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "arch": self.arch,
+            "backend": self.backend, "metadata": dict(self.metadata),
+            "files": [dict(f.__dict__) for f in self.files],
+            "control": [dict(f.__dict__) for f in self.control],
+            "dirs": [[path, mode] for path, mode in self.dirs],
+            "absent": list(self.absent),
+        }
+
+    @staticmethod
+    def from_json(doc: dict[str, Any]) -> RemovedPackage:
+        return RemovedPackage(
+            name=doc["name"], version=doc["version"], arch=doc["arch"],
+            backend=doc["backend"], metadata=dict(doc.get("metadata", {})),
+            files=tuple(StashedFile.from_json(f) for f in doc.get("files", ())),
+            control=tuple(StashedFile.from_json(f) for f in doc.get("control", ())),
+            dirs=tuple((str(d[0]), int(d[1])) for d in doc.get("dirs", ())),
+            absent=tuple(doc.get("absent", ())),
+        )
+
+
+@dataclass(frozen=True)
 class Generation:
     """One numbered state of the trimmed files. ``removed`` is the whole state (every file
     out of the tree), not only this generation's changes."""
@@ -190,16 +241,31 @@ class Generation:
     rollback_to: int | None = None
     keep_reasons: dict[str, str] = field(default_factory=dict)
     regen: dict[str, Any] = field(default_factory=dict)
+    # Whole packages out of the system (the whole state, like ``removed``), and the
+    # package operations this generation ran.
+    packages: tuple[RemovedPackage, ...] = ()
+    packages_removed: tuple[str, ...] = ()
+    packages_reinstalled: tuple[str, ...] = ()
 
     @property
     def removed_bytes(self) -> int:
         return sum(f.size for f in self.removed)
 
+    @property
+    def referenced_blobs(self) -> set[str]:
+        """Every stash blob this state needs: removed files and removed packages."""
+        blobs = {f.sha256 for f in self.removed}
+        for package in self.packages:
+            blobs |= package.blobs
+        return blobs
+
     def to_json(self) -> dict[str, Any]:
         doc = {f.name: getattr(self, f.name) for f in fields(self)}
         doc["removed"] = [dict(entry.__dict__) for entry in self.removed]
-        for key in ("stashed", "restored", "kernels"):
+        for key in ("stashed", "restored", "kernels", "packages_removed",
+                    "packages_reinstalled"):
             doc[key] = list(doc[key])
+        doc["packages"] = [p.to_json() for p in self.packages]
         doc["keep_reasons"] = dict(self.keep_reasons)
         doc["regen"] = dict(self.regen)
         doc["removed_bytes"] = self.removed_bytes
@@ -210,8 +276,10 @@ class Generation:
         doc = dict(doc)
         doc.pop("removed_bytes", None)
         doc["removed"] = tuple(StashedFile.from_json(f) for f in doc.get("removed", ()))
-        for key in ("stashed", "restored", "kernels"):
+        for key in ("stashed", "restored", "kernels", "packages_removed",
+                    "packages_reinstalled"):
             doc[key] = tuple(doc.get(key, ()))
+        doc["packages"] = tuple(RemovedPackage.from_json(p) for p in doc.get("packages", ()))
         return Generation(**doc)
 
 

@@ -21,15 +21,18 @@ What dpkg does (checked against dpkg 1.21 by tests/test_backend_dpkg.py):
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import CommandError, InputError
 from ..run import run
+from ..store import RemovedPackage
 from .package import (
     PM_ENV,
     OwnerTable,
+    PackageDescription,
     VerifyProblem,
     check_paths,
     is_live,
@@ -102,6 +105,25 @@ def _read_dpkg_cfg(file: Path) -> list[tuple[str, str]]:
     return out
 
 
+# Fields dpkg keeps in its status file but which are not part of a package's control file.
+_STATUS_ONLY = frozenset({"Status", "Conffiles", "Config-Version"})
+
+
+def _paragraph(text: str) -> list[tuple[str, str]]:
+    """A deb822 paragraph as (field name, the field's whole text with its continuation
+    lines and newline), in order."""
+    fields: list[tuple[str, str]] = []
+    for line in text.splitlines(keepends=True):
+        if not line.strip():
+            break
+        if line[0] in " \t" and fields:
+            name, body = fields[-1]
+            fields[-1] = (name, body + line)
+        else:
+            fields.append((line.split(":", 1)[0], line if line.endswith("\n") else line + "\n"))
+    return fields
+
+
 def dpkg_command(root: Path, tool: str = "dpkg") -> list[str]:
     """The argv prefix for running dpkg on ``root`` so that it honours ROOT's path filters
     (see the module docstring for why other roots need them on the command line)."""
@@ -137,13 +159,7 @@ class DpkgBackend:
     def package_files(self, root: Path, package: str) -> list[str]:
         """Every path (files and directories) dpkg lists for ``package``; raises InputError
         when the package is not installed."""
-        info = root / ADMIN_DIR / "info"
-        listing = info / f"{package}.list"
-        if not listing.is_file():
-            candidates = sorted(info.glob(f"{package}:*.list"))
-            if len(candidates) != 1:
-                raise InputError(f"package {package} is not installed (no {listing})")
-            listing = candidates[0]
+        listing = self._list_file(root, package)
         text = listing.read_text(encoding="utf-8", errors="surrogateescape")
         return [line for line in text.split("\n") if line]
 
@@ -215,6 +231,103 @@ class DpkgBackend:
         installed package depends on them, rather than apt's cascade of removals."""
         if packages:
             run([*dpkg_command(root), "--remove", *packages], env=PM_ENV)
+
+    # -- whole-package removal -----------------------------------------------------------
+    #
+    # A package whose every file is trimmed (documentation aside) leaves through
+    # ``dpkg --remove`` rather than apt: apt's resolver would remove whatever depends on
+    # it too, and a cascade is never what a trim means.  dpkg refuses instead, and
+    # ``--no-act`` asks the same question without acting.  Before the removal the executor
+    # stashes every file and control file, so restoring rebuilds the .deb locally
+    # (dpkg-repack style, with dpkg-deb) and installs it with ``dpkg -i``: no network, and
+    # it works after the archive dropped that version.
+
+    def package_state(self, root: Path, package: str) -> str:
+        """dpkg's state word for ``package``: "installed", "not-installed", or one dpkg
+        records for a package it left part-way ("half-installed", "unpacked",
+        "half-configured", "config-files", …).  Raises CommandError when dpkg-query fails."""
+        done = run([*dpkg_command(root, "dpkg-query"), "--show",
+                    "--showformat=${db:Status-Status}", package], env=PM_ENV, check=False)
+        if done.returncode != 0:
+            if "no packages found" in done.stderr:
+                return "not-installed"
+            raise CommandError(f"dpkg-query --show {package} in {root} failed:\n"
+                               f"{done.stderr.strip()}")
+        return done.stdout.strip() or "not-installed"
+
+    def describe_package(self, root: Path, package: str) -> PackageDescription:
+        """What rebuilding ``package`` needs: its control paragraph as dpkg recorded it at
+        install (without the status-only fields), its control files and its file list.
+        Raises InputError when it is not installed, CommandError when dpkg-query fails."""
+        query = dpkg_command(root, "dpkg-query")
+        done = run([*query, "--status", package], env=PM_ENV, check=False)
+        if done.returncode != 0:
+            raise InputError(f"package {package} is not installed in {root}: "
+                             f"{done.stderr.strip()}")
+        fields = _paragraph(done.stdout)
+        control = "".join(text for name, text in fields if name not in _STATUS_ONLY)
+        values = {name: text.split(":", 1)[1].strip() for name, text in fields}
+        names = run([*query, "--control-list", package], env=PM_ENV).stdout.split()
+        info = root / ADMIN_DIR / "info"
+        stem = self._list_file(root, package).name[: -len(".list")]
+        control_files = {name: f"/{ADMIN_DIR}/info/{stem}.{name}" for name in names
+                         if (info / f"{stem}.{name}").is_file()}
+        return PackageDescription(
+            name=package, version=values.get("Version", ""),
+            arch=values.get("Architecture", ""), metadata={"control": control},
+            control=control_files, paths=self.package_files(root, package))
+
+    def removal_refusal(self, root: Path, packages: Sequence[str]) -> str | None:
+        """Why dpkg would not remove ``packages`` (together) without touching anything
+        else — an installed package depends on one of them, one is essential, … — or None
+        when ``dpkg --remove --no-act`` agrees.  Call it with dpkg's lock free."""
+        done = run([*dpkg_command(root), "--no-act", "--remove", *packages],
+                   env=PM_ENV, check=False)
+        if done.returncode == 0:
+            return None
+        # dpkg names each reason on an indented line ("X depends on P."); else its message.
+        details = done.stderr.split("Errors were encountered")[0].splitlines()
+        reasons = [ln.strip().rstrip(".") for ln in details if ln.startswith(" ")
+                   and ln.strip() and "not removing" not in ln]
+        if not reasons:
+            reasons = [ln.removeprefix("dpkg: ").strip() for ln in done.stderr.splitlines()
+                       if ln.strip() and not ln.startswith("Errors were encountered")][:2]
+        return "; ".join(reasons[:4]) or f"dpkg --remove --no-act exited {done.returncode}"
+
+    def build_archive(self, package: RemovedPackage, tree: Path, control: Path,
+                      out_dir: Path) -> Path:
+        """Build ``package`` again as a .deb from ``tree`` (its files, put there from the
+        stash) and ``control`` (its control files by name), with the control paragraph
+        recorded at removal.  Uncompressed: the archive only lives until ``dpkg -i``.
+        Raises CommandError when dpkg-deb refuses."""
+        debian = tree / "DEBIAN"
+        debian.mkdir(parents=True, exist_ok=True)
+        for item in sorted(control.iterdir()) if control.is_dir() else []:
+            item.replace(debian / item.name)
+        (debian / "control").write_text(package.metadata["control"], encoding="utf-8")
+        debian.chmod(0o755)
+        deb = out_dir / f"{package.name.replace(':', '_')}.deb"
+        argv = ["dpkg-deb", "-Znone", "--build", str(tree), str(deb)]
+        if os.geteuid() != 0:
+            argv.insert(1, "--root-owner-group")  # the stash's owners could not be set
+        run(argv, env=PM_ENV)
+        return deb
+
+    def install_archives(self, root: Path, archives: Sequence[Path]) -> None:
+        """``dpkg -i`` the given .debs (ROOT's path-exclude settings apply).  Raises
+        CommandError when dpkg fails."""
+        if archives:
+            run([*dpkg_command(root), "--install", *map(str, archives)], env=PM_ENV)
+
+    def _list_file(self, root: Path, package: str) -> Path:
+        info = root / ADMIN_DIR / "info"
+        listing = info / f"{package}.list"
+        if not listing.is_file():
+            candidates = sorted(info.glob(f"{package}:*.list"))
+            if len(candidates) != 1:
+                raise InputError(f"package {package} is not installed (no {listing})")
+            listing = candidates[0]
+        return listing
 
     def wait_for_lock(self, root: Path, timeout: float) -> None:
         """Return once neither apt/dpkg frontend lock nor dpkg's database lock is held;

@@ -19,10 +19,10 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import CommandError, InputError
-from ..store import atomic_write_bytes, fsync_dir
+from ..store import RemovedPackage, atomic_write_bytes, fsync_dir
 
 # Package managers run with a fixed, system-only PATH: dpkg insists on finding ldconfig and
 # start-stop-daemon, and nothing from /usr/local should stand in for a system tool.
@@ -42,6 +42,33 @@ class VerifyProblem:
 
     path: str
     what: str
+
+
+# Files a package may own besides the trimmed ones and still be removed whole: its
+# documentation, which nothing loads and which comes back with the package.
+DOC_PREFIXES = ("/usr/share/doc/", "/usr/share/man/", "/usr/share/lintian/",
+                "/usr/share/licenses/")
+
+
+def is_doc(path: str) -> bool:
+    """Whether ``path`` is package documentation (see DOC_PREFIXES)."""
+    return path.startswith(DOC_PREFIXES)
+
+
+@dataclass(frozen=True)
+class PackageDescription:
+    """An installed package as its package manager describes it, before a whole removal:
+    ``metadata`` is what rebuilding it needs for the header (backend-specific, JSON-able),
+    ``control`` the package manager's own files for it (name -> in-root path: dpkg's
+    maintainer scripts, md5sums, …), ``paths`` every path it lists (files and
+    directories)."""
+
+    name: str
+    version: str
+    arch: str
+    metadata: dict[str, Any]
+    control: dict[str, str]
+    paths: list[str]
 
 
 class PackageBackend(Protocol):
@@ -65,6 +92,17 @@ class PackageBackend(Protocol):
     def wait_for_lock(self, root: Path, timeout: float) -> None: ...
 
     def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]: ...
+
+    def package_state(self, root: Path, package: str) -> str: ...
+
+    def describe_package(self, root: Path, package: str) -> PackageDescription: ...
+
+    def removal_refusal(self, root: Path, packages: Sequence[str]) -> str | None: ...
+
+    def build_archive(self, package: RemovedPackage, tree: Path, control: Path,
+                      out_dir: Path) -> Path: ...
+
+    def install_archives(self, root: Path, archives: Sequence[Path]) -> None: ...
 
 
 class NoPackageBackend:
@@ -96,6 +134,23 @@ class NoPackageBackend:
 
     def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
         return []
+
+    def package_state(self, root: Path, package: str) -> str:
+        return "not-installed"
+
+    def describe_package(self, root: Path, package: str) -> PackageDescription:
+        raise InputError(f"package {package} is not installed (no package manager)")
+
+    def removal_refusal(self, root: Path, packages: Sequence[str]) -> str | None:
+        return "no package manager"
+
+    def build_archive(self, package: RemovedPackage, tree: Path, control: Path,
+                      out_dir: Path) -> Path:
+        raise CommandError(f"cannot rebuild {package.name}: no package manager")
+
+    def install_archives(self, root: Path, archives: Sequence[Path]) -> None:
+        if archives:
+            raise CommandError("cannot install packages: no package manager")
 
 
 RPM_DB_DIRS = ("usr/lib/sysimage/rpm", "var/lib/rpm")

@@ -35,9 +35,11 @@ from pathlib import Path
 
 from ..errors import CommandError, InputError
 from ..run import run
+from ..store import RemovedPackage
 from .package import (
     PM_ENV,
     OwnerTable,
+    PackageDescription,
     PackageManagerBusy,
     VerifyProblem,
     check_paths,
@@ -298,6 +300,28 @@ class RpmBackend:
         if missing or errors:
             raise CommandError(f"rpm -V in {root} failed:\n" + "\n".join(missing + errors))
         return parse_verify(done.stdout)
+
+    # -- whole-package removal -----------------------------------------------------------
+
+    def package_state(self, root: Path, package: str) -> str:
+        """"installed" or "not-installed" (rpm records no part-way states)."""
+        done = run([*rpm_command(root), "-q", package], env=PM_ENV, check=False)
+        return "installed" if done.returncode == 0 else "not-installed"
+
+    def describe_package(self, root: Path, package: str) -> PackageDescription:
+        raise InputError(f"whole-package removal is not supported with rpm ({package})")
+
+    def removal_refusal(self, root: Path, packages: Sequence[str]) -> str | None:
+        return "whole-package removal is not implemented for rpm"
+
+    def build_archive(self, package: RemovedPackage, tree: Path, control: Path,
+                      out_dir: Path) -> Path:
+        raise CommandError(f"cannot rebuild {package.name}: not implemented for rpm")
+
+    def install_archives(self, root: Path, archives: Sequence[Path]) -> None:
+        """Install the given .rpm files (installed or not: ``rpm -U --replacepkgs``)."""
+        if archives:
+            run([*rpm_command(root), "-U", "--replacepkgs", *map(str, archives)], env=PM_ENV)
 
 
 def _dnf_lock_holder(root: Path) -> int | None:

@@ -89,7 +89,12 @@ class Stash:
     def restore(self, entry: StashedFile) -> None:
         """Put a stashed file back at its path, byte-identical, with its mode, owner and
         mtime. Raises StashError; the blob stays until garbage-collected."""
-        full = self.root / entry.path.lstrip("/")
+        self.restore_to(entry, self.root / entry.path.lstrip("/"))
+
+    def restore_to(self, entry: StashedFile, full: Path) -> None:
+        """Write a stashed file's original bytes (or link) to ``full`` — its own path, or a
+        place where a package is being rebuilt — with its mode, owner and mtime. Raises
+        StashError."""
         if entry.link is not None:
             self._restore_link(entry, full)
             return

@@ -1,0 +1,376 @@
+"""Whole-package removal with the real dpkg: a modules-extra package whose every module is
+unneeded leaves through dpkg, comes back rebuilt from the stash (offline) when one of its
+modules is restored, and a crash at any package step loses nothing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
+from kmodtrim.backends.package import VerifyProblem
+from kmodtrim.executor import _gone, recover
+from kmodtrim.store import current_generation, read_journal
+from modbuild import ModSpec, module_bytes
+from pkgbuild import MAINTAINER_SCRIPTS, build_deb, init_dpkg_root, install_shell, need
+
+KVER = "9.9.9-test"
+MODDIR = f"/lib/modules/{KVER}/kernel/drivers/test"
+IMAGE = f"linux-image-{KVER}"
+EXTRA = f"linux-modules-extra-{KVER}"
+OTHER = f"linux-modules-other-{KVER}"
+USER = "other-user"
+SPECS = {
+    IMAGE: (ModSpec("core", exports=("core_fn",)),
+            ModSpec("nic", imports=("core_fn",), depends=("core",)),
+            ModSpec("unused", exports=("unused_fn",))),
+    EXTRA: (ModSpec("e_one", exports=("e_fn",)),
+            ModSpec("e_two", imports=("e_fn",), depends=("e_one",)),
+            ModSpec("e_three")),
+    OTHER: (ModSpec("o_one"),),
+}
+E_ONE, E_TWO, E_THREE = (f"{MODDIR}/extra/{n}.ko" for n in ("e_one", "e_two", "e_three"))
+EXTRA_DOC = f"/usr/share/doc/{EXTRA}/copyright"
+
+
+def kmodtrim(root: Path, *args: str, fault: str | None = None
+             ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "KMODTRIM_FAULT"}
+    if fault:
+        env["KMODTRIM_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "kmodtrim.cli", *args, "--root", str(root),
+                           "--kernel", KVER, "--offline"], capture_output=True, text=True,
+                          check=False, stdin=subprocess.DEVNULL, env=env)
+
+
+def dpkg(root: Path, *args: str, tool: str = "dpkg") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*dpkg_command(root, tool), *args], capture_output=True, text=True,
+                          check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file and link the packages put under lib/, boot/ and usr/ → (sha256 or link
+    target, mode)."""
+    found = {}
+    for top in ("lib", "boot", "usr"):
+        for path in sorted((root / top).rglob("*")):
+            if path.name.startswith("modules.") or (path.is_dir() and not path.is_symlink()):
+                continue
+            st = path.lstat()
+            content = (os.readlink(path) if path.is_symlink()
+                       else hashlib.sha256(path.read_bytes()).hexdigest())
+            found[str(path.relative_to(root))] = (content, st.st_mode & 0o7777)
+    return found
+
+
+def installed_version(root: Path, package: str) -> str | None:
+    done = dpkg(root, "--show", "--showformat=${db:Status-Abbrev}${Version}", package,
+                tool="dpkg-query")
+    if done.returncode != 0 or not done.stdout.startswith("ii "):
+        return None
+    return done.stdout[3:].strip()
+
+
+def audit(root: Path) -> str:
+    done = dpkg(root, "--audit")
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def present(root: Path, path: str) -> bool:
+    return os.path.lexists(root / path.lstrip("/"))
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    need("dpkg", "dpkg-deb", "depmod")
+    out = tmp_path_factory.mktemp("debs")
+    image = {f"{MODDIR}/{s.name}.ko": module_bytes(s, out) for s in SPECS[IMAGE]}
+    image[f"/boot/vmlinuz-{KVER}"] = b"kernel image\n"
+    image[f"/usr/share/doc/{IMAGE}/copyright"] = b"GPL-2\n"
+    extra = {f"{MODDIR}/extra/{s.name}.ko": module_bytes(s, out) for s in SPECS[EXTRA]}
+    extra[EXTRA_DOC] = b"GPL-2 extra\n"
+    other = {f"{MODDIR}/other/{s.name}.ko": module_bytes(s, out) for s in SPECS[OTHER]}
+    return {
+        IMAGE: build_deb(out, IMAGE, "1.2-3", image),
+        EXTRA: build_deb(out, EXTRA, "1.2-3", extra, fields=f"Depends: {IMAGE} (= 1.2-3)\n",
+                         control={"shlibs": b"libextra 1 extra (>= 1)\n"},
+                         modes={E_THREE: 0o600}),
+        OTHER: build_deb(out, OTHER, "1", other),
+        USER: build_deb(out, USER, "1", {f"/usr/share/{USER}/data": b"x\n"},
+                        fields=f"Depends: {OTHER}\n"),
+    }
+
+
+@pytest.fixture
+def root(tmp_path: Path, debs: dict[str, Path]) -> Path:
+    root = init_dpkg_root(tmp_path / "root")
+    (root / "etc/kmodtrim").mkdir(parents=True)
+    (root / "etc/kmodtrim/policy.toml").write_text(
+        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+    done = dpkg(root, "--install", *map(str, debs.values()))
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
+    (root / "observed").write_text("nic\n")
+    return root
+
+
+def apply(root: Path, fault: str | None = None) -> subprocess.CompletedProcess[str]:
+    return kmodtrim(root, "apply", "--yes", "--observed", str(root / "observed"), fault=fault)
+
+
+def test_extra_package_leaves_whole_and_comes_back_offline(root: Path) -> None:
+    backend = DpkgBackend()
+    before = snapshot(root)
+    proc = apply(root)
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed package {EXTRA} 1.2-3 whole" in proc.stdout
+    # OTHER's modules are all unneeded too, but USER depends on it: excluded file by file.
+    assert f"package {OTHER} stays installed" in proc.stdout
+    assert f"{USER} depends on {OTHER}" in proc.stdout
+    assert installed_version(root, EXTRA) is None
+    assert dpkg(root, "--status", EXTRA, tool="dpkg-query").returncode != 0
+    assert not any(present(root, p) for p in (E_ONE, E_TWO, E_THREE, EXTRA_DOC))
+    assert backend.verify(root, [IMAGE]) == [VerifyProblem(f"{MODDIR}/unused.ko", "missing")]
+    assert backend.verify(root, [OTHER]) == [VerifyProblem(f"{MODDIR}/other/o_one.ko",
+                                                           "missing")]
+    assert audit(root) == ""
+    generation = current_generation(root)
+    assert generation.packages_removed == (EXTRA,)
+    [record] = generation.packages
+    assert (record.name, record.version, record.arch) == (EXTRA, "1.2-3", "all")
+    assert {f.path for f in record.files} == {E_ONE, E_TWO, E_THREE, EXTRA_DOC}
+    assert {c.module for c in record.control} == {"md5sums", "shlibs"}
+    shown = json.loads(kmodtrim(root, "show", str(generation.number), "--json").stdout)
+    assert [p["name"] for p in shown["packages"]] == [EXTRA]
+    assert shown["packages_removed"] == [EXTRA]
+
+    # One module back: the package is rebuilt from the stash (no archive, no network) and
+    # reinstalled with only that module; the others stay excluded.
+    proc = kmodtrim(root, "restore", "e_three", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert f"reinstalled package {EXTRA} 1.2-3" in proc.stdout
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert present(root, E_THREE) and present(root, EXTRA_DOC)
+    assert not present(root, E_ONE) and not present(root, E_TWO)
+    assert backend.verify(root, [EXTRA]) == [VerifyProblem(E_ONE, "missing"),
+                                             VerifyProblem(E_TWO, "missing")]
+    assert current_generation(root).packages == ()
+    restored = snapshot(root)
+    for path in (E_THREE, EXTRA_DOC):
+        assert restored[path.lstrip("/")] == before[path.lstrip("/")]
+    assert dpkg(root, "--control-show", EXTRA, "shlibs", tool="dpkg-query").stdout == (
+        "libextra 1 extra (>= 1)\n")
+    assert audit(root) == ""
+
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert backend.verify(root, [IMAGE, EXTRA, OTHER, USER]) == []
+    assert backend.read_exclusions(root) == set()
+    assert audit(root) == ""
+
+
+def test_rollback_to_zero_reinstalls_a_removed_package(root: Path) -> None:
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    assert installed_version(root, EXTRA) is None
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
+    assert audit(root) == ""
+    # Forward again: rolling back to generation 1 removes it again.
+    proc = kmodtrim(root, "rollback", "1", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert installed_version(root, EXTRA) is None
+    assert current_generation(root).packages_removed == (EXTRA,)
+
+
+def test_policy_can_switch_whole_removal_off(root: Path) -> None:
+    policy = root / "etc/kmodtrim/policy.toml"
+    policy.write_text("remove_packages = false\n" + policy.read_text())
+    proc = apply(root)
+    assert proc.returncode == 0, proc.stderr
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert not present(root, E_ONE) and present(root, EXTRA_DOC)
+    assert {p.path for p in DpkgBackend().verify(root, [EXTRA])} == {E_ONE, E_TWO, E_THREE}
+
+
+@pytest.mark.parametrize("step", ["after-stash", "before-package-remove",
+                                  "after-package-remove", "unlink:1", "after-unlink",
+                                  "after-commit", "after-final-exclude"])
+def test_crash_while_removing_a_package_loses_nothing(root: Path, step: str) -> None:
+    before = snapshot(root)
+    proc = apply(root, fault=step)
+    assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+    assert read_journal(root) is not None
+    assert recover(root) is not None
+    assert audit(root) == ""
+    if current_generation(root).number == 0:
+        assert snapshot(root) == before
+        assert installed_version(root, EXTRA) == "1.2-3"
+        assert DpkgBackend().verify(root, [IMAGE, EXTRA]) == []
+    else:
+        assert installed_version(root, EXTRA) is None
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
+    assert audit(root) == ""
+
+
+@pytest.mark.parametrize("step", ["after-restore", "before-package-reinstall",
+                                  "after-package-reinstall", "after-commit"])
+def test_crash_while_reinstalling_a_package_loses_nothing(root: Path, step: str) -> None:
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    proc = kmodtrim(root, "restore", "e_three", "--yes", fault=step)
+    assert proc.returncode == -9, (step, proc.stdout, proc.stderr)
+    assert recover(root) is not None
+    assert audit(root) == ""
+    if current_generation(root).number == 1:
+        assert snapshot(root) == trimmed
+        assert installed_version(root, EXTRA) is None
+    else:
+        assert installed_version(root, EXTRA) == "1.2-3"
+        assert present(root, E_THREE) and not present(root, E_ONE)
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
+    assert audit(root) == ""
+
+
+# -- dpkg itself killed part-way ---------------------------------------------------------
+# A package with maintainer scripts, in a root with a shell, whose scripts SIGKILL dpkg
+# (their parent) once when /kill-dpkg-in-SCRIPT exists: dpkg leaves the package
+# half-installed or half-configured, as after a power cut.
+
+SCRIPTED = f"linux-modules-scripted-{KVER}"
+S_ONE = f"{MODDIR}/scripted/s_one.ko"
+
+
+def _script(name: str) -> bytes:
+    flag = f"/kill-dpkg-in-{name}"
+    return (f"#!/bin/sh\nif [ -e {flag} ]; then rm -f {flag}; kill -9 $PPID; fi\n"
+            f"echo {name} \"$@\" >> /var/log/scripts\nexit 0\n").encode()
+
+
+@pytest.fixture
+def scripted_root(tmp_path: Path, debs: dict[str, Path]) -> Path:
+    install_shell(tmp_path / "root")
+    out = tmp_path / "debs"
+    out.mkdir()
+    deb = build_deb(out, SCRIPTED, "2", {S_ONE: module_bytes(ModSpec("s_one"), out)},
+                    control={n: _script(n) for n in MAINTAINER_SCRIPTS})
+    root = init_dpkg_root(tmp_path / "root")
+    (root / "etc/kmodtrim").mkdir(parents=True)
+    (root / "etc/kmodtrim/policy.toml").write_text(
+        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+    done = dpkg(root, "--install", str(debs[IMAGE]), str(deb))
+    assert done.returncode == 0, done.stderr
+    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
+    (root / "observed").write_text("nic\n")
+    return root
+
+
+def state(root: Path, package: str) -> str:
+    return DpkgBackend().package_state(root, package)
+
+
+def kill_dpkg_in(root: Path, script: str) -> None:
+    (root / f"kill-dpkg-in-{script}").touch()
+
+
+def test_scripts_run_and_a_removed_package_keeps_only_its_dpkg_record(
+        scripted_root: Path) -> None:
+    root = scripted_root
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    # dpkg --remove (never --purge) keeps a package with a postrm as "config-files".
+    assert state(root, SCRIPTED) == "config-files"
+    assert not present(root, S_ONE)
+    assert "prerm remove" in (root / "var/log/scripts").read_text()
+    assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
+    assert state(root, SCRIPTED) == "installed"
+    assert (root / "var/log/scripts").read_text().splitlines()[-1].startswith("postinst")
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, SCRIPTED]) == []
+    assert audit(root) == ""
+
+
+def test_dpkg_killed_while_removing_is_undone(scripted_root: Path) -> None:
+    root = scripted_root
+    before = snapshot(root)
+    kill_dpkg_in(root, "postrm")
+    proc = apply(root)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "dpkg" in proc.stderr and "Traceback" not in proc.stderr
+    assert state(root, SCRIPTED) == "installed", proc.stderr
+    assert audit(root) == ""
+    assert snapshot(root) == before
+    assert current_generation(root).number == 0 and read_journal(root) is None
+
+
+def test_kmodtrim_and_dpkg_killed_while_removing_recovers(scripted_root: Path) -> None:
+    root = scripted_root
+    before = snapshot(root)
+    assert apply(root, fault="before-package-remove").returncode == -9
+    kill_dpkg_in(root, "postrm")
+    assert dpkg(root, "--remove", SCRIPTED).returncode != 0  # dpkg dies part-way
+    assert state(root, SCRIPTED) == "half-installed"
+    assert recover(root) is not None
+    assert state(root, SCRIPTED) == "installed"
+    assert audit(root) == ""
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, SCRIPTED]) == []
+
+
+@pytest.mark.parametrize("script", ["preinst", "postinst"])
+def test_dpkg_killed_while_reinstalling_is_undone(scripted_root: Path, script: str) -> None:
+    root = scripted_root
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    kill_dpkg_in(root, script)
+    proc = kmodtrim(root, "restore", "s_one", "--yes")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert _gone(state(root, SCRIPTED))
+    assert audit(root) == ""
+    assert snapshot(root) == trimmed
+    assert current_generation(root).number == 1 and read_journal(root) is None
+    assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
+    assert snapshot(root) == before
+    assert audit(root) == ""
+
+
+@pytest.mark.parametrize("script", ["preinst", "postinst"])
+def test_kmodtrim_and_dpkg_killed_while_reinstalling_recovers(scripted_root: Path,
+                                                              script: str) -> None:
+    root = scripted_root
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    assert kmodtrim(root, "restore", "s_one", "--yes",
+                    fault="before-package-reinstall").returncode == -9
+    [archive] = (root / "var/lib/kmodtrim/rebuild").rglob("*.deb")
+    kill_dpkg_in(root, script)
+    assert dpkg(root, "--install", str(archive)).returncode != 0  # dpkg dies part-way
+    assert state(root, SCRIPTED) in ("half-installed", "half-configured")
+    assert recover(root) is not None
+    assert _gone(state(root, SCRIPTED))
+    assert audit(root) == ""
+    assert snapshot(root) == trimmed
+    assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, SCRIPTED]) == []
+    assert audit(root) == ""
