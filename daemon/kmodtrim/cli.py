@@ -560,6 +560,12 @@ def cmd_show(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     print(f"  out of the tree: {len(g.removed)} files, {human_bytes(g.removed_bytes)}", file=out)
     print(f"  this generation took out {len(g.stashed)} and put back {len(g.restored)} files",
           file=out)
+    for verb, names in (("removed", g.packages_removed), ("reinstalled", g.packages_reinstalled)):
+        if names:
+            print(f"  this generation {verb} package(s): {', '.join(names)}", file=out)
+    for p in g.packages:
+        print(f"  package out of the system: {p.name} {p.version} ({len(p.files)} files "
+              "in the stash)", file=out)
     for kernel, entry in g.regen.items():
         print(f"  kernel {kernel}: {json.dumps(entry, sort_keys=True)}", file=out)
     return 0
