@@ -150,6 +150,9 @@ def test_extra_package_leaves_whole_and_comes_back_offline(root: Path) -> None:
     shown = json.loads(kmodtrim(root, "show", str(generation.number), "--json").stdout)
     assert [p["name"] for p in shown["packages"]] == [EXTRA]
     assert shown["packages_removed"] == [EXTRA]
+    shown_text = kmodtrim(root, "show", str(generation.number)).stdout
+    assert f"this generation removed package(s): {EXTRA}" in shown_text
+    assert f"package out of the system: {EXTRA} 1.2-3 (4 files in the stash)" in shown_text
 
     # One module back: the package is rebuilt from the stash (no archive, no network) and
     # reinstalled with only that module; the others stay excluded.
