@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import gc
 import lzma
 import marshal
 import os
 import re
+import struct
+import weakref
+import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 from . import __version__
 from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
@@ -27,12 +31,10 @@ from .names import MODULE_SUFFIXES, compression_of, module_name_from_path, norma
 from .store import replace_file
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
-_CACHE_FORMAT = 3
+_CACHE_FORMAT = 4
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Directories in a module tree that are never module trees themselves.
 _SKIP_DIRS = frozenset({"build", "source"})
-# relpath (or "exports:PATH", "stash:RELPATH") → (size, mtime_ns, inode or sha, payload)
-_CacheEntries = dict[str, tuple[int, int, int, tuple[object, ...]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,39 +252,44 @@ def default_kernel(root: Path) -> str:
 # Reading the tree
 
 
-class _FileStat(NamedTuple):
-    relpath: str
-    size: int
-    mtime_ns: int
-    inode: int
+# relpath → (size, mtime_ns, inode)
+_Stat = tuple[int, int, int]
 
 
-def _walk_modules(moddir: Path) -> list[_FileStat]:
-    found: list[_FileStat] = []
+def _walk_modules(moddir: Path) -> list[tuple[str, _Stat]]:
+    """Every module file under ``moddir`` (relpath, (size, mtime_ns, inode)), sorted by
+    relpath. Directory symlinks are not followed; a symlinked module file is stat'ed
+    through its link; ``build``/``source`` at the top are not module trees."""
+    found: list[tuple[str, _Stat]] = []
     stack = [("", str(moddir))]
     suffixes = MODULE_SUFFIXES
+    skip = _SKIP_DIRS
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
     while stack:
         prefix, directory = stack.pop()
         try:
-            entries = os.scandir(directory)
+            fd = os.open(directory, flags)
         except OSError:
             continue
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if name.endswith(suffixes):
+        try:
+            # Listing a descriptor makes each file's stat relative to it (fstatat): the
+            # kernel resolves one name per file instead of the whole path.
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = entry.name
                     if entry.is_dir(follow_symlinks=False):
-                        stack.append((prefix + name + "/", entry.path))
-                        continue
-                    try:
-                        st = entry.stat()
-                    except OSError:
-                        continue
-                    found.append(_FileStat(prefix + name, st.st_size, st.st_mtime_ns, st.st_ino))
-                elif entry.is_dir(follow_symlinks=False) and not (
-                    prefix == "" and name in _SKIP_DIRS
-                ):
-                    stack.append((prefix + name + "/", entry.path))
+                        if prefix or name not in skip:
+                            stack.append((prefix + name + "/", directory + "/" + name))
+                    elif name.endswith(suffixes):
+                        try:
+                            st = entry.stat()
+                        except OSError:
+                            continue
+                        found.append((prefix + name, (st.st_size, st.st_mtime_ns, st.st_ino)))
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
     found.sort()  # directory order is arbitrary; priorities and providers must not be
     return found
 
@@ -322,14 +329,14 @@ def read_builtins(moddir: Path) -> tuple[frozenset[str], tuple[tuple[str, str], 
 
 def read_kernel_exports(
     root: Path, kernel: str, moddir: Path, symvers: Path | None = None,
-    memo: _CacheEntries | None = None,
+    memo: _ExportsMemo | None = None,
 ) -> tuple[frozenset[str], str] | None:
     """The kernel's (vmlinux) exported symbols from the best source the root has.
 
     Order: an explicit Module.symvers, ``symvers.xz``/``symvers.gz``/``symvers`` in the
     module dir (Fedora), a real ``/boot/System.map-KVER`` (Debian's is a one-line stub),
     ``/usr/src/linux-headers-KVER/Module.symvers`` (Debian headers). None if none exists.
-    ``memo`` (the index cache) remembers parsed files by (size, mtime_ns, inode).
+    ``memo`` (part of the index cache) remembers parsed files by (size, mtime_ns, inode).
     """
     headers = root / "usr" / "src" / f"linux-headers-{kernel}" / "Module.symvers"
     candidates: list[tuple[Path, Callable[[str], list[str]], str]] = []
@@ -346,16 +353,17 @@ def read_kernel_exports(
         except OSError:
             continue
         key = f"exports:{path}"
+        stat = (st.st_size, st.st_mtime_ns, st.st_ino)
         hit = memo.get(key) if memo is not None else None
-        if hit is not None and hit[:3] == (st.st_size, st.st_mtime_ns, st.st_ino):
-            syms = [str(sym) for sym in hit[3]]
+        if hit is not None and hit[0] == stat:
+            syms = hit[1]
         else:
             text = _read_maybe_compressed(path)
-            syms = parser(text) if text is not None else []
+            syms = frozenset(parser(text) if text is not None else ())
             if memo is not None:
-                memo[key] = (st.st_size, st.st_mtime_ns, st.st_ino, tuple(syms))
+                memo[key] = (stat, syms)
         if syms:
-            return frozenset(syms), source
+            return syms, source
     return None
 
 
@@ -411,6 +419,21 @@ def derived_kernel_exports(infos: Iterable[ModuleInfo]) -> frozenset[str]:
 
 # ---------------------------------------------------------------------------------------
 # The cache
+#
+# One file per kernel: a header (magic, format, length and CRC-32 of the head), the head
+# (marshal), then the symbol region. The head is column-oriented, one row per module file:
+#
+#     (version, moddir, files, stash, columns, symtab, exports, derived, region length)
+#
+# ``files`` lists the tree's module files as the walk sees them, [(relpath, (size,
+# mtime_ns, inode))] in walk order, and ``stash`` the stashed ones as [(relpath, (size, 0,
+# sha256))]; rows are files then stash. ``columns`` holds ModuleInfo's fields up to
+# ``exports``, a list per field. ``symtab`` packs each row's (offset, length, crc32) of its
+# (undefined, weak_undefined) symbol lists, a marshal blob of their own in the symbol
+# region: those lists are most of the data and only the modules a plan keeps need them,
+# so they are decoded per module, on first use, and checked then. When the walk finds
+# exactly ``files``, every row is used as it is; otherwise rows are matched per relpath.
+# Repeated values (vermagic, licence, dependency names) are stored once.
 
 
 def default_cache_dir(root: Path) -> Path:
@@ -422,41 +445,254 @@ def _cache_path(cache_dir: Path, kernel: str) -> Path:
     return cache_dir / f"index-{kernel}.marshal"
 
 
+_MAGIC = b"kmodtrim"
+_HEADER = struct.Struct("<8sIQI")  # magic, format, head length, head CRC-32
+_SYMTAB = struct.Struct("<QII")  # offset, length, CRC-32 of one row's symbol blob
+_ALL_FIELDS = tuple(f.name for f in fields(ModuleInfo))
+_LAZY_FIELDS = ("undefined", "weak_undefined")
+_COLUMN_FIELDS = _ALL_FIELDS[: -len(_LAZY_FIELDS)]
+if _ALL_FIELDS[-len(_LAZY_FIELDS):] != _LAZY_FIELDS:  # pragma: no cover - a guard for edits
+    raise ImportError("index cache layout out of step with ModuleInfo's fields")
+_SHARED_FIELDS = frozenset({"name", "depends", "softdep_pre", "softdep_post", "weakdeps",
+                            "vermagic", "license"})
+_SymbolLists = tuple[tuple[str, ...], tuple[str, ...]]
+_ExportsMemo = dict[str, tuple[_Stat, frozenset[str]]]
+_FileRow = tuple[str, Any]  # (relpath, stat)
+
+
 def _info_to_tuple(info: ModuleInfo) -> tuple[object, ...]:
-    return (
-        info.name, info.depends, info.softdep_pre, info.softdep_post, info.weakdeps,
-        info.aliases, info.firmware, info.vermagic, info.intree, info.license,
-        info.exports, info.undefined, info.weak_undefined,
-    )
+    return tuple(getattr(info, name) for name in _ALL_FIELDS)
 
 
-def _load_cache(path: Path, moddir: Path) -> dict[str, tuple[int, int, int, tuple[object, ...]]]:
+class _LoadedCache:
+    """A cache file's head, and the file kept open to read its symbol blobs from later
+    (a cache replaced meanwhile is a new file: this one still reads the old)."""
+
+    __slots__ = ("__weakref__", "columns", "derived", "exports", "fd", "files", "moddir",
+                 "path", "region", "region_start", "stash", "stashed", "symtab")
+
+    def __init__(self, head: tuple[Any, ...], path: Path, fd: int, region_start: int,
+                 moddir: Path, stashed: Mapping[str, StashedModule]) -> None:
+        self.files: list[_FileRow] = head[2]
+        self.stash: list[_FileRow] = head[3]
+        self.columns: tuple[list[Any], ...] = head[4]
+        self.symtab: bytes = head[5]
+        self.exports: _ExportsMemo = head[6]
+        self.derived: frozenset[str] | None = head[7]
+        self.path = path
+        self.fd = fd
+        weakref.finalize(self, os.close, fd)
+        self.region_start = region_start
+        self.region: bytes | None = None  # the whole symbol region, once read
+        self.moddir = moddir
+        self.stashed = stashed  # where a damaged stashed module's lists are re-read from
+
+    def read_region(self) -> None:
+        """Read the whole symbol region at once, for a caller about to visit every row."""
+        if self.region is None:
+            with contextlib.suppress(OSError):
+                size = os.fstat(self.fd).st_size - self.region_start
+                self.region = os.pread(self.fd, size, self.region_start)
+
+    def blob(self, row: int) -> bytes | None:
+        """The row's symbol blob as stored, or None if it is damaged or unreadable."""
+        offset, length, crc = _SYMTAB.unpack_from(self.symtab, row * _SYMTAB.size)
+        if self.region is not None:
+            data = self.region[offset : offset + length]
+        else:
+            try:
+                data = os.pread(self.fd, length, self.region_start + offset)
+            except OSError:
+                return None
+        if len(data) != length or zlib.crc32(data) != crc:
+            return None
+        return data
+
+    def symbol_lists(self, row: int) -> _SymbolLists:
+        blob = self.blob(row)
+        if blob is not None:
+            with contextlib.suppress(EOFError, ValueError, TypeError):
+                lists = marshal.loads(blob)
+                if type(lists) is tuple and len(lists) == 2:
+                    return lists
+        return self._reread(row)
+
+    def _reread(self, row: int) -> _SymbolLists:
+        # The file was damaged after its head was checked (or written by something else):
+        # take the symbol lists from the module file itself, or its stashed copy, and
+        # remove the file (if it is still this one) so that the next build rebuilds it.
+        with contextlib.suppress(OSError):
+            ours, now = os.fstat(self.fd), os.stat(self.path)
+            if (ours.st_dev, ours.st_ino) == (now.st_dev, now.st_ino):
+                os.unlink(self.path)
+        in_tree = row < len(self.files)
+        relpath = self.files[row][0] if in_tree else self.stash[row - len(self.files)][0]
+        origin = str(self.moddir / relpath) if in_tree else f"stash:{relpath}"
+        try:
+            if in_tree and (self.moddir / relpath).exists():
+                info = read_module(self.moddir / relpath)
+            elif relpath in self.stashed:
+                info = parse_module(decompress(self.stashed[relpath].load(),
+                                               compression_of(relpath), origin), origin)
+            else:
+                raise ModuleParseError(origin, "gone from the tree and the stash")
+        except ModuleParseError as exc:
+            raise ModuleParseError(
+                origin, f"its cached symbol lists are damaged and it cannot be re-read "
+                        f"({exc.reason}); rebuild the index"
+            ) from None
+        return info.undefined, info.weak_undefined
+
+
+class _CachedInfo(ModuleInfo):
+    """A ModuleInfo read back from the index cache: its fields are a row of the cache's
+    columns and its symbol lists are decoded on first use. It compares and hashes equal
+    to the ModuleInfo the module file parses to, and copies/pickles as one."""
+
+    __slots__ = ("_cache", "_row", "_symbols")
+    _cache: _LoadedCache
+    _row: int
+    _symbols: _SymbolLists
+
+    def _symbol_lists(self) -> _SymbolLists:
+        try:
+            return self._symbols
+        except AttributeError:
+            lists = self._cache.symbol_lists(self._row)
+            object.__setattr__(self, "_symbols", lists)
+            return lists
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ModuleInfo):
+            return _info_to_tuple(self) == _info_to_tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(_info_to_tuple(self))
+
+    def __repr__(self) -> str:
+        return repr(ModuleInfo(*_info_to_tuple(self)))  # type: ignore[arg-type]
+
+    def __reduce__(self) -> tuple[type[ModuleInfo], tuple[object, ...]]:
+        return ModuleInfo, _info_to_tuple(self)
+
+
+def _column_field(column: int) -> property:
+    def get(self: _CachedInfo) -> Any:
+        return self._cache.columns[column][self._row]
+    return property(get)
+
+
+def _lazy_field(position: int) -> property:
+    def get(self: _CachedInfo) -> tuple[str, ...]:
+        return self._symbol_lists()[position]
+    return property(get)
+
+
+# The fields become read-only views of the row (the inherited slots stay unused): making
+# one of these costs two slot stores instead of thirteen frozen-dataclass ones.
+for _column, _name in enumerate(_COLUMN_FIELDS):
+    setattr(_CachedInfo, _name, _column_field(_column))
+for _position, _name in enumerate(_LAZY_FIELDS):
+    setattr(_CachedInfo, _name, _lazy_field(_position))
+_new_cached_info = object.__new__
+_set_cache = _CachedInfo.__dict__["_cache"].__set__
+_set_row = _CachedInfo.__dict__["_row"].__set__
+
+
+def _load_cache(path: Path, moddir: Path,
+                stashed: Mapping[str, StashedModule]) -> _LoadedCache | None:
+    """The cache at ``path`` for ``moddir``; None if missing, damaged or of another kind."""
     try:
-        raw = path.read_bytes()
-        data = marshal.loads(raw)
-    except (OSError, EOFError, ValueError, TypeError):
-        return {}
-    if (
-        not isinstance(data, tuple)
-        or len(data) != 4
-        or data[0] != _CACHE_FORMAT
-        or data[1] != __version__
-        or data[2] != str(moddir)
-        or not isinstance(data[3], dict)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    cache = None
+    try:
+        cache = _read_cache_head(path, fd, moddir, stashed)
+    except OSError:
+        pass
+    finally:
+        if cache is None:
+            os.close(fd)
+    return cache
+
+
+def _read_cache_head(path: Path, fd: int, moddir: Path,
+                     stashed: Mapping[str, StashedModule]) -> _LoadedCache | None:
+    size = os.fstat(fd).st_size
+    header = os.pread(fd, _HEADER.size, 0)
+    if len(header) < _HEADER.size:
+        return None
+    magic, form, head_length, head_crc = _HEADER.unpack(header)
+    if magic != _MAGIC or form != _CACHE_FORMAT or head_length > size - _HEADER.size:
+        return None
+    head_bytes = os.pread(fd, head_length, _HEADER.size)
+    if len(head_bytes) != head_length or zlib.crc32(head_bytes) != head_crc:
+        return None
+    try:
+        head = marshal.loads(head_bytes)
+    except (EOFError, ValueError, TypeError):
+        return None
+    if not (
+        isinstance(head, tuple)
+        and len(head) == 9
+        and head[0] == __version__
+        and head[1] == str(moddir)
+        and isinstance(head[2], list)
+        and isinstance(head[3], list)
+        and isinstance(head[4], tuple)
+        and len(head[4]) == len(_COLUMN_FIELDS)
+        and all(len(column) == len(head[2]) + len(head[3]) for column in head[4])
+        and isinstance(head[5], bytes)
+        and len(head[5]) == _SYMTAB.size * (len(head[2]) + len(head[3]))
+        and isinstance(head[6], dict)
+        and (head[7] is None or isinstance(head[7], frozenset))
+        and head[8] == size - _HEADER.size - head_length
     ):
-        return {}
-    entries: dict[str, tuple[int, int, int, tuple[object, ...]]] = data[3]
-    return entries
+        return None
+    return _LoadedCache(head, path, fd, _HEADER.size + head_length, moddir, stashed)
 
 
-def _save_cache(path: Path, moddir: Path, entries: _CacheEntries) -> None:
-    payload = marshal.dumps((_CACHE_FORMAT, __version__, str(moddir), entries))
+def _save_cache(path: Path, moddir: Path, files: list[tuple[str, Any, ModuleInfo]],
+                stash: list[tuple[str, Any, ModuleInfo]], exports: _ExportsMemo,
+                derived: frozenset[str] | None) -> None:
+    columns: list[list[object]] = [[] for _ in _COLUMN_FIELDS]
+    shared = [name in _SHARED_FIELDS for name in _COLUMN_FIELDS]
+    canonical: dict[object, object] = {}
+
+    def once(value: object) -> object:  # one object per distinct value: marshal refers back
+        if type(value) is tuple:
+            value = tuple(canonical.setdefault(item, item) for item in value)
+        return canonical.setdefault(value, value)
+
+    symtab: list[bytes] = []
+    blobs: list[bytes] = []
+    offset = 0
+    for _, _, info in (*files, *stash):
+        blob = None
+        if type(info) is _CachedInfo:
+            info._cache.read_region()
+            values: Iterable[object] = (column[info._row] for column in info._cache.columns)
+            blob = info._cache.blob(info._row)
+        else:
+            values = (getattr(info, name) for name in _COLUMN_FIELDS)
+        if blob is None:
+            blob = marshal.dumps((info.undefined, info.weak_undefined))
+        for column, value, share in zip(columns, values, shared, strict=True):
+            column.append(once(value) if share else value)
+        symtab.append(_SYMTAB.pack(offset, len(blob), zlib.crc32(blob)))
+        blobs.append(blob)
+        offset += len(blob)
+    head = marshal.dumps((
+        __version__, str(moddir), [(relpath, stat) for relpath, stat, _ in files],
+        [(relpath, stat) for relpath, stat, _ in stash], tuple(columns), b"".join(symtab),
+        exports, derived, offset,
+    ))
+    header = _HEADER.pack(_MAGIC, _CACHE_FORMAT, len(head), zlib.crc32(head))
     with contextlib.suppress(OSError):  # a read-only root or full disk only costs speed
-        replace_file(path, payload, durable=False)  # a lost cache is rebuilt, not wrong
-
-
-def _tuple_to_info(t: tuple[object, ...]) -> ModuleInfo:
-    return ModuleInfo(*t)  # type: ignore[arg-type]
+        # A lost cache is rebuilt, not wrong: no fsync.
+        replace_file(path, b"".join([header, head, *blobs]), durable=False)
 
 
 @dataclass(frozen=True)
@@ -495,44 +731,105 @@ def build_index(
     whole kernel. Malformed module files are collected in ``parse_errors`` rather than
     aborting. Raises KernelNotFoundError.
     """
-    root = Path(root)
+    # Tens of thousands of objects and no cycles: collecting while they are made only
+    # costs time (~10% of a warm build).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_index(Path(root), kernel, cache_dir, use_cache, rebuild, symvers,
+                            stashed)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build_index(
+    root: Path,
+    kernel: str | None,
+    cache_dir: Path | None,
+    use_cache: bool,
+    rebuild: bool,
+    symvers: Path | None,
+    stashed: Sequence[StashedModule],
+) -> tuple[ModuleIndex, IndexStats]:
     kernel = kernel or default_kernel(root)
     moddir = module_dir(root, kernel)
     files = _walk_modules(moddir)
     cache_file = _cache_path(cache_dir or default_cache_dir(root), kernel)
-    cached = {} if (rebuild or not use_cache) else _load_cache(cache_file, moddir)
-    fresh: dict[str, tuple[int, int, int, tuple[object, ...]]] = {}
-    by_name: dict[str, list[tuple[_FileStat, ModuleInfo]]] = {}
+    stash_by_relpath = {item.relpath: item for item in stashed}
+    cache = None if (rebuild or not use_cache) else _load_cache(cache_file, moddir,
+                                                                stash_by_relpath)
+    cached_files: list[_FileRow] = cache.files if cache is not None else []
+    names: list[str] = cache.columns[0] if cache is not None else []
+
+    # The cache row of each file, or -1 where the file is new or changed.
+    rows: Iterable[int]
+    if files == cached_files:
+        rows = range(len(files))
+    else:
+        row_of = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
+        rows = [
+            row if (row := row_of.get(relpath, -1)) >= 0 and cached_files[row][1] == stat
+            else -1
+            for relpath, stat in files
+        ]
+    new, set_cache, set_row = _new_cached_info, _set_cache, _set_row
+    fresh: list[tuple[str, Any, ModuleInfo]] = []  # what the cache will hold: (relpath, stat, info)
+    # name → its files (relpath, size, info), the first seen (in relpath order) first
+    first: dict[str, tuple[str, int, ModuleInfo]] = {}
+    more: dict[str, list[tuple[str, int, ModuleInfo]]] = {}
     errors: list[ModuleParseError] = []
     parsed = 0
-    for f in files:
-        hit = cached.get(f.relpath)
-        if hit is not None and hit[0] == f.size and hit[1] == f.mtime_ns and hit[2] == f.inode:
-            info = _tuple_to_info(hit[3])
-            fresh[f.relpath] = hit
+    for (relpath, stat), row in zip(files, rows, strict=True):
+        info: ModuleInfo
+        if row >= 0:
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, row)
+            name = names[row]
         else:
             try:
-                info = read_module(moddir / f.relpath)
+                info = read_module(moddir / relpath)
             except ModuleParseError as exc:
                 errors.append(exc)
                 continue
             parsed += 1
-            fresh[f.relpath] = (f.size, f.mtime_ns, f.inode, _info_to_tuple(info))
-        by_name.setdefault(info.name, []).append((f, info))
+            name = info.name
+        fresh.append((relpath, stat, info))
+        if name in first:
+            more.setdefault(name, []).append((relpath, stat[0], info))
+        else:
+            first[name] = (relpath, stat[0], info)
+    # Unchanged: every file a cache hit, and no cached file gone.
+    changed = parsed > 0 or len(fresh) != len(cached_files)
+
+    stash_rows: dict[str, tuple[int, Any]] = {}
+    tree_rows: dict[str, int] = {}
+    if cache is not None and stashed:
+        stash_rows = {relpath: (len(cached_files) + i, stat)
+                      for i, (relpath, stat) in enumerate(cache.stash)}
+        tree_rows = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
+    if cache is not None and len(stashed) != len(cache.stash):
+        changed = True
+    fresh_stash: list[tuple[str, Any, ModuleInfo]] = []
     stashed_by_name: dict[str, tuple[StashedModule, ModuleInfo]] = {}
     for item in stashed:
-        key = "stash:" + item.relpath
-        hit = cached.get(key)
-        before = cached.get(item.relpath)
-        if hit is not None and hit[0] == item.size and hit[2] == item.sha256:  # type: ignore[comparison-overlap]
-            info = _tuple_to_info(hit[3])
-            fresh[key] = hit
-        elif before is not None and before[0] == item.size:
+        stash_stat = (item.size, 0, item.sha256)
+        hit = stash_rows.get(item.relpath)
+        before = tree_rows.get(item.relpath, -1)
+        if hit is not None and hit[1] == stash_stat:
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, hit[0])
+        elif before >= 0 and cached_files[before][1][0] == item.size:
             # Trimmed since the last index: the plan that trimmed it had just validated this
-            # entry against the file, so its modinfo carries over to the stashed copy.
-            info = _tuple_to_info(before[3])
-            fresh[key] = (item.size, 0, item.sha256, before[3])  # type: ignore[assignment]
+            # row against the file, so its modinfo carries over to the stashed copy.
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, before)
+            changed = True
         else:
+            changed = True
             try:
                 origin = f"stash:{item.relpath}"
                 info = parse_module(
@@ -542,20 +839,19 @@ def build_index(
                 errors.append(exc)
                 continue
             parsed += 1
-            fresh[key] = (item.size, 0, item.sha256, _info_to_tuple(info))  # type: ignore[assignment]
+        fresh_stash.append((item.relpath, stash_stat, info))
         stashed_by_name.setdefault(info.name, (item, info))
 
     modules: dict[str, ModuleEntry] = {}
-    for name, found in by_name.items():
-        found.sort(key=lambda pair: _priority(pair[0].relpath))
-        best, info = found[0]
-        modules[name] = ModuleEntry(
-            name=name,
-            relpath=best.relpath,
-            size=best.size,
-            info=info,
-            shadowed=tuple(f.relpath for f, _ in found[1:]),
-        )
+    for name, (relpath, size, info) in first.items():
+        others = more.get(name)
+        if others is None:
+            modules[name] = ModuleEntry(name, relpath, size, info)
+        else:
+            found = [(relpath, size, info), *others]
+            found.sort(key=lambda one: _priority(one[0]))
+            modules[name] = ModuleEntry(name, found[0][0], found[0][1], found[0][2],
+                                        tuple(one[0] for one in found[1:]))
     for name, (item, info) in stashed_by_name.items():
         if name not in modules:
             modules[name] = ModuleEntry(name, item.relpath, item.size, info, stashed=True)
@@ -569,15 +865,20 @@ def build_index(
             install_commands=modprobe.install_commands, blacklist=modprobe.blacklist,
             files=modprobe.files,
         )
-    for key, value in cached.items():
-        if key.startswith("exports:"):
-            fresh.setdefault(key, value)
-    exports = read_kernel_exports(root, kernel, moddir, symvers, fresh)
-    if use_cache and fresh != cached:  # values are shared objects: cheap when unchanged
-        _save_cache(cache_file, moddir, fresh)
+    # Export lists parsed before stay remembered, looked at this time or not.
+    memo: _ExportsMemo = dict(cache.exports) if cache is not None else {}
+    exports = read_kernel_exports(root, kernel, moddir, symvers, memo)
+    # The derived exports a cache holds were derived from exactly its rows.
+    derived = cache.derived if cache is not None and not changed else None
     if exports is None:
-        infos = [e.info for e in modules.values()]
-        exports = (derived_kernel_exports(infos), "derived from the tree")
+        if derived is None:
+            if cache is not None:
+                cache.read_region()  # every module's symbol lists are about to be read
+            derived = derived_kernel_exports(e.info for e in modules.values())
+            changed = True
+        exports = (derived, "derived from the tree")
+    if use_cache and (cache is None or changed or memo != cache.exports):
+        _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived)
     index = ModuleIndex(
         root=root,
         kernel=kernel,
