@@ -13,6 +13,7 @@ connects exactly as it does to the real system bus.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,7 +27,8 @@ import pytest
 
 from kmodtrim.dbus.client import daemon_running, manager_properties
 
-__all__ = ["BUS_POLICY", "PrivateBus", "private_bus", "running_daemon", "start_private_bus"]
+__all__ = ["BUS_POLICY", "PrivateBus", "private_bus", "running_daemon", "running_polkitd",
+           "start_private_bus"]
 
 REPO = Path(__file__).resolve().parent.parent
 BUS_POLICY = REPO / "units" / "org.kmodtrim.KmodTrim1.conf"
@@ -82,11 +84,12 @@ class PrivateBus:
 
 
 @contextmanager
-def start_private_bus(directory: Path) -> Iterator[PrivateBus]:
-    """Run a private system-like dbus-daemon (config in ``directory``) while in the block."""
+def start_private_bus(directory: Path, extra: str = "") -> Iterator[PrivateBus]:
+    """Run a private system-like dbus-daemon (config in ``directory``) while in the block;
+    ``extra`` is more bus configuration (see bus_config)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "bus.conf"
-    config.write_text(bus_config(f"kmodtrim-test-{uuid.uuid4().hex}"))
+    config.write_text(bus_config(f"kmodtrim-test-{uuid.uuid4().hex}", extra))
     proc = subprocess.Popen(
         ["dbus-daemon", f"--config-file={config}", "--print-address", "--nofork"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
@@ -144,3 +147,71 @@ def running_daemon(bus: PrivateBus, root: Path, *args: str,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# ---------------------------------------------------------------------------------------
+# A real polkit authority on the private bus
+
+POLKITD = Path("/usr/lib/polkit-1/polkitd")
+POLKIT_NAME = "org.freedesktop.PolicyKit1"
+# What Debian's org.freedesktop.PolicyKit1.conf grants on the system bus: polkitd (which
+# changes to its own user before it connects) owns the name, and kmodtrimd (root) may call
+# it. A user policy, because ``extra`` comes before the default context's denials.
+POLKIT_BUS_RULES = f"""<policy user="polkitd"><allow own="{POLKIT_NAME}"/></policy>
+  <policy user="root"><allow send_destination="{POLKIT_NAME}"/></policy>"""
+
+
+def _name_has_owner(bus: PrivateBus, name: str) -> bool:
+    proc = subprocess.run(
+        ["dbus-send", f"--bus={bus.address}", "--print-reply", "--dest=org.freedesktop.DBus",
+         "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner", f"string:{name}"],
+        capture_output=True, text=True, check=False)
+    return proc.returncode == 0 and "boolean true" in proc.stdout
+
+
+@contextmanager
+def running_polkitd(bus: PrivateBus, directory: Path, rules: str) -> Iterator[None]:
+    """polkitd on ``bus`` (started with POLKIT_BUS_RULES as ``extra``) that knows the
+    project's polkit actions (units/org.kmodtrim.policy) and the JavaScript ``rules``.
+
+    It runs in a mount namespace of its own where tmpfs mounts hide the host's rules and
+    actions directories, so nothing on this machine changes. Skips the test unless run as
+    root with polkitd, dbus-send and unshare installed.
+    """
+    if os.geteuid() != 0 or not POLKITD.exists() or not shutil.which("unshare") \
+            or not shutil.which("dbus-send"):
+        pytest.skip("needs root, polkitd (apt-get install polkitd), dbus-send and unshare")
+    directory.mkdir(parents=True, exist_ok=True)
+    rules_file = directory / "50-kmodtrim-test.rules"
+    rules_file.write_text(rules)
+    actions = REPO / "units" / "org.kmodtrim.policy"
+    script = f"""set -e
+mount --make-rprivate /
+mount -t tmpfs -o mode=0755 kmodtrim-test /etc/polkit-1/rules.d
+mount -t tmpfs -o mode=0755 kmodtrim-test /usr/share/polkit-1/rules.d
+mount -t tmpfs -o mode=0755 kmodtrim-test /usr/share/polkit-1/actions
+install -m 0644 '{rules_file}' /etc/polkit-1/rules.d/
+install -m 0644 '{actions}' /usr/share/polkit-1/actions/
+exec '{POLKITD}' --no-debug
+"""
+    log = directory / "polkitd.log"
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(["unshare", "--mount", "sh", "-c", script], env=bus.env(),
+                                stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not _name_has_owner(bus, POLKIT_NAME):
+            if proc.poll() is not None:
+                raise RuntimeError(f"polkitd exited {proc.returncode}:\n{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"polkitd did not take its name:\n{log.read_text()}")
+            time.sleep(0.05)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -25,7 +25,14 @@ from dbus_next.constants import MessageType
 from dbus_next.message import Message
 from dbus_next.signature import Variant
 
-from dbusfixture import PrivateBus, private_bus, running_daemon
+from dbusfixture import (
+    POLKIT_BUS_RULES,
+    PrivateBus,
+    private_bus,
+    running_daemon,
+    running_polkitd,
+    start_private_bus,
+)
 from kernels import KernelTree, copy_kernel_tree
 from kmodtrim.daemon import Daemon, Job
 from kmodtrim.dbus import BUS_NAME, JOB_INTERFACE, MANAGER_INTERFACE, OBJECT_PATH, client
@@ -204,6 +211,38 @@ def test_unprivileged_caller_reads_but_cannot_change_anything(
     assert proc.returncode == 0 and json.loads(proc.stdout)[0]["generation"] == 0
     proc = _as_nobody(daemon_on, "manager_properties")
     assert json.loads(proc.stdout)["State"] == "idle"
+
+
+# polkit rules (JavaScript, as an administrator would write them): uid 65534 may restore.
+NOBODY_MAY_RESTORE = """polkit.addRule(function(action, subject) {
+    if (action.id == "org.kmodtrim.restore" && subject.user == "nobody") {
+        return polkit.Result.YES;
+    }
+});
+"""
+
+
+def test_polkit_grants_exactly_what_its_rules_allow(
+    tmp_path: Path, root: Path, observed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a real polkitd: a rule granting org.kmodtrim.restore lets an unprivileged
+    caller restore, and the other actions stay denied (their defaults say no)."""
+    with start_private_bus(tmp_path / "bus", POLKIT_BUS_RULES) as bus, \
+            running_polkitd(bus, tmp_path / "polkit", NOBODY_MAY_RESTORE), \
+            running_daemon(bus, root):
+        monkeypatch.setenv("DBUS_SYSTEM_BUS_ADDRESS", bus.address)
+        assert client.trim({"observed": [observed], "initramfs": "skip"})["generation"] == 1
+        assert not _module(root, "unused_c").exists()
+        proc = _as_nobody(bus, "restore", '["unused_c"]', json.dumps({"initramfs": "skip"}))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert json.loads(proc.stdout)["generation"] == 2
+        assert _module(root, "unused_c").exists()
+        for args in (["trim", "{}"], ["rollback", "0", "{}"],
+                     ["kernel_event", '"add"', json.dumps(KVER), "{}"]):
+            proc = _as_nobody(bus, *args)
+            assert proc.returncode == 1, (args, proc.stdout, proc.stderr)
+            assert "org.freedesktop.DBus.Error.AccessDenied" in proc.stdout, args
+    assert generation_numbers(root) == [0, 1, 2]
 
 
 def _introspection_xml() -> str:
