@@ -109,21 +109,27 @@ def init_dpkg_root(root: Path) -> Path:
 
 
 def build_rpm(out: Path, name: str, version: str, release: str,
-              files: Mapping[str, bytes]) -> Path:
-    """A noarch .rpm (no scriptlets, no dependencies) installing ``files``, built with
-    rpmbuild entirely under ``out``."""
+              files: Mapping[str, bytes], *, fields: str = "",
+              modes: Mapping[str, int] | None = None,
+              scripts: Mapping[str, str] | None = None) -> Path:
+    """A noarch .rpm installing ``files``, built with rpmbuild entirely under ``out``;
+    ``fields`` are extra spec preamble lines ("Requires: x\n"), ``modes`` file modes
+    other than 0644, ``scripts`` scriptlets by section ("post": "echo hi")."""
     top = out / "rpmbuild"
     src = out / f"{name}-{version}-{release}.payload"
     _write_tree(src, files)
+    for path, mode in (modes or {}).items():
+        (src / path.lstrip("/")).chmod(mode)
     (top / "SPECS").mkdir(parents=True, exist_ok=True)
     spec = top / "SPECS" / f"{name}-{version}-{release}.spec"
     listing = "\n".join(sorted(files))
     spec.write_text(
         f"Name: {name}\nVersion: {version}\nRelease: {release}\nSummary: kernel-like test\n"
-        "License: GPL-2.0-only\nBuildArch: noarch\nAutoReqProv: no\n"
+        f"License: GPL-2.0-only\nBuildArch: noarch\nAutoReqProv: no\n{fields}"
         "%description\nkernel-like test package\n"
         f"%install\nmkdir -p %{{buildroot}}\ncp -a {src}/. %{{buildroot}}/\n"
-        f"%files\n{listing}\n")
+        + "".join(f"%{section}\n{body}\n" for section, body in (scripts or {}).items())
+        + f"%files\n{listing}\n")
     (out / "tmp").mkdir(exist_ok=True)
     (out / "builddb").mkdir(exist_ok=True)
     # rpmbuild opens an rpm database; keep it here, not in the default (~/.rpmdb on Debian)

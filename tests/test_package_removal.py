@@ -15,10 +15,19 @@ import pytest
 
 from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
 from kmodtrim.backends.package import VerifyProblem
+from kmodtrim.backends.rpm import RpmBackend, rpm_command
 from kmodtrim.executor import _gone, recover
 from kmodtrim.store import current_generation, read_journal
 from modbuild import ModSpec, module_bytes
-from pkgbuild import MAINTAINER_SCRIPTS, build_deb, init_dpkg_root, install_shell, need
+from pkgbuild import (
+    MAINTAINER_SCRIPTS,
+    build_deb,
+    build_rpm,
+    init_dpkg_root,
+    init_rpm_root,
+    install_shell,
+    need,
+)
 
 KVER = "9.9.9-test"
 MODDIR = f"/lib/modules/{KVER}/kernel/drivers/test"
@@ -377,3 +386,166 @@ def test_kmodtrim_and_dpkg_killed_while_reinstalling_recovers(scripted_root: Pat
     assert snapshot(root) == before
     assert DpkgBackend().verify(root, [IMAGE, SCRIPTED]) == []
     assert audit(root) == ""
+
+
+# -- rpm -----------------------------------------------------------------------------------
+
+R_IMAGE, R_EXTRA, R_OTHER, R_USER = ("kernel-core-test", "kernel-modules-extra-test",
+                                     "kernel-modules-other-test", "other-user")
+R_EXTRA_DOC = f"/usr/share/doc/{R_EXTRA}/README"
+
+
+def rpm_q(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*rpm_command(root), *args], capture_output=True, text=True,
+                          check=False, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+
+
+def rpm_installed(root: Path, name: str) -> str | None:
+    done = rpm_q(root, "-q", "--qf", "%{VERSION}-%{RELEASE}", name)
+    return done.stdout if done.returncode == 0 else None
+
+
+def nevra(name: str, vr: str) -> str:
+    return f"{name}-{vr}.noarch"
+
+
+def _rpm_script(name: str) -> str:
+    """A scriptlet that logs, and SIGKILLs rpm (its parent) once when /kill-rpm-in-NAME
+    exists."""
+    flag = f"/kill-rpm-in-{name}"
+    return (f"if [ -e {flag} ]; then rm -f {flag}; kill -9 $PPID; fi\n"
+            f"echo {name} $1 >> /var/log/rpm-scripts")
+
+
+@pytest.fixture
+def rpm_root(tmp_path: Path) -> Path:
+    need("rpm", "rpmbuild", "depmod")
+    out = tmp_path / "rpms"
+    out.mkdir()
+    install_shell(tmp_path / "root")
+    root = init_rpm_root(tmp_path / "root")
+    image = {f"{MODDIR}/{s.name}.ko": module_bytes(s, out) for s in SPECS[IMAGE]}
+    image[f"/boot/vmlinuz-{KVER}"] = b"kernel image\n"
+    extra = {f"{MODDIR}/extra/{s.name}.ko": module_bytes(s, out) for s in SPECS[EXTRA]}
+    extra[R_EXTRA_DOC] = b"extra modules\n"
+    other = {f"{MODDIR}/other/{s.name}.ko": module_bytes(s, out) for s in SPECS[OTHER]}
+    rpms = [
+        build_rpm(out, R_IMAGE, "9.9.9", "1", image),
+        build_rpm(out, R_EXTRA, "9.9.9", "2", extra,
+                  fields=f"Epoch: 1\nRequires: {R_IMAGE} = 9.9.9-1\nProvides: extra-mods(x) = 3\n",
+                  modes={E_THREE: 0o600},
+                  scripts={name: _rpm_script(name) for name in ("post", "postun")}),
+        build_rpm(out, R_OTHER, "9.9.9", "1", other),
+        build_rpm(out, R_USER, "1", "1", {f"/usr/share/{R_USER}/data": b"x\n"},
+                  fields=f"Requires: {R_OTHER}\n"),
+    ]
+    (root / "var/log").mkdir(parents=True, exist_ok=True)
+    done = rpm_q(root, "-i", "--nodeps", *map(str, rpms))
+    assert done.returncode == 0, done.stderr
+    (root / "etc/kmodtrim").mkdir(parents=True)
+    (root / "etc/kmodtrim/policy.toml").write_text(
+        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+    subprocess.run(["depmod", "-b", str(root), KVER], check=True)
+    (root / "observed").write_text("nic\n")
+    return root
+
+
+def test_rpm_extra_subpackage_leaves_whole_and_comes_back_offline(rpm_root: Path) -> None:
+    root = rpm_root
+    backend = RpmBackend()
+    before = snapshot(root)
+    extra = nevra(R_EXTRA, "9.9.9-2")
+    proc = apply(root)
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed package {extra} 1:9.9.9-2 whole (rpm)" in proc.stdout
+    assert f"package {nevra(R_OTHER, '9.9.9-1')} stays installed" in proc.stdout
+    assert rpm_installed(root, R_EXTRA) is None
+    assert not any(present(root, p) for p in (E_ONE, E_TWO, E_THREE, R_EXTRA_DOC))
+    assert "postun 0" in (root / "var/log/rpm-scripts").read_text()
+    assert [p.path for p in backend.verify(root, [R_IMAGE])] == [f"{MODDIR}/unused.ko"]
+    [record] = current_generation(root).packages
+    assert {f.path for f in record.files} == {E_ONE, E_TWO, E_THREE, R_EXTRA_DOC}
+
+    proc = kmodtrim(root, "restore", "e_three", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert rpm_installed(root, R_EXTRA) == "9.9.9-2"
+    assert rpm_q(root, "-q", "--qf", "%{EPOCH}", R_EXTRA).stdout == "1"
+    assert rpm_q(root, "-q", "--requires", R_EXTRA).stdout.count(f"{R_IMAGE} = 9.9.9-1") == 1
+    assert "extra-mods(x) = 3" in rpm_q(root, "-q", "--provides", R_EXTRA).stdout
+    assert "echo post" in rpm_q(root, "-q", "--scripts", R_EXTRA).stdout
+    assert present(root, E_THREE) and present(root, R_EXTRA_DOC)
+    assert not present(root, E_ONE) and not present(root, E_TWO)
+    assert backend.verify(root, [R_EXTRA]) == []  # the trimmed ones are "net shared"
+    restored = snapshot(root)
+    for path in (E_THREE, R_EXTRA_DOC):
+        assert restored[path.lstrip("/")] == before[path.lstrip("/")]
+
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert rpm_installed(root, R_EXTRA) == "9.9.9-2"
+    assert backend.verify(root, [R_IMAGE, R_EXTRA, R_OTHER, R_USER]) == []
+    assert backend.read_exclusions(root) == set()
+
+
+@pytest.mark.parametrize("step", ["before-package-remove", "after-package-remove",
+                                  "after-unlink", "after-commit"])
+def test_rpm_crash_while_removing_loses_nothing(rpm_root: Path, step: str) -> None:
+    root = rpm_root
+    before = snapshot(root)
+    assert apply(root, fault=step).returncode == -9
+    assert recover(root) is not None
+    if current_generation(root).number == 0:
+        assert snapshot(root) == before
+        assert rpm_installed(root, R_EXTRA) == "9.9.9-2"
+    else:
+        assert rpm_installed(root, R_EXTRA) is None
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert RpmBackend().verify(root, [R_IMAGE, R_EXTRA, R_OTHER]) == []
+
+
+@pytest.mark.parametrize("step", ["before-package-reinstall", "after-package-reinstall"])
+def test_rpm_crash_while_reinstalling_loses_nothing(rpm_root: Path, step: str) -> None:
+    root = rpm_root
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    assert kmodtrim(root, "restore", "e_three", "--yes", fault=step).returncode == -9
+    assert recover(root) is not None
+    assert snapshot(root) == trimmed
+    assert rpm_installed(root, R_EXTRA) is None
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert RpmBackend().verify(root, [R_IMAGE, R_EXTRA, R_OTHER]) == []
+
+
+def test_rpm_killed_while_erasing_is_undone(rpm_root: Path) -> None:
+    root = rpm_root
+    before = snapshot(root)
+    (root / "kill-rpm-in-postun").touch()
+    proc = apply(root)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "rpm" in proc.stderr and "Traceback" not in proc.stderr
+    assert rpm_installed(root, R_EXTRA) == "9.9.9-2"
+    assert snapshot(root) == before
+    assert current_generation(root).number == 0 and read_journal(root) is None
+    assert RpmBackend().verify(root, [R_IMAGE, R_EXTRA, R_OTHER]) == []
+
+
+def test_rpm_killed_while_reinstalling_is_undone(rpm_root: Path) -> None:
+    root = rpm_root
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    (root / "kill-rpm-in-post").touch()
+    proc = kmodtrim(root, "restore", "e_three", "--yes")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert rpm_installed(root, R_EXTRA) is None
+    assert snapshot(root) == trimmed
+    assert current_generation(root).number == 1 and read_journal(root) is None
+    assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
+    assert snapshot(root) == before
+    assert RpmBackend().verify(root, [R_IMAGE, R_EXTRA, R_OTHER]) == []

@@ -638,20 +638,24 @@ def _undo_packages(root: Path, backend: Any, journal: dict[str, Any],
         records = {p.name: p for p in current.packages}
         states = {name: backend.package_state(root, name)
                   for name in journal.get("packages_reinstall", [])}
-        # dpkg refuses to remove a package it left half-installed: install it whole first.
-        broken = [records[n] for n, state in states.items()
-                  if not _gone(state) and state != "installed" and n in records]
+        # dpkg refuses to remove a package it left half-installed, and rpm may have left
+        # files of a package it had not registered yet: install it whole first.
+        broken = [records[n] for n, state in states.items() if n in records and (
+            not backend.partial_states or (not _gone(state) and state != "installed"))]
         if broken:
             archives = _rebuild(root, backend, broken)
             _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
-        back = [name for name, state in states.items() if not _gone(state)]
+        reinstalled = {p.name for p in broken}
+        back = [name for name, state in states.items()
+                if not _gone(state) or name in reinstalled]
         if back:
             _run_package_op(root, backend, lambda: backend.remove_packages(root, back))
     if journal.get("packages_removing"):
         captured = {doc["name"]: RemovedPackage.from_json(doc)
                     for doc in journal.get("packages_captured", [])}
         gone = [captured[name] for name in journal.get("packages_remove", [])
-                if name in captured and backend.package_state(root, name) != "installed"]
+                if name in captured and (not backend.partial_states
+                                         or backend.package_state(root, name) != "installed")]
         if gone:
             archives = _rebuild(root, backend, gone)
             _run_package_op(root, backend, lambda: backend.install_archives(root, archives))

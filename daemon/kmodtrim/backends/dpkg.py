@@ -242,6 +242,9 @@ class DpkgBackend:
     # (dpkg-repack style, with dpkg-deb) and installs it with ``dpkg -i``: no network, and
     # it works after the archive dropped that version.
 
+    # dpkg marks a package's state before touching its files: "installed" means whole.
+    partial_states = True
+
     def package_state(self, root: Path, package: str) -> str:
         """dpkg's state word for ``package``: "installed", "not-installed", or one dpkg
         records for a package it left part-way ("half-installed", "unpacked",

@@ -93,6 +93,10 @@ class PackageBackend(Protocol):
 
     def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]: ...
 
+    # Whether package_state tells a package left part-way by an interrupted operation
+    # (dpkg: half-installed, …) from a whole one; when not, recovery reinstalls.
+    partial_states: bool
+
     def package_state(self, root: Path, package: str) -> str: ...
 
     def describe_package(self, root: Path, package: str) -> PackageDescription: ...
@@ -134,6 +138,8 @@ class NoPackageBackend:
 
     def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
         return []
+
+    partial_states = True
 
     def package_state(self, root: Path, package: str) -> str:
         return "not-installed"

@@ -29,9 +29,14 @@ import fnmatch
 import functools
 import glob
 import os
+import re
+import shlex
+import shutil
+import stat
 import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from ..errors import CommandError, InputError
 from ..run import run
@@ -302,26 +307,228 @@ class RpmBackend:
         return parse_verify(done.stdout)
 
     # -- whole-package removal -----------------------------------------------------------
+    #
+    # A subpackage whose every file is trimmed (kernel-modules-extra, …) leaves through
+    # ``rpm -e`` rather than dnf: dnf's resolver would also erase whatever requires it,
+    # and a cascade is never what a trim means; rpm refuses instead, and ``rpm -e --test``
+    # asks the same question without acting.  Its header is recorded and its files
+    # stashed, so restoring rebuilds the .rpm locally with rpmbuild (same name, epoch,
+    # version, release, arch, dependencies, scriptlets and file attributes) and installs
+    # it with ``rpm -U --replacepkgs`` under ROOT's %_netsharedpath: no network, and it
+    # works after the repositories dropped that version.
+
+    # rpm records no part-way state: a package whose erase or install was interrupted may
+    # look installed (or not) with only some of its files, so recovery reinstalls it.
+    partial_states = False
 
     def package_state(self, root: Path, package: str) -> str:
-        """"installed" or "not-installed" (rpm records no part-way states)."""
+        """"installed" or "not-installed"."""
         done = run([*rpm_command(root), "-q", package], env=PM_ENV, check=False)
         return "installed" if done.returncode == 0 else "not-installed"
 
     def describe_package(self, root: Path, package: str) -> PackageDescription:
-        raise InputError(f"whole-package removal is not supported with rpm ({package})")
+        """What rebuilding ``package`` needs, from its installed header (``rpm -q --xml``).
+        Raises InputError when it is not installed or has what a rebuild cannot carry
+        (triggers, file capabilities, paths a spec file cannot name), CommandError when
+        rpm fails."""
+        done = run([*rpm_command(root), "-q", "--xml", package], env=PM_ENV, check=False)
+        if done.returncode != 0:
+            raise InputError(f"package {package} is not installed in {root}: "
+                             f"{(done.stdout + done.stderr).strip()}")
+        tags = _header_tags(done.stdout)
+        for tag in ("Triggername", "Filetriggername", "Transfiletriggername"):
+            if tags.get(tag):
+                raise InputError(f"package {package} has {tag.lower()}s, which kmodtrim "
+                                 "cannot rebuild")
+        if any(tags.get("Filecaps") or []):
+            raise InputError(f"package {package} has file capabilities, which kmodtrim "
+                             "cannot rebuild")
+        dirnames = tags.get("Dirnames", [])
+        paths = [dirnames[int(i)] + base for i, base
+                 in zip(tags.get("Dirindexes", []), tags.get("Basenames", []), strict=True)]
+        bad = next((p for p in paths if _SPEC_UNSAFE.search(p)), None)
+        if bad is not None:
+            raise InputError(f"package {package} lists {bad!r}, which a spec file cannot name")
+        count = len(paths)
+
+        def column(tag: str, default: Any) -> list[Any]:
+            values = list(tags.get(tag, []))
+            return values if len(values) == count else [default] * count
+
+        files = [
+            {"path": path, "mode": int(mode), "user": user, "group": group, "flags": int(flags),
+             "verify": int(verify), "lang": lang}
+            for path, mode, user, group, flags, verify, lang in zip(
+                paths, column("Filemodes", 0o100644), column("Fileusername", "root"),
+                column("Filegroupname", "root"), column("Fileflags", 0),
+                column("Fileverifyflags", -1), column("Filelangs", ""), strict=True)
+        ]
+        scripts = {}
+        for section, tag in _SCRIPTLETS:
+            body, prog = _scalar(tags, tag), tags.get(tag + "prog")
+            if body is not None or prog:
+                argv = prog if isinstance(prog, list) else [prog] if prog else []
+                scripts[section] = {"prog": " ".join(str(a) for a in argv),
+                                    "body": body or ""}
+        metadata: dict[str, Any] = {
+            key: _scalar(tags, key.capitalize()) for key in (
+                "name", "epoch", "version", "release", "arch", "summary", "description",
+                "license", "group", "url", "vendor", "packager")
+        }
+        metadata["dependencies"] = {kind: _dependencies(tags, kind) for kind in _DEPENDENCIES}
+        metadata["scripts"] = scripts
+        metadata["files"] = files
+        return PackageDescription(
+            name=package, version=_evr(metadata), arch=str(metadata["arch"] or ""),
+            metadata=metadata, control={}, paths=paths)
 
     def removal_refusal(self, root: Path, packages: Sequence[str]) -> str | None:
-        return "whole-package removal is not implemented for rpm"
+        """Why rpm would not erase ``packages`` (together) without touching anything else
+        (an installed package requires one of them, …), or None when ``rpm -e --test``
+        agrees; also refuses when rpmbuild, which a restore needs, is missing."""
+        if shutil.which("rpmbuild", path=PM_ENV["PATH"]) is None:
+            return "rpmbuild is not installed, and restoring the package would need it"
+        done = run([*rpm_command(root), "-e", "--test", *packages], env=PM_ENV, check=False)
+        if done.returncode == 0:
+            return None
+        reasons = [ln.strip() for ln in done.stderr.splitlines()
+                   if ln.startswith(("\t", " ")) and ln.strip()]
+        if not reasons:
+            reasons = [ln.strip() for ln in done.stderr.splitlines() if ln.strip()][:2]
+        return "; ".join(reasons[:4]) or f"rpm -e --test exited {done.returncode}"
 
     def build_archive(self, package: RemovedPackage, tree: Path, control: Path,
                       out_dir: Path) -> Path:
-        raise CommandError(f"cannot rebuild {package.name}: not implemented for rpm")
+        """Build ``package`` again as an .rpm with rpmbuild: its recorded header as a spec
+        file, ``tree`` (its files, put there from the stash) as the payload, uncompressed
+        (the archive only lives until it is installed), with none of rpmbuild's
+        post-processing (no stripping, no build-id links, no added dependencies), so the
+        files are byte-identical.  Raises CommandError when rpmbuild refuses."""
+        meta = package.metadata
+        top = out_dir / "rpmbuild"
+        for sub in ("SPECS", "RPMS", "BUILD", "tmp", "db"):
+            (top / sub).mkdir(parents=True, exist_ok=True)
+        spec = top / "SPECS" / "package.spec"
+        spec.write_text(_spec(meta, tree), encoding="utf-8")
+        defines = {
+            "_topdir": str(top), "_rpmdir": str(top / "RPMS"), "_tmppath": str(top / "tmp"),
+            "_dbpath": str(top / "db"), "_build_id_links": "none",
+            "__spec_install_post": "%{nil}", "__os_install_post": "%{nil}",
+            "debug_package": "%{nil}", "_binary_payload": "w.ufdio",
+            "_unpackaged_files_terminate_build": "0",
+            "_build_name_fmt": "package.rpm",
+        }
+        argv = ["rpmbuild", "-bb", "--target", str(meta["arch"] or "noarch")]
+        for key, value in defines.items():
+            argv += ["--define", f"{key} {value}"]
+        run([*argv, str(spec)], env=PM_ENV)
+        return top / "RPMS" / "package.rpm"
 
     def install_archives(self, root: Path, archives: Sequence[Path]) -> None:
-        """Install the given .rpm files (installed or not: ``rpm -U --replacepkgs``)."""
+        """Install the given .rpm files whether or not that version is installed
+        (``rpm -U --replacepkgs``), under ROOT's %_netsharedpath.  ``--nodeps``: each
+        puts back a package that was installed with its dependencies met, and a restore
+        must not fail for a dependency dropped since.  Raises CommandError."""
         if archives:
-            run([*rpm_command(root), "-U", "--replacepkgs", *map(str, archives)], env=PM_ENV)
+            run([*rpm_command(root), "-U", "--replacepkgs", "--nodeps", *map(str, archives)],
+                env=PM_ENV)
+
+
+_SCRIPTLETS = (("pretrans", "Pretrans"), ("pre", "Prein"), ("post", "Postin"),
+               ("preun", "Preun"), ("postun", "Postun"), ("posttrans", "Posttrans"))
+_DEPENDENCIES = {"Requires": "Require", "Provides": "Provide", "Conflicts": "Conflict",
+                 "Obsoletes": "Obsolete", "Recommends": "Recommend", "Suggests": "Suggest",
+                 "Supplements": "Supplement", "Enhances": "Enhance"}
+# rpmsense bits: comparison, and the dependencies rpm adds by itself
+_SENSE = {2: "<", 4: ">", 8: "=", 10: "<=", 12: ">="}
+_RPMLIB, _INTERP, _CONFIG = 1 << 24, 1 << 8, 1 << 28
+_SPEC_UNSAFE = re.compile(r"[\s\"'%*?\[\]{}\\]")
+_FILE_FLAGS = ((1, "%config"), (2, "%doc"), (64, "%ghost"), (128, "%license"),
+               (256, "%readme"), (4096, "%artifact"))
+
+
+def _header_tags(xml: str) -> dict[str, Any]:
+    """``rpm -q --xml`` output as tag name → value (a list for array tags)."""
+    import xml.etree.ElementTree as ET
+
+    tags: dict[str, Any] = {}
+    for tag in ET.fromstring(xml).iter("rpmTag"):
+        values: list[Any] = []
+        for item in tag:
+            text = item.text or ""
+            values.append(int(text) if item.tag == "integer" else text)
+        tags[tag.get("name", "")] = values
+    return tags
+
+
+def _scalar(tags: dict[str, Any], name: str) -> Any:
+    values = tags.get(name)
+    return values[0] if values else None
+
+
+def _evr(meta: dict[str, Any]) -> str:
+    epoch = f"{meta['epoch']}:" if meta.get("epoch") is not None else ""
+    return f"{epoch}{meta['version']}-{meta['release']}"
+
+
+def _dependencies(tags: dict[str, Any], kind: str) -> list[str]:
+    """A dependency list as spec lines' values ("name >= 1.0"), without those rpm(build)
+    adds by itself (rpmlib(), scriptlet interpreters, config(), the self-provide)."""
+    prefix = _DEPENDENCIES[kind]
+    names = tags.get(prefix + "name", [])
+    flags = tags.get(prefix + "flags", [0] * len(names))
+    versions = tags.get(prefix + "version", [""] * len(names))
+    out = []
+    for name, flag, version in zip(names, flags, versions, strict=False):
+        if flag & (_RPMLIB | _INTERP) or name.startswith(("rpmlib(", "config(")):
+            continue
+        if kind == "Provides" and name in (_scalar(tags, "Name"),
+                                           f"{_scalar(tags, 'Name')}({_scalar(tags, 'Arch')})"):
+            continue
+        op = _SENSE.get(flag & 14)
+        out.append(f"{name} {op} {version}" if op and version else name)
+    return out
+
+
+def _escape(text: str) -> str:
+    return text.replace("%", "%%")
+
+
+def _spec(meta: dict[str, Any], tree: Path) -> str:
+    """A spec file that packages ``tree`` as the recorded package."""
+    lines = [f"Name: {meta['name']}", f"Version: {meta['version']}",
+             f"Release: {meta['release']}"]
+    if meta.get("epoch") is not None:
+        lines.append(f"Epoch: {meta['epoch']}")
+    lines += [f"Summary: {_escape(meta.get('summary') or meta['name'])}",
+              f"License: {_escape(meta.get('license') or 'unknown')}", "AutoReqProv: no"]
+    for key, tag in (("group", "Group"), ("url", "URL"), ("vendor", "Vendor"),
+                     ("packager", "Packager")):
+        if meta.get(key):
+            lines.append(f"{tag}: {_escape(str(meta[key]))}")
+    if meta.get("arch") == "noarch":
+        lines.append("BuildArch: noarch")
+    for kind, deps in meta.get("dependencies", {}).items():
+        lines += [f"{kind}: {_escape(dep)}" for dep in deps]
+    lines += ["", "%description", _escape(meta.get("description") or ""), "",
+              "%install", "mkdir -p %{buildroot}",
+              f"cp -a {shlex.quote(str(tree))}/. %{{buildroot}}/", ""]
+    for section, script in meta.get("scripts", {}).items():
+        prog = f" -p {script['prog']}" if script["prog"] else ""
+        lines += [f"%{section}{prog}", _escape(script["body"]), ""]
+    lines.append("%files")
+    for f in meta.get("files", []):
+        words = ["%dir"] if stat.S_ISDIR(f["mode"]) else []
+        words += [word for bit, word in _FILE_FLAGS if f["flags"] & bit]
+        if "%config" in words and f["flags"] & 16:
+            words[words.index("%config")] = "%config(noreplace)"
+        if f.get("lang"):
+            words.append(f"%lang({f['lang']})")
+        mode = "-" if stat.S_ISLNK(f["mode"]) else f"{stat.S_IMODE(f['mode']):o}"
+        words.append(f"%attr({mode},{f['user']},{f['group']})")
+        words.append(f["path"])
+        lines.append(" ".join(words))
+    return "\n".join(lines) + "\n"
 
 
 def _dnf_lock_holder(root: Path) -> int | None:
