@@ -140,6 +140,10 @@ def test_trimmed_module_restored_when_device_appears(
     assert "kernel/drivers/test/nic_x.ko: kernel/drivers/test/nic_lib.ko" in dep
     generation = current_generation(root)
     assert generation.number == 2 and generation.action == "restore"
+    # From now on the driver counts as observed: a re-plan keeps it.
+    assert "nic_x" in read_observations(root)[BOOT_ID]["modules"]
+    replan = make_plan_for(Target(root=root, kernel=KVER)).plan
+    assert "nic_x" in {m.name for m in replan.keep}
 
 
 def test_device_uevent_without_trimmed_driver_starts_no_job(

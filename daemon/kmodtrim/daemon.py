@@ -639,6 +639,13 @@ class Daemon:
                                f"{', '.join(sorted(set(wanted.values())))} failed: "
                                f"{job.error_message}", error=True)
             return
+        # The device needs these from now on: a later plan (a re-trim, the next kernel)
+        # must keep them even if loading them below fails or the device goes away.
+        try:
+            await asyncio.to_thread(record_observation, self.root, boot_id(self.root), names)
+        except (OSError, KmodtrimError) as exc:
+            log_event("error", f"self-heal: cannot record {names} as observed: {exc}",
+                      error=True)
         for name in names:
             loaded = ""
             if self.live:
