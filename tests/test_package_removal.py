@@ -4,18 +4,21 @@ modules is restored, and a crash at any package step loses nothing."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
-from kmodtrim.backends.package import VerifyProblem
+from kmodtrim.backends.package import PackageManagerBusy, VerifyProblem
 from kmodtrim.backends.rpm import RpmBackend, rpm_command
+from kmodtrim.errors import StashError
 from kmodtrim.executor import _gone, recover
 from kmodtrim.store import current_generation, read_journal
 from modbuild import ModSpec, module_bytes
@@ -549,3 +552,153 @@ def test_rpm_killed_while_reinstalling_is_undone(rpm_root: Path) -> None:
     assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
     assert snapshot(root) == before
     assert RpmBackend().verify(root, [R_IMAGE, R_EXTRA, R_OTHER]) == []
+
+
+# -- dry run, a late switch, the package manager's lock, a full disk ---------------------
+
+
+def test_dry_run_names_the_package_and_changes_nothing(root: Path) -> None:
+    before = snapshot(root)
+    proc = kmodtrim(root, "apply", "--dry-run", "--observed", str(root / "observed"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"would remove package {EXTRA} 1.2-3 whole" in proc.stdout
+    doc = json.loads(kmodtrim(root, "apply", "--dry-run", "--json",
+                              "--observed", str(root / "observed")).stdout)
+    assert doc["packages_removed"] == [EXTRA] and doc["generation"] is None
+    assert snapshot(root) == before
+    assert installed_version(root, EXTRA) == "1.2-3"
+
+
+def test_switching_removal_on_later_removes_a_package_already_trimmed(root: Path) -> None:
+    policy = root / "etc/kmodtrim/policy.toml"
+    text = policy.read_text()
+    policy.write_text("remove_packages = false\n" + text)
+    assert apply(root).returncode == 0
+    assert installed_version(root, EXTRA) == "1.2-3"
+    policy.write_text(text)
+    proc = apply(root)  # nothing left to trim file by file: only the package goes
+    assert proc.returncode == 0, proc.stderr
+    assert f"removed package {EXTRA} 1.2-3 whole" in proc.stdout
+    assert installed_version(root, EXTRA) is None and not present(root, EXTRA_DOC)
+    generation = current_generation(root)
+    assert generation.stashed == () and generation.packages_removed == (EXTRA,)
+    assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
+
+
+def _hold_dpkg_lock(root: Path) -> subprocess.Popen[str]:
+    """Another process holding dpkg's frontend lock (as apt does) until its stdin closes."""
+    path = root / "var/lib/dpkg/lock-frontend"
+    path.touch()
+    code = ("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def _release(holder: subprocess.Popen[str]) -> None:
+    assert holder.stdin is not None
+    holder.stdin.close()
+    holder.wait(timeout=10)
+
+
+def test_busy_package_manager_means_file_by_file_or_a_clean_failure(
+        root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from kmodtrim import executor
+    from kmodtrim.operations import Target, load_index, make_plan_for
+
+    monkeypatch.setattr(executor, "PM_CHECK_TIMEOUT", 0.3)
+    monkeypatch.setattr(executor, "PM_LOCK_TIMEOUT", 0.3)
+    target = Target(root=root, kernel=KVER, observed_files=(root / "observed",))
+    holder = _hold_dpkg_lock(root)
+    try:
+        result = make_plan_for(target)
+        outcome = executor.apply_plan(root, result.plan, result.index, result.evidence,
+                                      result.policy, executor.Options(initramfs="skip"))
+        assert any("dpkg is busy" in note and "file by file" in note
+                   for note in outcome.notes), outcome.notes
+        assert installed_version(root, EXTRA) == "1.2-3"
+        assert not present(root, E_ONE) and present(root, EXTRA_DOC)
+    finally:
+        _release(holder)
+    assert executor.rollback(root, 0, executor.Options(initramfs="skip")).generation
+    result = make_plan_for(target)
+    executor.apply_plan(root, result.plan, result.index, result.evidence, result.policy,
+                        executor.Options(initramfs="skip"))
+    assert installed_version(root, EXTRA) is None
+    trimmed = snapshot(root)
+    holder = _hold_dpkg_lock(root)
+    try:
+        index, _ = load_index(target)
+        with pytest.raises(PackageManagerBusy, match="lock-frontend"):
+            executor.restore_modules(root, ["e_three"], index,
+                                     executor.Options(initramfs="skip"))
+        assert snapshot(root) == trimmed and read_journal(root) is None
+        assert installed_version(root, EXTRA) is None
+    finally:
+        _release(holder)
+    index, _ = load_index(target)
+    executor.restore_modules(root, ["e_three"], index, executor.Options(initramfs="skip"))
+    assert installed_version(root, EXTRA) == "1.2-3" and present(root, E_THREE)
+
+
+@pytest.fixture
+def small_state(root: Path) -> Iterator[Path]:
+    """kmodtrim's state directory on a 256 KiB tmpfs."""
+    state = root / "var/lib/kmodtrim"
+    state.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)],
+                             capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", str(state)], check=False)
+
+
+def fill(state: Path, leave: int) -> Path:
+    """Fill the state file system but for ``leave`` bytes; returns the filler file."""
+    filler = state / "filler"
+    with contextlib.suppress(OSError), filler.open("wb", buffering=0) as f:
+        while True:
+            f.write(b"\0" * 4096)
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler
+
+
+def test_full_disk_while_rebuilding_loses_nothing(root: Path, small_state: Path) -> None:
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    trimmed = snapshot(root)
+    filler = fill(small_state, 24 * 1024)  # room for the journal, not for the rebuild
+    proc = kmodtrim(root, "restore", "e_three", "--yes")
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "No space left on device" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"rebuild package {EXTRA}" in proc.stderr, proc.stderr
+    assert snapshot(root) == trimmed
+    assert installed_version(root, EXTRA) is None and read_journal(root) is None
+    assert audit(root) == ""
+    filler.unlink()
+    proc = kmodtrim(root, "rollback", "0", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(root) == before
+    assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
+
+
+def test_full_disk_during_recovery_waits_for_space(root: Path, small_state: Path) -> None:
+    before = snapshot(root)
+    assert apply(root, fault="after-package-remove").returncode == -9
+    filler = fill(small_state, 0)
+    with pytest.raises(StashError, match=f"rebuild package {EXTRA}"):
+        recover(root)
+    assert read_journal(root) is not None  # still to do
+    filler.unlink()
+    assert recover(root) is not None
+    assert snapshot(root) == before
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert audit(root) == ""

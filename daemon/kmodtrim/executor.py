@@ -215,15 +215,17 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
     notes: list[str] = []
     whole: list[PackageDescription] = []
     for name in sorted(names):
-        try:
-            desc = backend.describe_package(root, name)
-        except InputError:
+        if _gone(backend.package_state(root, name)):
             continue  # not installed (any more): nothing to remove
-        _dirs, files = _split_listing(root, desc.paths)
+        _dirs, files = _split_listing(root, backend.package_files(root, name))
         trimmed = [f for f in files if f in spelled]
         staying = [f for f in files if f not in spelled and not is_doc(f)]
         if trimmed and not staying:
-            whole.append(desc)
+            try:
+                whole.append(backend.describe_package(root, name))
+            except InputError as exc:
+                notes.append(f"package {name} stays installed ({exc.message}); its files "
+                             "are excluded one by one")
         elif trimmed and not any(_is_module(f) for f in staying):
             notes.append(f"package {name} stays installed: it also owns {staying[0]}"
                          + (f" and {len(staying) - 1} more file(s)" if len(staying) > 1 else "")
@@ -320,8 +322,9 @@ def _rebuild(root: Path, backend: Any, packages: Sequence[RemovedPackage]) -> li
                 stash.restore_to(entry, control / (entry.module or "unknown"))
             for path, mode in sorted(package.dirs, reverse=True):
                 os.chmod(tree / path.lstrip("/"), mode)
-        except OSError as exc:
-            raise StashError(f"cannot rebuild package {package.name}: {exc.strerror or exc}",
+        except (OSError, StashError) as exc:
+            reason = exc.message if isinstance(exc, StashError) else exc.strerror or str(exc)
+            raise StashError(f"cannot rebuild package {package.name}: {reason}",
                              hint=f"free space under {state_dir(root)} and try again") from None
         archives.append(backend.build_archive(package, tree, control, base))
     return archives
@@ -641,7 +644,7 @@ def _undo_packages(root: Path, backend: Any, journal: dict[str, Any],
         # dpkg refuses to remove a package it left half-installed, and rpm may have left
         # files of a package it had not registered yet: install it whole first.
         broken = [records[n] for n, state in states.items() if n in records and (
-            not backend.partial_states or (not _gone(state) and state != "installed"))]
+            not backend.partial_states or state == "half-installed")]
         if broken:
             archives = _rebuild(root, backend, broken)
             _run_package_op(root, backend, lambda: backend.install_archives(root, archives))

@@ -135,7 +135,8 @@ def operation_lock(root: Path, description: str) -> Iterator[None]:
                 hint="wait for it to finish (kmodtrim history shows the result)",
             ) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{description} (pid {os.getpid()}, since {_now()})\n".encode(), 0)
+        with contextlib.suppress(OSError):  # only informs BusyError; a full disk may refuse
+            os.pwrite(fd, f"{description} (pid {os.getpid()}, since {_now()})\n".encode(), 0)
         try:
             yield
         finally:
