@@ -494,8 +494,9 @@ class _LoadedCache:
                 size = os.fstat(self.fd).st_size - self.region_start
                 self.region = os.pread(self.fd, size, self.region_start)
 
-    def blob(self, row: int) -> bytes | None:
-        """The row's symbol blob as stored, or None if it is damaged or unreadable."""
+    def blob(self, row: int) -> tuple[bytes, int] | None:
+        """The row's symbol blob as stored and its CRC-32, or None if it is damaged or
+        unreadable."""
         offset, length, crc = _SYMTAB.unpack_from(self.symtab, row * _SYMTAB.size)
         if self.region is not None:
             data = self.region[offset : offset + length]
@@ -506,15 +507,17 @@ class _LoadedCache:
                 return None
         if len(data) != length or zlib.crc32(data) != crc:
             return None
-        return data
+        return data, crc
 
     def symbol_lists(self, row: int) -> _SymbolLists:
-        blob = self.blob(row)
-        if blob is not None:
-            with contextlib.suppress(EOFError, ValueError, TypeError):
-                lists = marshal.loads(blob)
-                if type(lists) is tuple and len(lists) == 2:
-                    return lists
+        stored = self.blob(row)
+        if stored is not None:
+            try:
+                lists = marshal.loads(stored[0])
+            except (EOFError, ValueError, TypeError):
+                lists = None
+            if type(lists) is tuple and len(lists) == 2:
+                return lists
         return self._reread(row)
 
     def _reread(self, row: int) -> _SymbolLists:
@@ -555,12 +558,11 @@ class _CachedInfo(ModuleInfo):
     _symbols: _SymbolLists
 
     def _symbol_lists(self) -> _SymbolLists:
-        try:
-            return self._symbols
-        except AttributeError:
+        lists: _SymbolLists | None = getattr(self, "_symbols", None)
+        if lists is None:
             lists = self._cache.symbol_lists(self._row)
             object.__setattr__(self, "_symbols", lists)
-            return lists
+        return lists
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, ModuleInfo):
@@ -670,18 +672,20 @@ def _save_cache(path: Path, moddir: Path, files: list[tuple[str, Any, ModuleInfo
     blobs: list[bytes] = []
     offset = 0
     for _, _, info in (*files, *stash):
-        blob = None
+        stored = None
         if type(info) is _CachedInfo:
             info._cache.read_region()
             values: Iterable[object] = (column[info._row] for column in info._cache.columns)
-            blob = info._cache.blob(info._row)
+            stored = info._cache.blob(info._row)
         else:
             values = (getattr(info, name) for name in _COLUMN_FIELDS)
-        if blob is None:
+        if stored is None:
             blob = marshal.dumps((info.undefined, info.weak_undefined))
+            stored = blob, zlib.crc32(blob)
+        blob, crc = stored
         for column, value, share in zip(columns, values, shared, strict=True):
             column.append(once(value) if share else value)
-        symtab.append(_SYMTAB.pack(offset, len(blob), zlib.crc32(blob)))
+        symtab.append(_SYMTAB.pack(offset, len(blob), crc))
         blobs.append(blob)
         offset += len(blob)
     head = marshal.dumps((
