@@ -3,7 +3,8 @@
 Built from the modules' own ELF metadata (never from depmod's generated ``modules.*``
 files, which may be missing or stale), plus ``modules.builtin*``, modprobe.d, and the
 kernel's own exported symbols. A per-file cache keyed by (size, mtime_ns, inode) makes a
-rebuild re-read only the files that changed.
+rebuild re-read only the files that changed; from the cache, a module's undefined-symbol
+lists are only read when something asks for them.
 """
 
 from __future__ import annotations
@@ -252,7 +253,7 @@ def default_kernel(root: Path) -> str:
 # Reading the tree
 
 
-# relpath → (size, mtime_ns, inode)
+# (size, mtime_ns, inode) of a module file
 _Stat = tuple[int, int, int]
 
 
@@ -286,8 +287,6 @@ def _walk_modules(moddir: Path) -> list[tuple[str, _Stat]]:
                         except OSError:
                             continue
                         found.append((prefix + name, (st.st_size, st.st_mtime_ns, st.st_ino)))
-        except OSError:
-            pass
         finally:
             os.close(fd)
     found.sort()  # directory order is arbitrary; priorities and providers must not be
