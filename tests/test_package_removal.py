@@ -702,3 +702,14 @@ def test_full_disk_during_recovery_waits_for_space(root: Path, small_state: Path
     assert snapshot(root) == before
     assert installed_version(root, EXTRA) == "1.2-3"
     assert audit(root) == ""
+
+
+def test_rollback_with_the_plain_stash_still_reinstalls_removed_packages(root: Path) -> None:
+    before = snapshot(root)
+    assert apply(root).returncode == 0
+    proc = kmodtrim(root, "rollback", "0", "--yes", "--backend", "stash")
+    assert proc.returncode == 0, proc.stderr
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert snapshot(root) == before
+    assert current_generation(root).packages == ()
+    assert audit(root) == ""

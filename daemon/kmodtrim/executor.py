@@ -3,12 +3,19 @@
 Every operation is a *transition* from the current generation's set of removed files to a
 target set, run under a write-ahead journal:
 
-    journal → exclusions (superset) → stash copies → sync → unlink → restores
-            → depmod → initramfs → manifest (commit) → exclusions (final) → GC → clear journal
+    journal → exclusions (superset) → stash copies → sync → package removal → unlink
+            → restores → package reinstall → depmod → initramfs → manifest (commit)
+            → exclusions (final) → GC → clear journal
 
 Before the commit point an interrupted operation is undone on the next start (every file
 removed is still in the stash, synced before its unlink); after it, it is finished. At no
 point is a file only in memory: each is in the tree or in the stash with a matching hash.
+
+With the dpkg or rpm backend, a package whose every file is trimmed (documentation aside)
+is removed whole through the package manager instead of being excluded file by file: its
+files, control files and header are stashed and journaled first, so a restore (or an undo)
+rebuilds it locally and installs it again — offline, whatever state an interrupted dpkg or
+rpm left it in. Package commands run only once the package manager's lock is free.
 
 Set ``KMODTRIM_FAULT=STEP`` (or ``STEP:N`` for the N-th file of a per-file step) to kill
 the process with SIGKILL at that step boundary; the tests use it to prove recovery.
@@ -330,6 +337,17 @@ def _rebuild(root: Path, backend: Any, packages: Sequence[RemovedPackage]) -> li
     return archives
 
 
+def _package_manager(backend: Any, removed: Sequence[RemovedPackage]) -> Any:
+    """The backend that runs package operations: the configured one or — when kmodtrim
+    now runs without a package manager but removed packages whole before — the package
+    manager that removed them, so that bringing their files back reinstalls them."""
+    if _has_backend(backend) or not removed:
+        return backend
+    from .backends.package import backend_by_name
+
+    return backend_by_name(removed[0].backend)
+
+
 def _run_package_op(root: Path, backend: Any, op: Callable[[], None]) -> None:
     """Run one package-manager command, never while its lock is held by someone else."""
     backend.wait_for_lock(root, PM_LOCK_TIMEOUT)
@@ -439,8 +457,10 @@ def _transition(
     owners: dict[str, str | None] = {f.path: f.package for f in current.removed}
     if _has_backend(backend) and stash_paths:
         owners.update(backend.owners(root, stash_paths))
-    packages = _plan_packages(root, backend, current, new_paths, owners,
-                              enabled=remove_packages and options.remove_packages,
+    pm = _package_manager(backend, current.packages)
+    packages = _plan_packages(root, pm, current, new_paths, owners,
+                              enabled=(remove_packages and options.remove_packages
+                                       and _has_backend(backend)),
                               candidates=package_candidates)
     removing = tuple(d.name for d in packages.remove)
     reinstalling = tuple(p.name for p in packages.reinstall)
@@ -467,6 +487,7 @@ def _transition(
         "restore": [e.__dict__ for e in to_restore],
         "kernels": kernels,
         "backend": options.backend,
+        "package_backend": pm.name if _has_backend(pm) else None,
         "packages_remove": list(removing),
         "packages_reinstall": list(reinstalling),
         "phase": "moving",
@@ -502,7 +523,7 @@ def _transition(
                 if entry.path in new_paths:
                     for spelling in _spellings([entry.path]):
                         by_path.setdefault(spelling, entry)
-            captured = [_capture(root, desc, backend, by_path, stashed[len(to_stash):])
+            captured = [_capture(root, desc, pm, by_path, stashed[len(to_stash):])
                         for desc in packages.remove]
             journal["packages_captured"] = [p.to_json() for p in captured]
         write_journal(root, journal)
@@ -511,8 +532,7 @@ def _transition(
             journal["packages_removing"] = True
             write_journal(root, journal)
             fault_point("before-package-remove")
-            _run_package_op(root, backend,
-                            lambda: backend.remove_packages(root, list(removing)))
+            _run_package_op(root, pm, lambda: pm.remove_packages(root, list(removing)))
             fault_point("after-package-remove")
         for i, item in enumerate(to_stash, 1):
             with contextlib.suppress(FileNotFoundError):
@@ -528,12 +548,12 @@ def _transition(
         fault_point("after-restore")
         if reinstalling:
             # The files staying trimmed stay out of the reinstalled packages.
-            _write_exclusions(backend, root, new_paths)
-            archives = _rebuild(root, backend, packages.reinstall)
+            _write_exclusions(pm, root, new_paths)
+            archives = _rebuild(root, pm, packages.reinstall)
             journal["packages_reinstalling"] = True
             write_journal(root, journal)
             fault_point("before-package-reinstall")
-            _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
+            _run_package_op(root, pm, lambda: pm.install_archives(root, archives))
             fault_point("after-package-reinstall")
         journal["phase"] = "regenerating"
         write_journal(root, journal)
@@ -575,7 +595,7 @@ def _transition(
     write_generation(root, generation)  # the commit point
     fault_point("after-commit")
     _finish(root, generation, backend)
-    tool = getattr(backend, "name", "the package manager")
+    tool = getattr(pm, "name", "the package manager")
     notes = packages.notes + tuple(
         f"removed package {p.name} {p.version} whole ({tool}); its {len(p.files)} files are "
         "in the stash and restoring any of them reinstalls it" for p in captured
@@ -617,6 +637,10 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     os.sync()
     backend = _backend(root, journal.get("backend", "auto"))
     _write_exclusions(backend, root, current_paths)
+    if journal.get("package_backend"):
+        from .backends.package import backend_by_name
+
+        backend = backend_by_name(journal["package_backend"])
     _undo_packages(root, backend, journal, current)
     _restore_initramfs(root, journal)
     from . import regen

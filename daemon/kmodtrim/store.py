@@ -9,6 +9,7 @@ Layout::
       generations/N.json    one manifest per generation (0 is implicit: nothing trimmed)
       observations.json     modules seen loaded, per boot
       stash/objects/…       content-addressed copies of removed files (backends/stash.py)
+      rebuild/              packages being rebuilt from the stash (only during an operation)
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 A backend keeps the package manager truthful about files kmodtrim moved to its stash: it
 tells the package manager not to install those paths again (dpkg ``path-exclude``, rpm
 ``%_netsharedpath``), says which package owns a path, brings files back through the package
-manager, and shows the package manager's own verification of a package.
+manager, and shows the package manager's own verification of a package.  For a package
+whose every file is trimmed it also describes the package (enough to rebuild it offline),
+asks whether removing it alone would be accepted, removes it, rebuilds it from a tree of
+its files and installs that archive again.
 
 Paths are absolute paths inside ``root`` ("/lib/modules/KVER/kernel/…"); the live system is
 ``Path("/")``.
