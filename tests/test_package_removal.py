@@ -121,8 +121,12 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture
-def root(tmp_path: Path, debs: dict[str, Path]) -> Path:
+def root(tmp_path: Path, debs: dict[str, Path], request: pytest.FixtureRequest) -> Path:
     root = init_dpkg_root(tmp_path / "root")
+    if getattr(request, "param", "split") == "usrmerged":
+        # /lib is a link to usr/lib; the packages say /lib/…
+        (root / "usr/lib").mkdir(parents=True)
+        (root / "lib").symlink_to("usr/lib")
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
         'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
@@ -137,6 +141,7 @@ def apply(root: Path, fault: str | None = None) -> subprocess.CompletedProcess[s
     return kmodtrim(root, "apply", "--yes", "--observed", str(root / "observed"), fault=fault)
 
 
+@pytest.mark.parametrize("root", ["split", "usrmerged"], indirect=True)
 def test_extra_package_leaves_whole_and_comes_back_offline(root: Path) -> None:
     backend = DpkgBackend()
     before = snapshot(root)
@@ -192,6 +197,7 @@ def test_extra_package_leaves_whole_and_comes_back_offline(root: Path) -> None:
     assert audit(root) == ""
 
 
+@pytest.mark.parametrize("root", ["split", "usrmerged"], indirect=True)
 def test_rollback_to_zero_reinstalls_a_removed_package(root: Path) -> None:
     before = snapshot(root)
     assert apply(root).returncode == 0
