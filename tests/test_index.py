@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import marshal
 import os
 import pickle
 import shutil
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from kernels import KernelTree
+from kmodtrim import __version__
 from kmodtrim import index as index_module
 from kmodtrim.elf import ModuleInfo
 from kmodtrim.index import ModuleIndex, StashedModule, build_index
@@ -200,6 +202,22 @@ def test_a_damaged_cache_is_ignored_and_rewritten(tree: Path, how: str) -> None:
     assert stats.parsed == 6
     assert snapshot(index) == snapshot(cold(tree))
     _, stats = build_index(tree, KVER)
+    assert stats.parsed == 0
+
+
+def test_a_cache_of_another_format_or_tree_is_ignored(tree: Path, tmp_path: Path) -> None:
+    moddir = tree / f"lib/modules/{KVER}"
+    # What format 3 wrote: one marshal tuple (format, version, moddir, entries).
+    cache_file(tree).parent.mkdir(parents=True)
+    cache_file(tree).write_bytes(marshal.dumps((3, __version__, str(moddir), {})))
+    _, stats = build_index(tree, KVER)
+    assert stats.parsed == 6
+    # The same tree seen under another root is another tree.
+    moved = tmp_path / "moved"
+    shutil.copytree(tree, moved, symlinks=True)
+    index, stats = build_index(moved, KVER)
+    assert stats.parsed == 6 and index.moddir == moved / f"lib/modules/{KVER}"
+    _, stats = build_index(moved, KVER)
     assert stats.parsed == 0
 
 
