@@ -289,3 +289,58 @@ def test_verify_output_of_both_tools_parses() -> None:
         VerifyProblem("/etc/rpm/y", "S.5....T."),
         VerifyProblem("/usr/share/doc/z", "missing"),
     ]
+
+
+# -- whole-package removal ----------------------------------------------------------------
+
+
+def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
+                                                  debs: dict[str, Path]) -> None:
+    from kmodtrim.backends.stash import Stash
+    from kmodtrim.store import RemovedPackage
+
+    backend = DpkgBackend()
+    extra = build_deb(tmp_path, "extra-mods", "2.0-1", {f"{MODDIR}/x.ko": b"x module\n"},
+                      fields=f"Depends: {PKG}\nSection: kernel\n",
+                      control={"shlibs": b"libx 1 extra-mods\n"})
+    dpkg(root, "-i", debs["v1"], extra)
+    assert backend.package_state(root, "extra-mods") == "installed"
+    assert backend.package_state(root, "never-installed") == "not-installed"
+    desc = backend.describe_package(root, "extra-mods")
+    assert (desc.name, desc.version, desc.arch) == ("extra-mods", "2.0-1", "all")
+    control = desc.metadata["control"]
+    assert "Status:" not in control and f"Depends: {PKG}\n" in control
+    assert control.endswith("Description: kernel-like test package\n with a long description\n"
+                            " .\n over lines\n")
+    assert set(desc.control) == {"md5sums", "shlibs"}
+    assert f"{MODDIR}/x.ko" in desc.paths
+    # The image package is needed by extra-mods: dpkg names the dependent.
+    refusal = backend.removal_refusal(root, [PKG])
+    assert refusal is not None and f"extra-mods depends on {PKG}" in refusal
+    assert backend.removal_refusal(root, ["extra-mods"]) is None
+    assert backend.removal_refusal(root, [PKG, "extra-mods"]) is None
+
+    stash = Stash(root)
+    files = tuple(stash.put(p) for p in desc.paths
+                  if (root / p.lstrip("/")).is_file() and p != "/.")
+    scripts = tuple(stash.put(path, kind="package-control", module=name)
+                    for name, path in desc.control.items())
+    record = RemovedPackage(desc.name, desc.version, desc.arch, "dpkg", desc.metadata,
+                            files, scripts)
+    backend.remove_packages(root, ["extra-mods"])
+    assert backend.package_state(root, "extra-mods") == "not-installed"
+    tree, ctl = tmp_path / "tree", tmp_path / "control"
+    for entry in files:
+        stash.restore_to(entry, tree / entry.path.lstrip("/"))
+    for entry in scripts:
+        stash.restore_to(entry, ctl / (entry.module or ""))
+    deb = backend.build_archive(record, tree, ctl, tmp_path)
+    fields = ("Package", "Version", "Architecture", "Maintainer", "Depends", "Section",
+              "Description")
+    original = sh("dpkg-deb", "--field", extra, *fields).stdout
+    assert sh("dpkg-deb", "--field", deb, *fields).stdout == original  # order aside
+    assert sh("dpkg-deb", "--info", deb, "shlibs").stdout == "libx 1 extra-mods\n"
+    backend.install_archives(root, [deb])
+    assert backend.package_state(root, "extra-mods") == "installed"
+    assert (root / MODDIR.lstrip("/") / "x.ko").read_bytes() == b"x module\n"
+    assert backend.verify(root, ["extra-mods"]) == []

@@ -230,3 +230,45 @@ def test_wait_for_lock_honours_a_live_dnf_lock(root: Path) -> None:
 def test_detected_as_rpm_and_host_rpmdb_untouched(root: Path) -> None:
     assert detect_backend(root).name == "rpm"
     assert "--dbpath=/var/lib/rpm" in rpm_command(root)
+
+
+# -- whole-package removal ----------------------------------------------------------------
+
+
+def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
+                                                  rpms: dict[str, Path]) -> None:
+    from kmodtrim.backends.stash import Stash
+    from kmodtrim.store import RemovedPackage
+
+    backend = RpmBackend()
+    extra = build_rpm(tmp_path, "extra-mods", "2.0", "1",
+                      {f"{MODDIR}/x.ko": b"x module\n", "/usr/share/doc/extra-mods/README": b"r"},
+                      fields=f"Epoch: 3\nRequires: {NAME} >= 9.9.9\nProvides: xmods = 2\n",
+                      modes={f"{MODDIR}/x.ko": 0o600})
+    rpm(root, "-i", "--nodeps", rpms["v1"], extra)
+    pkg = "extra-mods-2.0-1.noarch"
+    assert backend.package_state(root, pkg) == "installed"
+    desc = backend.describe_package(root, pkg)
+    assert (desc.version, desc.arch) == ("3:2.0-1", "noarch")
+    deps = desc.metadata["dependencies"]
+    assert deps["Requires"] == [f"{NAME} >= 9.9.9"] and deps["Provides"] == ["xmods = 2"]
+    refusal = backend.removal_refusal(root, [V1])
+    assert refusal is not None and "needed by (installed) extra-mods-3:2.0-1" in refusal
+    assert backend.removal_refusal(root, [pkg]) is None
+
+    stash = Stash(root)
+    files = tuple(stash.put(p) for p in desc.paths if (root / p.lstrip("/")).is_file())
+    record = RemovedPackage(desc.name, desc.version, desc.arch, "rpm", desc.metadata, files)
+    before = rpm(root, "-q", "--dump", pkg)
+    backend.remove_packages(root, [pkg])
+    assert backend.package_state(root, pkg) == "not-installed"
+    tree = tmp_path / "tree"
+    for entry in files:
+        stash.restore_to(entry, tree / entry.path.lstrip("/"))
+    built = backend.build_archive(record, tree, tmp_path / "control", tmp_path / "out")
+    for query in ("--requires", "--provides", "--docfiles"):
+        assert sh("rpm", "-qp", query, built).stdout == sh("rpm", "-qp", query, extra).stdout
+    backend.install_archives(root, [built])
+    # --dump: path size mtime digest mode owner group …: all as first installed
+    assert rpm(root, "-q", "--dump", pkg) == before
+    assert backend.verify(root, [pkg]) == []
