@@ -778,9 +778,10 @@ def _build_index(
         ]
     new, set_cache, set_row = _new_cached_info, _set_cache, _set_row
     fresh: list[tuple[str, Any, ModuleInfo]] = []  # what the cache will hold: (relpath, stat, info)
-    # name → its files (relpath, size, info), the first seen (in relpath order) first
-    first: dict[str, tuple[str, int, ModuleInfo]] = {}
-    more: dict[str, list[tuple[str, int, ModuleInfo]]] = {}
+    # By name, in the order names first appear (relpath order): the first file's entry,
+    # then for a name with several files, the best one (see _priority) shadowing the rest.
+    modules: dict[str, ModuleEntry] = {}
+    shadowing: dict[str, list[tuple[str, int, ModuleInfo]]] = {}
     errors: list[ModuleParseError] = []
     parsed = 0
     for (relpath, stat), row in zip(files, rows, strict=True):
@@ -799,10 +800,19 @@ def _build_index(
             parsed += 1
             name = info.name
         fresh.append((relpath, stat, info))
-        if name in first:
-            more.setdefault(name, []).append((relpath, stat[0], info))
+        entry = modules.get(name)
+        if entry is None:
+            modules[name] = ModuleEntry(name, relpath, stat[0], info)
         else:
-            first[name] = (relpath, stat[0], info)
+            same_name = shadowing.get(name)
+            if same_name is None:
+                same_name = shadowing[name] = [(entry.relpath, entry.size, entry.info)]
+            same_name.append((relpath, stat[0], info))
+    for name, same_name in shadowing.items():
+        same_name.sort(key=lambda one: _priority(one[0]))
+        best = same_name[0]
+        modules[name] = ModuleEntry(name, best[0], best[1], best[2],
+                                    tuple(one[0] for one in same_name[1:]))
     # Unchanged: every file a cache hit, and no cached file gone.
     changed = parsed > 0 or len(fresh) != len(cached_files)
 
@@ -845,16 +855,6 @@ def _build_index(
         fresh_stash.append((item.relpath, stash_stat, info))
         stashed_by_name.setdefault(info.name, (item, info))
 
-    modules: dict[str, ModuleEntry] = {}
-    for name, (relpath, size, info) in first.items():
-        others = more.get(name)
-        if others is None:
-            modules[name] = ModuleEntry(name, relpath, size, info)
-        else:
-            found = [(relpath, size, info), *others]
-            found.sort(key=lambda one: _priority(one[0]))
-            modules[name] = ModuleEntry(name, found[0][0], found[0][1], found[0][2],
-                                        tuple(one[0] for one in found[1:]))
     for name, (item, info) in stashed_by_name.items():
         if name not in modules:
             modules[name] = ModuleEntry(name, item.relpath, item.size, info, stashed=True)
