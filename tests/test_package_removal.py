@@ -719,3 +719,19 @@ def test_rollback_with_the_plain_stash_still_reinstalls_removed_packages(root: P
     assert snapshot(root) == before
     assert current_generation(root).packages == ()
     assert audit(root) == ""
+
+
+def test_a_package_installed_again_outside_kmodtrim_is_not_downgraded(
+        root: Path, debs: dict[str, Path]) -> None:
+    assert apply(root).returncode == 0
+    # The admin installs it again: its trimmed modules stay out (path-exclude).
+    assert dpkg(root, "--install", str(debs[EXTRA])).returncode == 0
+    assert present(root, EXTRA_DOC) and not present(root, E_THREE)
+    proc = kmodtrim(root, "restore", "e_three", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert f"package {EXTRA} was installed again meanwhile" in proc.stdout
+    assert "reinstalled package" not in proc.stdout
+    assert current_generation(root).packages == ()
+    assert present(root, E_THREE)
+    assert DpkgBackend().verify(root, [EXTRA]) == [VerifyProblem(E_ONE, "missing"),
+                                                   VerifyProblem(E_TWO, "missing")]

@@ -162,6 +162,7 @@ class _PackagePlan:
     remove: tuple[PackageDescription, ...] = ()
     reinstall: tuple[RemovedPackage, ...] = ()
     notes: tuple[str, ...] = ()
+    returned: tuple[str, ...] = ()  # removed packages installed again by someone else
 
 
 def _spellings(paths: Iterable[str]) -> set[str]:
@@ -211,15 +212,21 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
     if not _has_backend(backend):
         return _PackagePlan()
     spelled = _spellings(new_paths)
-    reinstall = tuple(p for p in current.packages
-                      if any(not is_doc(f.path) and f.path not in spelled for f in p.files))
+    notes: list[str] = []
+    # One installed again outside kmodtrim (apt/dnf) is not reinstalled (that could be a
+    # downgrade): it is simply no longer recorded as removed.
+    returned = tuple(p.name for p in current.packages
+                     if backend.package_state(root, p.name) == "installed")
+    notes += [f"package {name} was installed again meanwhile; it is no longer recorded as "
+              "removed" for name in returned]
+    reinstall = tuple(p for p in current.packages if p.name not in returned
+                      and any(not is_doc(f.path) and f.path not in spelled for f in p.files))
     if not enabled:
-        return _PackagePlan(reinstall=reinstall)
-    gone = {p.name for p in current.packages}
+        return _PackagePlan(reinstall=reinstall, notes=tuple(notes), returned=returned)
+    gone = {p.name for p in current.packages} - set(returned)
     names = {pkg for path, pkg in owners.items() if pkg and path in new_paths} - gone
     if candidates is not None:
         names &= candidates
-    notes: list[str] = []
     whole: list[PackageDescription] = []
     for name in sorted(names):
         if _gone(backend.package_state(root, name)):
@@ -238,13 +245,13 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
                          + (f" and {len(staying) - 1} more file(s)" if len(staying) > 1 else "")
                          + f"; its {len(trimmed)} trimmed file(s) are excluded one by one")
     if not whole:
-        return _PackagePlan(reinstall=reinstall, notes=tuple(notes))
+        return _PackagePlan(reinstall=reinstall, notes=tuple(notes), returned=returned)
     try:
         backend.wait_for_lock(root, PM_CHECK_TIMEOUT)
     except PackageManagerBusy as exc:
         notes.append(f"{backend.name} is busy ({exc.message}); package(s) "
                      f"{', '.join(d.name for d in whole)} trimmed file by file instead")
-        return _PackagePlan(reinstall=reinstall, notes=tuple(notes))
+        return _PackagePlan(reinstall=reinstall, notes=tuple(notes), returned=returned)
     if backend.removal_refusal(root, [d.name for d in whole]) is not None:
         accepted = []
         for desc in whole:
@@ -259,7 +266,7 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
                          "(they cannot be removed together); their files are excluded one by one")
             accepted = []
         whole = accepted
-    return _PackagePlan(tuple(whole), reinstall, tuple(notes))
+    return _PackagePlan(tuple(whole), reinstall, tuple(notes), returned)
 
 
 def _package_items(root: Path, remove: Sequence[PackageDescription], spelled: set[str]
@@ -464,9 +471,10 @@ def _transition(
                               candidates=package_candidates)
     removing = tuple(d.name for d in packages.remove)
     reinstalling = tuple(p.name for p in packages.reinstall)
-    if options.dry_run or not (to_stash or to_restore or removing or reinstalling):
+    changes = to_stash or to_restore or removing or reinstalling or packages.returned
+    if options.dry_run or not changes:
         notes = packages.notes
-        if not (to_stash or to_restore or removing or reinstalling):
+        if not changes:
             notes = ("nothing to do", *notes)
         else:
             notes += tuple(f"would remove package {d.name} {d.version} whole"
@@ -573,7 +581,8 @@ def _transition(
             raise StashError(f"{action} failed and was undone: {exc}") from exc
         raise
     removed = [f for f in current.removed if f.path not in restored] + new_entries
-    kept_packages = [p for p in current.packages if p.name not in reinstalling]
+    kept_packages = [p for p in current.packages
+                     if p.name not in reinstalling and p.name not in packages.returned]
     generation = Generation(
         number=number,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
