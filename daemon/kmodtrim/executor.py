@@ -259,8 +259,8 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
             if refusal is None:
                 accepted.append(desc)
             else:
-                notes.append(f"package {desc.name} stays installed ({backend.name} would not "
-                             f"remove it alone: {refusal}); its files are excluded one by one")
+                notes.append(f"package {desc.name} stays installed ({backend.name}: {refusal}); "
+                             "its files are excluded one by one")
         if accepted and backend.removal_refusal(root, [d.name for d in accepted]) is not None:
             notes.append(f"packages {', '.join(d.name for d in accepted)} stay installed "
                          "(they cannot be removed together); their files are excluded one by one")
