@@ -735,3 +735,30 @@ def test_a_package_installed_again_outside_kmodtrim_is_not_downgraded(
     assert present(root, E_THREE)
     assert DpkgBackend().verify(root, [EXTRA]) == [VerifyProblem(E_ONE, "missing"),
                                                    VerifyProblem(E_TWO, "missing")]
+
+
+def test_canceled_after_the_removal_puts_the_package_back(root: Path) -> None:
+    """The daemon cancels a job by raising from its progress callback; after the package
+    step that means an undo that reinstalls the package."""
+    from kmodtrim import executor
+    from kmodtrim.operations import Target, make_plan_for
+
+    class Canceled(Exception):
+        pass
+
+    steps: list[tuple[str, int, int]] = []
+
+    def progress(step: str, done: int, total: int) -> None:
+        steps.append((step, done, total))
+        if step == "remove packages" and done == total:
+            raise Canceled
+
+    before = snapshot(root)
+    result = make_plan_for(Target(root=root, kernel=KVER, observed_files=(root / "observed",)))
+    with pytest.raises(Canceled):
+        executor.apply_plan(root, result.plan, result.index, result.evidence, result.policy,
+                            executor.Options(initramfs="skip", progress=progress))
+    assert ("remove packages", 0, 1) in steps
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert snapshot(root) == before and read_journal(root) is None
+    assert audit(root) == ""

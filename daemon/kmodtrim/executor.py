@@ -540,8 +540,10 @@ def _transition(
             journal["packages_removing"] = True
             write_journal(root, journal)
             fault_point("before-package-remove")
+            _notify(options.progress, "remove packages", 0, len(removing))
             _run_package_op(root, pm, lambda: pm.remove_packages(root, list(removing)))
             fault_point("after-package-remove")
+            _notify(options.progress, "remove packages", len(removing), len(removing))
         for i, item in enumerate(to_stash, 1):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(root / item.path.lstrip("/"))
@@ -561,8 +563,10 @@ def _transition(
             journal["packages_reinstalling"] = True
             write_journal(root, journal)
             fault_point("before-package-reinstall")
+            _notify(options.progress, "reinstall packages", 0, len(archives))
             _run_package_op(root, pm, lambda: pm.install_archives(root, archives))
             fault_point("after-package-reinstall")
+            _notify(options.progress, "reinstall packages", len(archives), len(archives))
         journal["phase"] = "regenerating"
         write_journal(root, journal)
         regen_results: dict[str, Any] = {}
