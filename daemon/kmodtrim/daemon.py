@@ -857,6 +857,18 @@ def open_uevent_socket() -> socket.socket:
 # Main
 
 
+def _release_startup_memory() -> None:
+    """Give the heap start-up used (recovery, the /proc/modules snapshot, the policy and
+    generation reads) back to the system: the daemon then idles for days."""
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def _watchdog_interval() -> float | None:
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
@@ -915,6 +927,7 @@ async def serve(root: Path, bus: str, observe: bool) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    _release_startup_memory()
     sd_notify("READY=1", f"STATUS=idle (generation {daemon.current_generation})")
     log.info("kmodtrimd %s ready on the %s bus (root %s, generation %d)",
              __version__, bus, root, daemon.current_generation)
