@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -149,3 +150,15 @@ def init_rpm_root(root: Path) -> Path:
     (root / "var/tmp").mkdir(parents=True, exist_ok=True)
     sh("rpm", f"--root={root}", "--dbpath=/var/lib/rpm", "--initdb")
     return root
+
+
+def hold_lock(path: Path) -> subprocess.Popen[str]:
+    """Another process holding an fcntl write lock on ``path`` (created if absent), as
+    dpkg, apt and rpm take theirs, until its stdin is closed."""
+    path.touch()
+    code = ("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
+            "print('locked', flush=True); sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder

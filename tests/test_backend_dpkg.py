@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +19,16 @@ from kmodtrim.backends.package import (
     parse_verify,
 )
 from kmodtrim.errors import InputError
-from pkgbuild import KVER, MODDIR, build_deb, init_dpkg_root, kernel_files, need, sh
+from pkgbuild import (
+    KVER,
+    MODDIR,
+    build_deb,
+    hold_lock,
+    init_dpkg_root,
+    kernel_files,
+    need,
+    sh,
+)
 
 PKG = f"linux-image-{KVER}"
 A, B, C = (f"{MODDIR}/{n}.ko" for n in "abc")
@@ -202,21 +210,11 @@ def test_remove_packages_removes_the_package(root: Path, debs: dict[str, Path]) 
     assert backend.owners(root, [A]) == {A: None}
 
 
-def _hold_lock(path: Path) -> subprocess.Popen[str]:
-    """Another process holding dpkg's fcntl lock on ``path`` until its stdin closes."""
-    code = ("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 @pytest.mark.parametrize("lock", ["lock-frontend", "lock"])
 def test_wait_for_lock_times_out_while_dpkg_is_locked(root: Path, lock: str) -> None:
     path = root / "var/lib/dpkg" / lock
     path.touch()
-    holder = _hold_lock(path)
+    holder = hold_lock(path)
     try:
         start = time.monotonic()
         with pytest.raises(PackageManagerBusy, match=lock):
@@ -232,7 +230,7 @@ def test_wait_for_lock_times_out_while_dpkg_is_locked(root: Path, lock: str) -> 
 def test_wait_for_lock_proceeds_when_lock_released_meanwhile(root: Path) -> None:
     path = root / "var/lib/dpkg/lock-frontend"
     path.touch()
-    holder = _hold_lock(path)
+    holder = hold_lock(path)
     assert holder.stdin is not None
     release = threading.Timer(0.3, holder.stdin.close)
     release.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,16 @@ from kmodtrim.backends.rpm import (
     system_netsharedpath,
 )
 from kmodtrim.errors import CommandError, InputError
-from pkgbuild import KVER, MODDIR, build_rpm, init_rpm_root, kernel_files, need, sh
+from pkgbuild import (
+    KVER,
+    MODDIR,
+    build_rpm,
+    hold_lock,
+    init_rpm_root,
+    kernel_files,
+    need,
+    sh,
+)
 
 NAME = "kernel-test"
 V1 = f"{NAME}-9.9.9-1.noarch"
@@ -196,14 +204,8 @@ def test_remove_packages_erases_the_package(root: Path, rpms: dict[str, Path]) -
 
 
 def test_wait_for_lock_times_out_while_rpm_is_locked(root: Path) -> None:
-    lock = root / "var/lib/rpm/.rpm.lock"
-    lock.touch()
-    code = ("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(lock)], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    holder = hold_lock(root / "var/lib/rpm/.rpm.lock")
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(PackageManagerBusy, match=r"\.rpm\.lock"):
             RpmBackend().wait_for_lock(root, 0.3)
     finally:

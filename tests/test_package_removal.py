@@ -26,6 +26,7 @@ from pkgbuild import (
     MAINTAINER_SCRIPTS,
     build_deb,
     build_rpm,
+    hold_lock,
     init_dpkg_root,
     init_rpm_root,
     install_shell,
@@ -593,18 +594,6 @@ def test_switching_removal_on_later_removes_a_package_already_trimmed(root: Path
     assert DpkgBackend().verify(root, [IMAGE, EXTRA, OTHER]) == []
 
 
-def _hold_dpkg_lock(root: Path) -> subprocess.Popen[str]:
-    """Another process holding dpkg's frontend lock (as apt does) until its stdin closes."""
-    path = root / "var/lib/dpkg/lock-frontend"
-    path.touch()
-    code = ("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX); "
-            "print('locked', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def _release(holder: subprocess.Popen[str]) -> None:
     assert holder.stdin is not None
     holder.stdin.close()
@@ -619,7 +608,7 @@ def test_busy_package_manager_means_file_by_file_or_a_clean_failure(
     monkeypatch.setattr(executor, "PM_CHECK_TIMEOUT", 0.3)
     monkeypatch.setattr(executor, "PM_LOCK_TIMEOUT", 0.3)
     target = Target(root=root, kernel=KVER, observed_files=(root / "observed",))
-    holder = _hold_dpkg_lock(root)
+    holder = hold_lock(root / "var/lib/dpkg/lock-frontend")
     try:
         result = make_plan_for(target)
         outcome = executor.apply_plan(root, result.plan, result.index, result.evidence,
@@ -636,7 +625,7 @@ def test_busy_package_manager_means_file_by_file_or_a_clean_failure(
                         executor.Options(initramfs="skip"))
     assert installed_version(root, EXTRA) is None
     trimmed = snapshot(root)
-    holder = _hold_dpkg_lock(root)
+    holder = hold_lock(root / "var/lib/dpkg/lock-frontend")
     try:
         index, _ = load_index(target)
         with pytest.raises(PackageManagerBusy, match="lock-frontend"):
