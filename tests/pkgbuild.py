@@ -22,11 +22,13 @@ def need(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (apt-get install dpkg-dev rpm)")
 
 
-def sh(*argv: str | Path) -> subprocess.CompletedProcess[str]:
-    """Run a test-side command (never the code under test), failing loudly."""
+def sh(*argv: str | Path, cwd: Path | None = None,
+       env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a test-side command (never the code under test), failing loudly. The
+    environment is a plain PATH and the C locale unless ``env`` is given."""
     proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, check=False,
-                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+                          stdin=subprocess.DEVNULL, check=False, cwd=cwd,
+                          env=env or {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
     if proc.returncode != 0:
         raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
     return proc

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from kernels import KernelTree, kernel_cache_dir
+from pkgbuild import sh
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
@@ -43,14 +44,6 @@ def need_vm_tools() -> None:
                     "(apt-get install qemu-system-x86 debootstrap cpio)")
 
 
-def _sh(*argv: str | Path, cwd: Path | None = None) -> str:
-    proc = subprocess.run([str(a) for a in argv], capture_output=True, text=True, cwd=cwd,
-                          stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        raise AssertionError(f"{argv} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
-    return proc.stdout
-
-
 def base_image() -> Path:
     """The cached debootstrap of Debian bookworm (built once, ~1 min and ~270 MB)."""
     cache = kernel_cache_dir().parent / "vm"
@@ -61,7 +54,7 @@ def base_image() -> Path:
     partial = cache / f"{SUITE}-minbase.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
-        _sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+        sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
             SUITE, partial, MIRROR)
     except AssertionError as exc:
         shutil.rmtree(partial, ignore_errors=True)
@@ -76,11 +69,13 @@ def build_image(dest: Path, kernel: KernelTree, *, policy: str, check_script: st
     """A guest root at ``dest``: the base image, ``kernel``'s modules and image, kmodtrim
     with its units (kmodtrimd enabled), ``policy`` as /etc/kmodtrim/policy.toml, and
     ``check_script`` run by vmcheck.service once kmodtrimd is up."""
-    _sh("cp", "-a", "--reflink=auto", f"{base_image()}/.", dest)
-    _sh("cp", "-a", "--reflink=auto", f"{kernel.root}/lib/.", dest / "lib")
-    _sh("cp", "-a", "--reflink=auto", f"{kernel.root}/boot/.", dest / "boot")
-    _sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
-        "--disable-pip-version-check", "--target", dest / PYTHON_DIR.lstrip("/"), REPO)
+    sh("cp", "-a", "--reflink=auto", f"{base_image()}/.", dest)
+    sh("cp", "-a", "--reflink=auto", f"{kernel.root}/lib/.", dest / "lib")
+    sh("cp", "-a", "--reflink=auto", f"{kernel.root}/boot/.", dest / "boot")
+    # pip keeps the caller's environment: its index settings may come from PIP_* variables.
+    sh(sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
+       "--disable-pip-version-check", "--target", dest / PYTHON_DIR.lstrip("/"), REPO,
+       env=os.environ)
     for name, module in (("kmodtrim", "kmodtrim.cli"), ("kmodtrimd", "kmodtrim.daemon")):
         wrapper = dest / "usr/bin" / name
         wrapper.write_text(f"#!/usr/bin/python3\nimport sys\nsys.path.insert(0, {PYTHON_DIR!r})\n"
@@ -112,13 +107,13 @@ def build_image(dest: Path, kernel: KernelTree, *, policy: str, check_script: st
     (dest / "etc/hostname").write_text("kmodtrim-vm\n")
     # The console belongs to the check script; no login prompt on it.
     (dest / "etc/systemd/system/serial-getty@ttyS0.service").symlink_to("/dev/null")
-    _sh("depmod", "-b", dest, kernel.kver)
+    sh("depmod", "-b", dest, kernel.kver)
     return dest
 
 
 def pack_initramfs(root: Path, archive: Path) -> Path:
     """``root`` as an uncompressed newc cpio archive (the guest's whole root file system)."""
-    names = _sh("find", ".", "-mindepth", "1", cwd=root)
+    names = sh("find", ".", "-mindepth", "1", cwd=root).stdout
     with open(archive, "wb") as out:
         proc = subprocess.run(["cpio", "--quiet", "-o", "-H", "newc"], input=names.encode(),
                               stdout=out, stderr=subprocess.PIPE, cwd=root, check=False)

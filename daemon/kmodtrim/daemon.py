@@ -50,7 +50,7 @@ from .executor import (
     rollback,
 )
 from .index import ModuleIndex, default_kernel
-from .names import normalize
+from .names import is_valid_kernel_version, normalize
 from .observe import read_proc_modules
 from .operations import (
     Target,
@@ -217,8 +217,7 @@ _PM_PROBE_INTERVAL = 0.5
 
 def check_kernel_version(kernel: str) -> str:
     """``kernel`` if it can name a directory under lib/modules; raises InputError."""
-    if (not kernel or len(kernel) > 255 or "/" in kernel or kernel in (".", "..")
-            or any(c.isspace() or not c.isprintable() for c in kernel)):
+    if not is_valid_kernel_version(kernel):
         raise InputError(f"{kernel!r} is not a kernel version (as in `uname -r`)")
     return kernel
 
@@ -710,9 +709,6 @@ class Daemon:
         """
         if action not in KERNEL_EVENT_ACTIONS:
             raise InputError(f"kernel event {action!r}: expected 'add' or 'remove'")
-        if request.initramfs not in INITRAMFS_METHODS:
-            raise InputError(f"initramfs method {request.initramfs!r} is not one of "
-                             f"{', '.join(INITRAMFS_METHODS)}")
         event = KernelEvent(action, check_kernel_version(kernel), request.initramfs,
                             request.backend)
         queue = [e for e in self._kernel_events if e.kernel != event.kernel] + [event]

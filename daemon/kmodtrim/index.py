@@ -28,7 +28,13 @@ from . import __version__
 from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
 from .errors import KernelNotFoundError, ModuleParseError
 from .modprobe import ModprobeConfig, read_modprobe_config
-from .names import MODULE_SUFFIXES, compression_of, module_name_from_path, normalize
+from .names import (
+    MODULE_SUFFIXES,
+    compression_of,
+    is_valid_kernel_version,
+    module_name_from_path,
+    normalize,
+)
 from .store import replace_file
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
@@ -220,7 +226,7 @@ def _version_key(kver: str) -> list[tuple[int, str]]:
 
 def module_dir(root: Path, kernel: str) -> Path:
     """ROOT/lib/modules/KVER (or ROOT/usr/lib/modules/KVER). Raises KernelNotFoundError."""
-    if not kernel or "/" in kernel or kernel in (".", ".."):
+    if not is_valid_kernel_version(kernel):
         raise KernelNotFoundError(f"{kernel!r} is not a kernel version")
     for base in MODULE_DIR_BASES:
         candidate = root / base / kernel

@@ -25,6 +25,13 @@ def is_valid_module_name(name: str) -> bool:
     return bool(_VALID_NAME.match(name))
 
 
+def is_valid_kernel_version(kernel: str) -> bool:
+    """True for strings that can name one directory under lib/modules (as ``uname -r``
+    prints): non-empty, printable, no ``/`` or white space, not ``.`` or ``..``."""
+    return (0 < len(kernel) <= 255 and "/" not in kernel and kernel not in (".", "..")
+            and not any(c.isspace() or not c.isprintable() for c in kernel))
+
+
 def module_suffix(filename: str) -> str | None:
     """The module suffix of ``filename`` (``.ko``, ``.ko.xz``…), or None if it is not one."""
     for suffix in MODULE_SUFFIXES:

@@ -38,7 +38,7 @@ from dbus_next.signature import Variant
 
 from ..daemon import BACKENDS, INITRAMFS_METHODS, Daemon, Job, Request
 from ..errors import InputError, KmodtrimError
-from ..names import is_valid_module_name
+from ..names import is_valid_kernel_version, is_valid_module_name
 from . import (
     ACTION_CONFIGURE,
     ACTION_RESTORE,
@@ -137,7 +137,7 @@ def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request,
                              f"not of type {variant.signature}")
         values[key] = variant.value
     kernel = values.get("kernel")
-    if kernel is not None and (not kernel or "/" in kernel or kernel in (".", "..")):
+    if kernel is not None and not is_valid_kernel_version(kernel):
         raise InputError(f"{member}: option 'kernel': {kernel!r} is not a kernel version")
     for key, choices in (("initramfs", INITRAMFS_METHODS), ("backend", BACKENDS)):
         if key in values and values[key] not in choices:
