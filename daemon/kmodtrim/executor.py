@@ -30,13 +30,12 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .backends.package import PackageDescription, PackageManagerBusy, is_doc, other_spelling
-from .backends.stash import Stash
+from .backends.stash import PutRequest, Stash
 from .closure import Reason, closure_of
 from .errors import InputError, PolicyViolation, StashError, UnknownModuleError
 from .index import MODULE_DIR_BASES, ModuleIndex
@@ -511,19 +510,15 @@ def _transition(
         extra_items = _package_items(root, packages.remove, spelled)
         items = [*to_stash, *extra_items]
 
-        def put(item: ToStash) -> StashedFile:
-            return stash.put(item.path, kind=item.kind, module=item.module,
-                             kernel=item.kernel, package=item.package or owners.get(item.path))
+        def stashed_one(i: int) -> None:
+            fault_point("stash", i)
+            _notify(options.progress, "stash", i, len(items))
 
-        # Hashing and compressing release the GIL: copy on every CPU, record in order.
-        stashed: list[StashedFile] = []
-        with ThreadPoolExecutor(max_workers=min(os.cpu_count() or 1, 8)) as pool:
-            for i, entry in enumerate(pool.map(put, items), 1):
-                stashed.append(entry)
-                fault_point("stash", i)
-                _notify(options.progress, "stash", i, len(items))
-        new_entries = stashed[:len(to_stash)]
-        os.sync()  # every copy is durable before any original goes
+        stashed = stash.put_many(
+            [PutRequest(item.path, item.kind, item.module, item.kernel,
+                        item.package or owners.get(item.path)) for item in items],
+            each=stashed_one)
+        new_entries = stashed[:len(to_stash)]  # put_many returns once they are durable
         journal["stashed_entries"] = [e.__dict__ for e in new_entries]
         if packages.remove:
             by_path: dict[str, StashedFile] = {}
