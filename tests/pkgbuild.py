@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
@@ -152,6 +152,16 @@ def init_rpm_root(root: Path) -> Path:
     (root / "var/tmp").mkdir(parents=True, exist_ok=True)
     sh("rpm", f"--root={root}", "--dbpath=/var/lib/rpm", "--initdb")
     return root
+
+
+def run_under_lock(path: Path, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``argv`` as the child of a process holding an fcntl write lock on ``path``, as
+    dpkg runs its hooks while holding its own lock."""
+    path.touch()
+    code = ("import fcntl,subprocess,sys; f=open(sys.argv[1],'r+'); "
+            "fcntl.lockf(f, fcntl.LOCK_EX); sys.exit(subprocess.run(sys.argv[2:]).returncode)")
+    return subprocess.run([sys.executable, "-c", code, str(path), *argv], capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
 
 
 def hold_lock(path: Path) -> subprocess.Popen[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ from pkgbuild import (
     init_dpkg_root,
     kernel_files,
     need,
+    run_under_lock,
     sh,
 )
 
@@ -225,6 +227,28 @@ def test_wait_for_lock_times_out_while_dpkg_is_locked(root: Path, lock: str) -> 
         holder.stdin.close()
         holder.wait()
     DpkgBackend().wait_for_lock(root, 0.5)  # released: proceeds at once
+
+
+_WAIT_FOR_LOCK = """
+import sys
+from pathlib import Path
+from kmodtrim.backends.{module} import {backend}
+from kmodtrim.backends.package import PackageManagerBusy
+try:
+    {backend}().wait_for_lock(Path(sys.argv[1]), 120)
+except PackageManagerBusy as exc:
+    sys.exit(str(exc))
+"""
+
+
+@pytest.mark.parametrize("lock", ["lock-frontend", "lock"])
+def test_wait_for_lock_does_not_wait_for_the_transaction_it_runs_under(root: Path,
+                                                                      lock: str) -> None:
+    # A hook dpkg runs holds no lock itself, but dpkg (its parent) does until it returns.
+    code = _WAIT_FOR_LOCK.format(module="dpkg", backend="DpkgBackend")
+    proc = run_under_lock(root / "var/lib/dpkg" / lock, [sys.executable, "-c", code, str(root)])
+    assert proc.returncode == 1
+    assert lock in proc.stderr and "which kmodtrim runs under" in proc.stderr, proc.stderr
 
 
 def test_wait_for_lock_proceeds_when_lock_released_meanwhile(root: Path) -> None:

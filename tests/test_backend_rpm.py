@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,19 @@ def test_wait_for_lock_times_out_while_rpm_is_locked(root: Path) -> None:
         holder.stdin.close()
         holder.wait()
     RpmBackend().wait_for_lock(root, 0.3)
+
+
+def test_wait_for_lock_does_not_wait_for_the_dnf_it_runs_under(root: Path) -> None:
+    pid_file = root / "var/lib/dnf/rpmdb_lock.pid"
+    pid_file.parent.mkdir(parents=True)
+    code = ("import sys; from pathlib import Path; from kmodtrim.backends.rpm import RpmBackend;"
+            "RpmBackend().wait_for_lock(Path(sys.argv[1]), 120)")
+    # As dnf does: its pid in the file while it runs the transaction (and its scriptlets).
+    proc = subprocess.run(["sh", "-c", 'echo $$ > "$1"; shift; "$@"', "sh", str(pid_file),
+                           sys.executable, "-c", code, str(root)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 1
+    assert "PackageManagerBusy" in proc.stderr and "kmodtrim runs under it" in proc.stderr
 
 
 def test_wait_for_lock_honours_a_live_dnf_lock(root: Path) -> None:

@@ -31,6 +31,7 @@ from pkgbuild import (
     init_rpm_root,
     install_shell,
     need,
+    run_under_lock,
 )
 
 KVER = "9.9.9-test"
@@ -638,6 +639,22 @@ def test_busy_package_manager_means_file_by_file_or_a_clean_failure(
     index, _ = load_index(target)
     executor.restore_modules(root, ["e_three"], index, executor.Options(initramfs="skip"))
     assert installed_version(root, EXTRA) == "1.2-3" and present(root, E_THREE)
+
+
+def test_a_hook_inside_the_dpkg_transaction_trims_file_by_file_without_waiting(
+        root: Path) -> None:
+    # As the postinst.d hook runs when no daemon takes the event: dpkg holds its lock
+    # until the hook returns, so the package cannot go whole now.
+    proc = run_under_lock(root / "var/lib/dpkg/lock", [
+        sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--observed",
+        str(root / "observed"), "--root", str(root), "--kernel", KVER, "--offline"])
+    assert proc.returncode == 0, proc.stderr
+    assert "which kmodtrim runs under" in proc.stdout and "file by file" in proc.stdout
+    assert "waited" not in proc.stdout
+    assert installed_version(root, EXTRA) == "1.2-3"
+    assert not present(root, E_ONE) and present(root, EXTRA_DOC)
+    assert apply(root).returncode == 0  # later, outside the transaction: it goes whole
+    assert installed_version(root, EXTRA) is None
 
 
 @pytest.fixture

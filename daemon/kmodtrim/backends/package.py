@@ -280,15 +280,23 @@ def wait_for_fcntl_locks(lock_files: Sequence[Path], timeout: float, what: str) 
     before returning, so the caller can run the package manager.
 
     The probe asks with F_OFD_GETLK, which sees the classic fcntl() locks dpkg, apt and rpm
-    take without taking a lock itself.
-    Raises PackageManagerBusy on timeout.
+    take without taking a lock itself, and names the process holding one. When that process
+    is one kmodtrim runs under (a hook inside the package manager's own transaction), the
+    lock cannot be released while kmodtrim waits, so it does not wait.
+    Raises PackageManagerBusy on timeout, or at once in that case.
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
     while True:
-        busy = next((p for p in lock_files if _is_locked(p)), None)
+        busy, holder = next(((p, h) for p in lock_files if (h := _lock_holder(p)) is not None),
+                            (None, None))
         if busy is None:
             return
+        if holder and holder in ancestors():
+            raise PackageManagerBusy(
+                f"{what} is busy: {busy} is locked by pid {holder}, which kmodtrim runs "
+                "under (a hook inside that package transaction)",
+                hint="run the command again once the package transaction has finished")
         if time.monotonic() >= deadline:
             raise PackageManagerBusy(
                 f"{what} is busy: {busy} is locked by another process "
@@ -299,11 +307,28 @@ def wait_for_fcntl_locks(lock_files: Sequence[Path], timeout: float, what: str) 
         delay = min(delay * 2, 1.0)
 
 
-def _is_locked(path: Path) -> bool:
+def ancestors() -> set[int]:
+    """The pids of this process's parent, its parent, … up to pid 1."""
+    found: set[int] = set()
+    pid = os.getppid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                stat = f.read()
+            pid = int(stat[stat.rindex(b")") + 2:].split()[1])  # field 4: ppid
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def _lock_holder(path: Path) -> int | None:
+    """None if nobody holds a write lock on ``path``; else the holder's pid, or 0 when the
+    kernel does not say (an open-file-description lock)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return False
+        return None
     except OSError as exc:
         raise PackageManagerBusy(f"cannot open lock file {path}: {exc.strerror or exc}") from exc
     try:
@@ -315,7 +340,10 @@ def _is_locked(path: Path) -> bool:
         # Closing drops any fcntl() lock *this* process holds on the file; kmodtrim never
         # takes the package manager's locks itself, so there is nothing to lose.
         os.close(fd)
-    return bool(struct.unpack(_FLOCK, answer)[0] != fcntl.F_UNLCK)
+    kind, _whence, _start, _len, pid = struct.unpack(_FLOCK, answer)
+    if kind == fcntl.F_UNLCK:
+        return None
+    return max(int(pid), 0)
 
 
 # struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len,

@@ -47,6 +47,7 @@ from .package import (
     PackageDescription,
     PackageManagerBusy,
     VerifyProblem,
+    ancestors,
     check_paths,
     is_live,
     other_spelling,
@@ -284,6 +285,11 @@ class RpmBackend:
         transaction lock; raises PackageManagerBusy after ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         while (holder := _dnf_lock_holder(root)) is not None:
+            if holder in ancestors():
+                raise PackageManagerBusy(
+                    f"rpm is busy: dnf (pid {holder}) holds {root / DNF_LOCK}, and kmodtrim "
+                    "runs under it (a hook inside that transaction)",
+                    hint="run the command again once the dnf transaction has finished")
             if time.monotonic() >= deadline:
                 raise PackageManagerBusy(
                     f"rpm is busy: dnf (pid {holder}) holds {root / DNF_LOCK} "
