@@ -44,6 +44,9 @@ say generation-after $(prop CurrentGeneration)
 say self-heal-journal $(journalctl -o cat MESSAGE_ID={MESSAGE_IDS["self-heal"]} --no-pager \
     | tail -n 1)
 say unit-after $(systemctl show kmodtrimd -p ActiveState -p NRestarts | tr '\\n' ' ')
+journalctl -u kmodtrimd -o cat --no-pager | tail -n 40 | sed 's/^/VMLOG /'
+for p in /proc/[0-9]*; do tr '\\0' ' ' < $p/cmdline 2>/dev/null; echo; done \\
+    | grep kmodtrim | sed 's/^/VMLOG running: /'
 say DONE
 systemctl poweroff
 """
@@ -86,6 +89,8 @@ def test_trimmed_cloud_kernel_boots_and_kmodtrimd_self_heals_under_systemd(
         assert "return" in reply, reply
         guest.wait_for("VMCHECK DONE", timeout=600)
         found = _findings(guest.console())
+        daemon_log = "\n".join(line.partition("VMLOG ")[2]
+                               for line in guest.console().splitlines() if "VMLOG " in line)
 
     # The trimmed kernel booted: udev loaded the VM's drivers from the trimmed tree.
     assert found["unknown-symbols"] == "0", found
@@ -97,7 +102,7 @@ def test_trimmed_cloud_kernel_boots_and_kmodtrimd_self_heals_under_systemd(
     assert "ActiveState=active" in found["unit"] and "SubState=running" in found["unit"]
     assert "WatchdogUSec=2min" in found["unit"] and "NRestarts=0" in found["unit"], found
     # Self-healing: the hot-plugged device's trimmed driver came back and was loaded.
-    assert found["hotplug-driver"] == "loaded", found
+    assert found["hotplug-driver"] == "loaded", (found, daemon_log)
     assert found["generation-after"] == "u 2", found
     assert f"restored {HOTPLUG_DRIVER} and loaded" in found["self-heal-journal"], found
     assert "ActiveState=active" in found["unit-after"] and "NRestarts=0" in found["unit-after"]
