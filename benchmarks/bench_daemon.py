@@ -21,13 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from common import OBSERVED  # first: it puts tests/ on the path
 
-from dbusfixture import running_daemon, start_private_bus  # noqa: E402
-from kernels import copy_kernel_tree, prepare_kernel  # noqa: E402
+from dbusfixture import running_daemon, start_private_bus
+from kernels import copy_kernel_tree, prepare_kernel
 
-OBSERVED = REPO / "examples" / "observed-bookworm-qemu-virtio.txt"
 # A virtio input device appearing (virtio_input is not in the recorded VM: trimmed).
 DEVICE_ADD = (b"add@/devices/pci0000:00/0000:00:09.0/virtio5\0ACTION=add\0"
               b"DEVPATH=/devices/pci0000:00/0000:00:09.0/virtio5\0SUBSYSTEM=virtio\0"

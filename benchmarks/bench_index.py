@@ -21,15 +21,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from common import OBSERVED, timed  # first: it puts tests/ on the path
 
-from kernels import KernelTree, prepare_kernel  # noqa: E402
+from kernels import KernelTree, prepare_kernel
 
-OBSERVED = REPO / "examples" / "observed-bookworm-qemu-virtio.txt"
 KMODTRIM = [sys.executable, "-m", "kmodtrim.cli"]
 
 _INDEX_CHILD = """
@@ -44,12 +41,6 @@ if sys.argv[4] == "symbols":
 elapsed = time.perf_counter() - started
 print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
-
-
-def _timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - started
 
 
 def _index_in_child(tree: KernelTree, root: Path, cache: Path, mode: str) -> tuple[float, int]:
@@ -77,7 +68,7 @@ def main() -> int:
         cache = scratch / "cache"
         modules = sum(1 for _ in (root / "lib/modules" / tree.kver).rglob("*.ko*"))
 
-        depmod = [_timed(["depmod", "-b", str(root), tree.kver]) for _ in range(args.runs)]
+        depmod = [timed(["depmod", "-b", str(root), tree.kver]) for _ in range(args.runs)]
         cold = []
         cold_rss = 0
         for _ in range(args.runs):
@@ -95,9 +86,9 @@ def main() -> int:
         plan_argv = [*KMODTRIM, "plan", "--root", str(root), "--kernel", tree.kver,
                      "--observed", str(OBSERVED), "--symvers", str(tree.symvers),
                      "--cache-dir", str(cache), "--json"]
-        _timed(plan_argv)
+        timed(plan_argv)
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        plan = [_timed(plan_argv) for _ in range(args.runs)]
+        plan = [timed(plan_argv) for _ in range(args.runs)]
         plan_rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
     d, c, w, s, p = (statistics.median(x) for x in (depmod, cold, warm, symbols, plan))

@@ -14,30 +14,17 @@ import argparse
 import json
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
+from common import OBSERVED, timed  # first: it puts tests/ on the path
 
-from kernels import copy_kernel_tree, prepare_kernel  # noqa: E402
-from kmodtrim.backends.stash import Stash  # noqa: E402
-from kmodtrim.store import current_generation  # noqa: E402
+from kernels import copy_kernel_tree, prepare_kernel
+from kmodtrim.backends.stash import Stash
+from kmodtrim.store import current_generation
 
-OBSERVED = REPO / "examples" / "observed-bookworm-qemu-virtio.txt"
 RESTORED = "virtio_gpu"  # not in the recorded VM: trimmed, then asked back
-
-
-def _timed(argv: list[str]) -> float:
-    started = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{proc.stderr}")
-    return elapsed
 
 
 def main() -> int:
@@ -57,12 +44,12 @@ def main() -> int:
             tree = copy_kernel_tree(pristine, dest)
             common = ["--root", str(tree.root), "--kernel", tree.kver,
                       "--symvers", str(tree.symvers)]
-            depmods.append(_timed(["depmod", "-a", "-b", str(tree.root), tree.kver]))
+            depmods.append(timed(["depmod", "-a", "-b", str(tree.root), tree.kver]))
             # Warm the index cache as a daemon or an earlier `plan` would have.
-            _timed([*kmodtrim, "plan", "--observed", str(OBSERVED), *common])
-            applies.append(_timed([*kmodtrim, "apply", "--yes", "--initramfs", "skip",
+            timed([*kmodtrim, "plan", "--observed", str(OBSERVED), *common])
+            applies.append(timed([*kmodtrim, "apply", "--yes", "--initramfs", "skip",
                                    "--observed", str(OBSERVED), *common]))
-            restores.append(_timed([*kmodtrim, "restore", RESTORED, "--yes",
+            restores.append(timed([*kmodtrim, "restore", RESTORED, "--yes",
                                     "--initramfs", "skip", *common]))
             generation = current_generation(tree.root)
             stash_bytes = Stash(tree.root).size_on_disk()

@@ -6,7 +6,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,6 +153,21 @@ def init_rpm_root(root: Path) -> Path:
     (root / "var/tmp").mkdir(parents=True, exist_ok=True)
     sh("rpm", f"--root={root}", "--dbpath=/var/lib/rpm", "--initdb")
     return root
+
+
+@contextmanager
+def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (as mount's size=) on ``directory`` (created if absent), for
+    running out of disk space; skips the test where mounting is not allowed."""
+    directory.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                              str(directory)], capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=False)
 
 
 def run_under_lock(path: Path, argv: Sequence[str]) -> subprocess.CompletedProcess[str]:

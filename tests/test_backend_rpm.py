@@ -226,7 +226,7 @@ def test_wait_for_lock_does_not_wait_for_the_dnf_it_runs_under(root: Path) -> No
                            sys.executable, "-c", code, str(root)],
                           capture_output=True, text=True, check=False)
     assert proc.returncode == 1
-    assert "PackageManagerBusy" in proc.stderr and "kmodtrim runs under it" in proc.stderr
+    assert "PackageManagerBusy" in proc.stderr and "which kmodtrim runs under" in proc.stderr
 
 
 def test_wait_for_lock_honours_a_live_dnf_lock(root: Path) -> None:

@@ -32,6 +32,7 @@ from pkgbuild import (
     install_shell,
     need,
     run_under_lock,
+    small_tmpfs,
 )
 
 KVER = "9.9.9-test"
@@ -660,16 +661,8 @@ def test_a_hook_inside_the_dpkg_transaction_trims_file_by_file_without_waiting(
 @pytest.fixture
 def small_state(root: Path) -> Iterator[Path]:
     """kmodtrim's state directory on a 256 KiB tmpfs."""
-    state = root / "var/lib/kmodtrim"
-    state.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(root / "var/lib/kmodtrim", "256k") as state:
         yield state
-    finally:
-        subprocess.run(["umount", str(state)], check=False)
 
 
 def fill(state: Path, leave: int) -> Path:

@@ -14,6 +14,7 @@ import pytest
 from kmodtrim.backends.stash import PutRequest, Stash
 from kmodtrim.errors import StashError
 from kmodtrim.store import StashedFile
+from pkgbuild import small_tmpfs
 
 
 def _tree(root: Path, count: int = 12) -> list[str]:
@@ -191,17 +192,9 @@ def test_a_writer_killed_mid_pack_leaves_no_pack_and_its_leftover_is_collected(
 def test_a_full_disk_is_a_clean_error_with_no_partial_pack(tmp_path: Path) -> None:
     root = tmp_path / "root"
     paths = _tree(root)
-    state = root / "var/lib/kmodtrim"
-    state.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(state)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(root / "var/lib/kmodtrim", "40k") as state:
         with pytest.raises(StashError, match="cannot write the stash: No space") as raised:
             Stash(root).put_many([PutRequest(p) for p in paths])
         assert "free space under /var/lib/kmodtrim" in str(raised.value.hint)
         assert [p.name for p in (state / "stash/packs").iterdir()] == []
         assert _originals(root, paths)  # the tree is untouched
-    finally:
-        subprocess.run(["umount", str(state)], check=False)

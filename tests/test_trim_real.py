@@ -17,7 +17,7 @@ from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
 from kmodtrim.backends.rpm import RpmBackend, rpm_command
 from kmodtrim.store import current_generation, generation_numbers
 from modbuild import ModSpec, module_bytes
-from pkgbuild import build_deb, build_rpm, init_dpkg_root, init_rpm_root
+from pkgbuild import build_deb, build_rpm, init_dpkg_root, init_rpm_root, small_tmpfs
 
 REPO = Path(__file__).resolve().parent.parent
 OBSERVED = REPO / "examples/observed-bookworm-qemu-virtio.txt"
@@ -164,14 +164,8 @@ def _small_root(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("filler", [0, 8192], ids=["stash-fills-up", "journal-cannot-start"])
 def test_full_disk_is_a_clean_error_and_loses_nothing(tmp_path: Path, filler: int) -> None:
     root = _small_root(tmp_path)
-    state = root / "var/lib/kmodtrim"
-    state.mkdir(parents=True)
     # Room for hardly anything: the journal or the stash copies cannot be written.
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12k", "tmpfs", str(state)],
-                             capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with small_tmpfs(root / "var/lib/kmodtrim", "12k") as state:
         (state / "filler").write_bytes(b"\0" * filler)
         before = _hashes(root / f"lib/modules/{KVER}")
         proc = kmodtrim("apply", "--yes", "--root", str(root), "--kernel", KVER,
@@ -183,8 +177,6 @@ def test_full_disk_is_a_clean_error_and_loses_nothing(tmp_path: Path, filler: in
         assert _hashes(root / f"lib/modules/{KVER}") == before
         assert generation_numbers(root) == [0]
         assert not (state / "journal.json").exists()
-    finally:
-        subprocess.run(["umount", str(state)], check=False)
 
 
 def test_failing_initramfs_generation_undoes_the_trim(tmp_path: Path) -> None:

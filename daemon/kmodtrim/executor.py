@@ -85,15 +85,6 @@ def fault_point(step: str, n: int | None = None) -> None:
 
 
 @dataclass(frozen=True)
-class ToStash:
-    path: str
-    kind: str = "module"
-    module: str | None = None
-    kernel: str | None = None
-    package: str | None = None  # set for a removed package's own files (else: its owner)
-
-
-@dataclass(frozen=True)
 class Options:
     dry_run: bool = False
     force: bool = False
@@ -269,7 +260,7 @@ def _plan_packages(root: Path, backend: Any, current: Generation, new_paths: set
 
 
 def _package_items(root: Path, remove: Sequence[PackageDescription], spelled: set[str]
-                   ) -> list[ToStash]:
+                   ) -> list[PutRequest]:
     """What else must be stashed before packages leave whole: their files outside the
     trimmed set (documentation) and their control files."""
     items = []
@@ -277,9 +268,9 @@ def _package_items(root: Path, remove: Sequence[PackageDescription], spelled: se
         _dirs, files = _split_listing(root, desc.paths)
         for path in files:
             if path not in spelled and os.path.lexists(root / path.lstrip("/")):
-                items.append(ToStash(path, "package", None, None, desc.name))
+                items.append(PutRequest(path, "package", None, None, desc.name))
         for name, path in sorted(desc.control.items()):
-            items.append(ToStash(path, "package-control", name, None, desc.name))
+            items.append(PutRequest(path, "package-control", name, None, desc.name))
     return items
 
 
@@ -443,7 +434,7 @@ def _notify(progress: Progress | None, step: str, done: int, total: int) -> None
 def _transition(
     root: Path,
     current: Generation,
-    to_stash: Sequence[ToStash],
+    to_stash: Sequence[PutRequest],
     to_restore: Sequence[StashedFile],
     *,
     action: str,
@@ -515,8 +506,7 @@ def _transition(
             _notify(options.progress, "stash", i, len(items))
 
         stashed = stash.put_many(
-            [PutRequest(item.path, item.kind, item.module, item.kernel,
-                        item.package or owners.get(item.path)) for item in items],
+            [replace(item, package=item.package or owners.get(item.path)) for item in items],
             each=stashed_one)
         new_entries = stashed[:len(to_stash)]  # put_many returns once they are durable
         journal["stashed_entries"] = [e.__dict__ for e in new_entries]
@@ -806,14 +796,14 @@ def apply_plan(
                 hint="keep observing, give --observed FILE, or pass --force",
             )
         already = {f.path for f in current.removed}
-        to_stash: list[ToStash] = []
+        to_stash: list[PutRequest] = []
         for m in plan.remove:
             for path in m.files:
                 if path not in already and os.path.lexists(root / path.lstrip("/")):
-                    to_stash.append(ToStash(path, "module", m.name, plan.kernel))
+                    to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
         for fw in plan.firmware_remove:
             if fw.path not in already:
-                to_stash.append(ToStash(fw.path, "firmware", ",".join(fw.wanted_by), None))
+                to_stash.append(PutRequest(fw.path, "firmware", ",".join(fw.wanted_by), None))
         kept_names = {m.name for m in plan.keep}
         to_restore = [
             f for f in current.removed
@@ -857,7 +847,7 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
         current_paths = {f.path for f in current.removed}
         to_restore = [f for f in current.removed if f.path not in target_paths]
         to_stash = [
-            ToStash(f.path, f.kind, f.module, f.kernel)
+            PutRequest(f.path, f.kind, f.module, f.kernel)
             for path, f in target_paths.items()
             if path not in current_paths and os.path.lexists(root / path.lstrip("/"))
         ]

@@ -19,7 +19,7 @@ import fcntl
 import os
 import struct
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -276,31 +276,46 @@ def parse_verify(text: str) -> list[VerifyProblem]:
 
 def wait_for_fcntl_locks(lock_files: Sequence[Path], timeout: float, what: str) -> None:
     """Wait until nobody holds a write lock on any of ``lock_files`` (absent files are
-    free), polling until ``timeout`` seconds have passed; the locks are released again
-    before returning, so the caller can run the package manager.
+    free); see wait_for_lock_holders. Raises PackageManagerBusy."""
+    wait_for_lock_holders(lambda: fcntl_lock_holder(lock_files), timeout, what)
+
+
+def fcntl_lock_holder(lock_files: Sequence[Path]) -> tuple[str, int] | None:
+    """The first of ``lock_files`` someone holds a write lock on, and the holder's pid
+    (0 when the kernel does not say); None when all are free.
 
     The probe asks with F_OFD_GETLK, which sees the classic fcntl() locks dpkg, apt and rpm
-    take without taking a lock itself, and names the process holding one. When that process
-    is one kmodtrim runs under (a hook inside the package manager's own transaction), the
-    lock cannot be released while kmodtrim waits, so it does not wait.
-    Raises PackageManagerBusy on timeout, or at once in that case.
+    take without taking a lock itself, and names the process holding one."""
+    for path in lock_files:
+        holder = _lock_holder(path)
+        if holder is not None:
+            return str(path), holder
+    return None
+
+
+def wait_for_lock_holders(held: Callable[[], tuple[str, int] | None], timeout: float,
+                          what: str) -> None:
+    """Wait until ``held()`` says nobody holds the package manager's lock (else it says
+    which lock and the holder's pid, 0 if unknown), polling until ``timeout`` seconds have
+    passed; kmodtrim takes no lock itself, so the caller can run the package manager.
+
+    When the holder is a process kmodtrim runs under (a hook inside the package manager's
+    own transaction), the lock cannot be released while kmodtrim waits, so it does not
+    wait. Raises PackageManagerBusy on timeout, or at once in that case.
     """
     deadline = time.monotonic() + timeout
     delay = 0.05
-    while True:
-        busy, holder = next(((p, h) for p in lock_files if (h := _lock_holder(p)) is not None),
-                            (None, None))
-        if busy is None:
-            return
+    while (found := held()) is not None:
+        lock, holder = found
         if holder and holder in ancestors():
             raise PackageManagerBusy(
-                f"{what} is busy: {busy} is locked by pid {holder}, which kmodtrim runs "
+                f"{what} is busy: {lock} is locked by pid {holder}, which kmodtrim runs "
                 "under (a hook inside that package transaction)",
                 hint="run the command again once the package transaction has finished")
         if time.monotonic() >= deadline:
+            by = f"pid {holder}" if holder else "another process"
             raise PackageManagerBusy(
-                f"{what} is busy: {busy} is locked by another process "
-                f"(waited {timeout:g} s)",
+                f"{what} is busy: {lock} is locked by {by} (waited {timeout:g} s)",
                 hint="wait for the running package operation to finish and try again; "
                      "kmodtrim never runs the package manager from inside its transaction")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))

@@ -33,7 +33,6 @@ import re
 import shlex
 import shutil
 import stat
-import time
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -45,15 +44,14 @@ from .package import (
     PM_ENV,
     OwnerTable,
     PackageDescription,
-    PackageManagerBusy,
     VerifyProblem,
-    ancestors,
     check_paths,
+    fcntl_lock_holder,
     is_live,
     other_spelling,
     parse_verify,
     rpm_db_dir,
-    wait_for_fcntl_locks,
+    wait_for_lock_holders,
     write_config,
 )
 
@@ -283,22 +281,16 @@ class RpmBackend:
     def wait_for_lock(self, root: Path, timeout: float) -> None:
         """Return once no dnf process holds its rpmdb lock and nobody holds rpm's
         transaction lock; raises PackageManagerBusy after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        while (holder := _dnf_lock_holder(root)) is not None:
-            if holder in ancestors():
-                raise PackageManagerBusy(
-                    f"rpm is busy: dnf (pid {holder}) holds {root / DNF_LOCK}, and kmodtrim "
-                    "runs under it (a hook inside that transaction)",
-                    hint="run the command again once the dnf transaction has finished")
-            if time.monotonic() >= deadline:
-                raise PackageManagerBusy(
-                    f"rpm is busy: dnf (pid {holder}) holds {root / DNF_LOCK} "
-                    f"(waited {timeout:g} s)",
-                    hint="wait for the running dnf transaction to finish and try again")
-            time.sleep(0.2)
         db = rpm_db_dir(root) or "/var/lib/rpm"
-        lock = root / db.lstrip("/") / ".rpm.lock"
-        wait_for_fcntl_locks([lock], max(0.0, deadline - time.monotonic()), "rpm")
+        rpm_lock = root / db.lstrip("/") / ".rpm.lock"
+
+        def held() -> tuple[str, int] | None:
+            dnf = _dnf_lock_holder(root)
+            if dnf is not None:
+                return f"{root / DNF_LOCK} (dnf)", dnf
+            return fcntl_lock_holder([rpm_lock])
+
+        wait_for_lock_holders(held, timeout, "rpm")
 
     def verify(self, root: Path, packages: Sequence[str]) -> list[VerifyProblem]:
         """``rpm -V`` of ``packages``, parsed.  Raises CommandError when rpm fails (e.g. a

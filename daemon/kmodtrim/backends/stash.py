@@ -52,7 +52,8 @@ _WRITEBACK_EVERY = 16 << 20  # a durable pack starts reaching the disk while it 
 
 @dataclass(frozen=True)
 class PutRequest:
-    """One file for Stash.put_many: its in-root path and what the manifest says of it."""
+    """One file to stash: its in-root path and what the manifest says of it (``package``:
+    for a removed package's own files; the executor fills in the owner of the others)."""
 
     path: str
     kind: str = "module"
