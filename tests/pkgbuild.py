@@ -160,7 +160,7 @@ def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` (as mount's size=) on ``directory`` (created if absent), for
     running out of disk space; skips the test where mounting is not allowed."""
     directory.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
                               str(directory)], capture_output=True, text=True, check=False)
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.strip()}")

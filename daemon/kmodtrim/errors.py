@@ -95,7 +95,22 @@ class StoreError(KmodtrimError):
     dbus_name = DBUS_PREFIX + "Store"
 
 
+class UntrustedStateError(StoreError):
+    """State someone other than root could have written (owner, mode, symbolic link)."""
+
+
 class StashError(KmodtrimError):
     """A file could not be stashed or restored (hash mismatch, disk full, …)."""
 
     dbus_name = DBUS_PREFIX + "Stash"
+
+
+class DamagedCopyError(StashError):
+    """One file's stash copy is missing or damaged (the others are unaffected)."""
+
+
+class PermissionDeniedError(KmodtrimError):
+    """The caller may not do this (not root, and no polkit grant)."""
+
+    dbus_name = "org.freedesktop.DBus.Error.AccessDenied"
+    exit_code = 1

@@ -34,15 +34,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import fsutil, salvage
 from .backends.package import PackageDescription, PackageManagerBusy, is_doc, other_spelling
 from .backends.stash import PutRequest, Stash
 from .closure import Reason, closure_of
-from .errors import InputError, PolicyViolation, StashError, UnknownModuleError
+from .errors import (
+    DamagedCopyError,
+    InputError,
+    PolicyViolation,
+    StashError,
+    StoreError,
+    UnknownModuleError,
+)
 from .index import MODULE_DIR_BASES, ModuleIndex
-from .names import normalize
+from .names import is_valid_kernel_version, normalize
 from .observe import filesystem_module_aliases
 from .planner import Evidence, Plan
 from .policy import LoadedPolicy
+from .records import managed_path
+from .salvage import set_journal_aside
 from .store import (
     Generation,
     RemovedPackage,
@@ -50,10 +60,12 @@ from .store import (
     clear_journal,
     current_generation,
     generation_numbers,
+    journal_path,
     load_generation,
     operation_lock,
     read_journal,
     read_observations,
+    record_restored,
     record_supplied,
     state_dir,
     write_generation,
@@ -106,9 +118,11 @@ class Outcome:
     regen: dict[str, Any] = field(default_factory=dict)
     packages_removed: tuple[str, ...] = ()  # whole packages removed (or, dry, to remove)
     packages_reinstalled: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()  # files not put back: their stash copy is damaged
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "damaged": list(self.damaged),
             "generation": self.generation.number if self.generation else None,
             "dry_run": self.dry_run,
             "stash": list(self.stash),
@@ -140,6 +154,32 @@ def _write_exclusions(backend: Any, root: Path, paths: Iterable[str]) -> None:
 
 def _has_backend(backend: Any) -> bool:
     return backend is not None and getattr(backend, "name", "none") != "none"
+
+
+def _exclusion_backends(current: Generation, backend: Any,
+                        removed: Sequence[StashedFile]) -> tuple[str, ...]:
+    """The package managers whose exclusions a new state with ``removed`` out of the tree
+    has written: this operation's, and every earlier one's (they are rewritten too) —
+    none once nothing is out any more (their exclusions are then empty)."""
+    if not removed:
+        return ()
+    names = set(current.exclusion_backends)
+    if _has_backend(backend):
+        names.add(backend.name)
+    return tuple(sorted(names))
+
+
+def _write_all_exclusions(root: Path, backend: Any, paths: set[str],
+                          recorded: Iterable[str]) -> None:
+    """Make the exclusions of this operation's backend and of every backend that wrote
+    some before (``recorded``) say exactly ``paths``: state a generation wrote is undone
+    by the backend that wrote it, whatever the policy says now."""
+    from .backends.package import backend_by_name
+
+    _write_exclusions(backend, root, paths)
+    done = {backend.name} if _has_backend(backend) else set()
+    for name in sorted(set(recorded) - done):
+        _write_exclusions(backend_by_name(name), root, paths)
 
 
 # ---------------------------------------------------------------------------------------
@@ -267,7 +307,7 @@ def _package_items(root: Path, remove: Sequence[PackageDescription], spelled: se
     for desc in remove:
         _dirs, files = _split_listing(root, desc.paths)
         for path in files:
-            if path not in spelled and os.path.lexists(root / path.lstrip("/")):
+            if path not in spelled and fsutil.lexists(root, path):
                 items.append(PutRequest(path, "package", None, None, desc.name))
         for name, path in sorted(desc.control.items()):
             items.append(PutRequest(path, "package-control", name, None, desc.name))
@@ -321,9 +361,9 @@ def _rebuild(root: Path, backend: Any, packages: Sequence[RemovedPackage]) -> li
             for path, _mode in package.dirs:
                 (tree / path.lstrip("/")).mkdir(parents=True, exist_ok=True)
             for entry in package.files:
-                stash.restore_to(entry, tree / entry.path.lstrip("/"))
+                stash.restore_to(entry, tree)
             for entry in package.control:
-                stash.restore_to(entry, control / (entry.module or "unknown"))
+                stash.restore_to(replace(entry, path=f"/{entry.module}"), control)
             for path, mode in sorted(package.dirs, reverse=True):
                 os.chmod(tree / path.lstrip("/"), mode)
         except (OSError, StashError) as exc:
@@ -482,7 +522,7 @@ def _transition(
         "number": number,
         "from": current.number,
         "stash": [t.__dict__ for t in to_stash],
-        "restore": [e.__dict__ for e in to_restore],
+        "restore": [e.to_json() for e in to_restore],
         "kernels": kernels,
         "backend": options.backend,
         "package_backend": pm.name if _has_backend(pm) else None,
@@ -494,6 +534,8 @@ def _transition(
     write_journal(root, journal)
     fault_point("after-journal")
     captured: list[RemovedPackage] = []
+    damaged: list[str] = []  # restores whose stash copy is damaged or missing
+    not_restored: set[str] = set()
     try:
         _write_exclusions(backend, root, {f.path for f in current.removed} | set(stash_paths))
         fault_point("after-exclude")
@@ -505,19 +547,25 @@ def _transition(
             fault_point("stash", i)
             _notify(options.progress, "stash", i, len(items))
 
+        def describe(stashed: Sequence[StashedFile]) -> dict[str, Any]:
+            # What the pack says of itself, so a lost manifest is rebuilt (salvage.py).
+            if packages.remove:
+                by_path: dict[str, StashedFile] = {}
+                for entry in [*current.removed, *stashed[:len(to_stash)]]:
+                    if entry.path in new_paths:
+                        for spelling in _spellings([entry.path]):
+                            by_path.setdefault(spelling, entry)
+                captured[:] = [_capture(root, desc, pm, by_path, stashed[len(to_stash):])
+                               for desc in packages.remove]
+            return {"action": action, "created": journal["started"],
+                    "packages": [p.to_json() for p in captured]}
+
         stashed = stash.put_many(
             [replace(item, package=item.package or owners.get(item.path)) for item in items],
-            each=stashed_one)
+            each=stashed_one, generation=number, describe=describe)
         new_entries = stashed[:len(to_stash)]  # put_many returns once they are durable
-        journal["stashed_entries"] = [e.__dict__ for e in new_entries]
-        if packages.remove:
-            by_path: dict[str, StashedFile] = {}
-            for entry in [*current.removed, *new_entries]:
-                if entry.path in new_paths:
-                    for spelling in _spellings([entry.path]):
-                        by_path.setdefault(spelling, entry)
-            captured = [_capture(root, desc, pm, by_path, stashed[len(to_stash):])
-                        for desc in packages.remove]
+        journal["stashed_entries"] = [e.to_json() for e in new_entries]
+        if captured:
             journal["packages_captured"] = [p.to_json() for p in captured]
         write_journal(root, journal)
         fault_point("after-stash")
@@ -530,12 +578,17 @@ def _transition(
             fault_point("after-package-remove")
             _notify(options.progress, "remove packages", len(removing), len(removing))
         for i, item in enumerate(to_stash, 1):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(root / item.path.lstrip("/"))
+            fsutil.unlink(root, item.path)
             fault_point("unlink", i)
         fault_point("after-unlink")
         for i, entry in enumerate(to_restore, 1):
-            stash.restore(entry)
+            try:
+                stash.restore(entry)
+            except DamagedCopyError as exc:
+                # Damage is per file: the others still come back; this one stays out of
+                # the tree (and in the state), named in the outcome and by status.
+                damaged.append(exc.message)
+                not_restored.add(entry.path)
             fault_point("restore", i)
             _notify(options.progress, "restore", i, len(to_restore))
         if to_restore:
@@ -569,7 +622,8 @@ def _transition(
         if isinstance(exc, OSError):
             raise StashError(f"{action} failed and was undone: {exc}") from exc
         raise
-    removed = [f for f in current.removed if f.path not in restored] + new_entries
+    put_back = tuple(p for p in restore_paths if p not in not_restored)
+    removed = [f for f in current.removed if f.path not in put_back] + new_entries
     kept_packages = [p for p in current.packages
                      if p.name not in reinstalling and p.name not in packages.returned]
     generation = Generation(
@@ -581,7 +635,7 @@ def _transition(
             for verb, names in (("remove", removing), ("reinstall", reinstalling)) if names),
         removed=tuple(sorted(removed, key=lambda f: f.path)),
         stashed=stash_paths,
-        restored=restore_paths,
+        restored=put_back,
         kernels=tuple(kernels),
         rollback_to=rollback_to,
         keep_reasons=keep_reasons or {},
@@ -589,52 +643,60 @@ def _transition(
         packages=tuple(sorted([*kept_packages, *captured], key=lambda p: p.name)),
         packages_removed=removing,
         packages_reinstalled=reinstalling,
+        exclusion_backends=_exclusion_backends(current, backend, removed),
     )
     write_generation(root, generation)  # the commit point
     fault_point("after-commit")
-    _finish(root, generation, backend)
+    _finish(root, generation, backend, current.exclusion_backends)
     tool = getattr(pm, "name", "the package manager")
     notes = packages.notes + tuple(
         f"removed package {p.name} {p.version} whole ({tool}); its {len(p.files)} files are "
         "in the stash and restoring any of them reinstalls it" for p in captured
     ) + tuple(f"reinstalled package {p.name} {p.version} from the stash"
               for p in packages.reinstall)
-    return Outcome(generation, stash_paths, restore_paths, False, notes, regen=regen_results,
-                   packages_removed=removing, packages_reinstalled=reinstalling)
+    return Outcome(generation, stash_paths, put_back, False, notes, regen=regen_results,
+                   packages_removed=removing, packages_reinstalled=reinstalling,
+                   damaged=tuple(damaged))
 
 
-def _finish(root: Path, generation: Generation, backend: Any) -> None:
-    _write_exclusions(backend, root, {f.path for f in generation.removed})
+def _finish(root: Path, generation: Generation, backend: Any,
+            previous: Iterable[str] = ()) -> None:
+    _write_all_exclusions(root, backend, {f.path for f in generation.removed},
+                          {*generation.exclusion_backends, *previous})
     fault_point("after-final-exclude")
     shutil.rmtree(_rebuild_dir(root), ignore_errors=True)
-    Stash(root).collect_garbage(generation.referenced_blobs)
+    Stash(root).collect_garbage(generation.referenced_blobs, generation.number)
     clear_journal(root)
 
 
 def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     """Return the tree (and the package manager) to ``current``'s state after an
-    interrupted transition."""
+    interrupted transition, sweep the temporary files it may have left, and give back
+    the stash space it took."""
     stash = Stash(root)
     current_paths = {f.path for f in current.removed}
+    touched = [item["path"] for item in journal.get("stash", [])] + \
+        [doc["path"] for doc in journal.get("restore", [])]
+    fsutil.sweep_temporaries(root, touched)
+    entries = {e.path: e for e in _journal_entries(journal)}
     # Files the transition took out: put back any that is gone (their blobs were synced
     # before the unlink, so a missing file always has its copy).
     for item in journal.get("stash", []):
-        full = root / item["path"].lstrip("/")
-        if os.path.lexists(full):
+        if fsutil.lexists(root, item["path"]):
             continue
-        entry = next((e for e in _entries_for(item["path"], journal)), None)
+        entry = entries.get(item["path"])
         if entry is None:
             raise StashError(f"cannot undo: no stash copy of {item['path']}")
         stash.restore(entry)
     # Files the transition put back: take them out again (their blobs are still there).
     for doc in journal.get("restore", []):
         entry = StashedFile.from_json(doc)
-        full = root / entry.path.lstrip("/")
-        if entry.path in current_paths and os.path.lexists(full) and stash.has_copy(entry):
-            full.unlink()
+        if entry.path in current_paths and fsutil.lexists(root, entry.path) \
+                and stash.has_copy(entry):
+            fsutil.unlink(root, entry.path)
     os.sync()
     backend = _backend(root, journal.get("backend", "auto"))
-    _write_exclusions(backend, root, current_paths)
+    _write_all_exclusions(root, backend, current_paths, current.exclusion_backends)
     if journal.get("package_backend"):
         from .backends.package import backend_by_name
 
@@ -644,9 +706,12 @@ def _undo(root: Path, journal: dict[str, Any], current: Generation) -> None:
     from . import regen
 
     for kernel in journal.get("kernels", []):
-        if any((root / base / kernel).is_dir() for base in MODULE_DIR_BASES):
+        if _kernel_installed(root, kernel):
             regen.run_depmod(root, kernel)
     shutil.rmtree(_rebuild_dir(root), ignore_errors=True)
+    # What this transition stashed is no longer needed: a failed operation gives back
+    # the space it took (its pack goes, unless older files share it).
+    stash.collect_garbage(current.referenced_blobs)
     clear_journal(root)
 
 
@@ -686,24 +751,125 @@ def _undo_packages(root: Path, backend: Any, journal: dict[str, Any],
             _run_package_op(root, backend, lambda: backend.install_archives(root, archives))
 
 
-def _entries_for(path: str, journal: dict[str, Any]) -> Iterable[StashedFile]:
-    """Stash entries the interrupted transition recorded for ``path`` (written to the
-    journal after the copies were synced and before any original was unlinked)."""
-    for doc in journal.get("stashed_entries", []):
-        if doc["path"] == path:
-            yield StashedFile.from_json(doc)
+def _journal_entries(journal: dict[str, Any]) -> list[StashedFile]:
+    """Stash entries the interrupted transition recorded (written to the journal after
+    the copies were synced and before any original was unlinked)."""
+    return [StashedFile.from_json(doc) for doc in journal.get("stashed_entries", [])]
+
+
+def _check_journal(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` if it is a journal recovery can act on; raises StoreError naming what is
+    wrong. Every path in it is checked as a state record's would be."""
+    def need(key: str, kinds: tuple[type, ...]) -> Any:
+        if key not in doc:
+            raise StoreError(f"journal: missing field {key!r}")
+        if not isinstance(doc[key], kinds) or isinstance(doc[key], bool):
+            raise StoreError(f"journal: field {key!r} has the wrong type")
+        return doc[key]
+
+    need("action", (str,))
+    need("number", (int,))
+    need("from", (int,))
+    for key in ("stash", "restore", "stashed_entries", "kernels", "packages_remove",
+                "packages_reinstall", "packages_captured"):
+        if not isinstance(doc.get(key, []), list):
+            raise StoreError(f"journal: field {key!r} must be a list")
+    for item in doc.get("stash", []):
+        if not isinstance(item, dict):
+            raise StoreError("journal: a stash item is not an object")
+        managed_path(item.get("path"), str(item.get("kind", "module")))
+    for key in ("restore", "stashed_entries"):
+        for entry in doc.get(key, []):
+            StashedFile.from_json(entry)
+    for package in doc.get("packages_captured", []):
+        RemovedPackage.from_json(package)
+    for kernel in doc.get("kernels", []):
+        if not isinstance(kernel, str) or not is_valid_kernel_version(kernel):
+            raise StoreError(f"journal: {str(kernel)[:80]!r} is not a kernel version")
+    pending = doc.get("initramfs_pending") or {}
+    if not isinstance(pending, dict):
+        raise StoreError("journal: field 'initramfs_pending' must be an object")
+    for item in pending.values():
+        if not isinstance(item, dict) or not isinstance(item.get("image"), str) \
+                or not str(item["image"]).startswith("/boot/"):
+            raise StoreError("journal: an initramfs entry is not an image under /boot")
+        managed_path(item["image"], "initramfs")
+    return doc
+
+
+def _recover_damaged_journal(root: Path, exc: StoreError) -> str:
+    """Recovery without a usable journal: the stash's own records say what the
+    interrupted operation had taken out; every such file still missing from the tree (and
+    not out in the last committed generation) is put back. Nothing is guessed beyond
+    that: package steps of the operation are reported, not undone."""
+    aside = set_journal_aside(root)
+    committed = generation_numbers(root)[-1]
+    stash = Stash(root)
+    current = load_generation(root, committed)
+    records = [r for r in stash.records() if r.generation > committed and r.manifest]
+    out = {f.path for f in current.removed}
+    put_back = 0
+    for record in records:
+        docs = (record.manifest or {}).get("files") or []
+        entries = []
+        for doc in docs:
+            with contextlib.suppress(StoreError):
+                entries.append(StashedFile.from_json(doc))
+        fsutil.sweep_temporaries(root, [e.path for e in entries])
+        for entry in entries:
+            if entry.path not in out and not fsutil.lexists(root, entry.path):
+                stash.restore(entry)
+                put_back += 1
+    fsutil.sweep_temporaries(root, sorted(out))
+    if put_back:
+        os.sync()
+    from . import regen
+
+    for kernel in {k for f in current.removed if (k := f.kernel)} | _tree_kernels(root):
+        regen.run_depmod(root, kernel)
+    stash.collect_garbage(current.referenced_blobs)
+    return (f"the journal was damaged ({exc.message}; kept as {aside.name}): put back "
+            f"{put_back} file(s) the interrupted operation had taken out, from the stash's "
+            f"own records (generation {committed} stays current); if it was removing or "
+            "reinstalling packages, check them with the package manager")
+
+
+def _tree_kernels(root: Path) -> set[str]:
+    kernels = set()
+    for base in MODULE_DIR_BASES:
+        with contextlib.suppress(OSError):
+            kernels |= {k for k in os.listdir(root / base)
+                        if is_valid_kernel_version(k) and (root / base / k).is_dir()}
+    return kernels
 
 
 def recover(root: Path) -> str | None:
-    """Finish or undo an interrupted operation. Returns what was done, or None."""
-    journal = read_journal(root)
-    if journal is None:
+    """Finish or undo an interrupted operation, or rebuild state whose records were lost
+    (salvage.py). Returns what was done, or None when nothing needed doing."""
+    try:
+        journal = read_journal(root)
+        damage: StoreError | None = None
+        if journal is not None:
+            journal = _check_journal(journal)
+    except StoreError as exc:
+        if not journal_path(root).exists():
+            raise
+        journal, damage = None, exc
+    state = salvage.view(root)
+    if journal is None and damage is None and not state.salvaged:
         return None
     with operation_lock(root, "recovery"):
+        if damage is not None:
+            return _recover_damaged_journal(root, damage)
+        if journal is None:
+            return salvage.salvage(root)
         number = int(journal["number"])
         if number in generation_numbers(root):
             generation = load_generation(root, number)
-            _finish(root, generation, _backend(root, journal.get("backend", "auto")))
+            previous = load_generation(root, int(journal["from"])).exclusion_backends \
+                if int(journal["from"]) in generation_numbers(root) else ()
+            _finish(root, generation, _backend(root, journal.get("backend", "auto")),
+                    previous)
             return f"finished interrupted {journal['action']} (generation {number})"
         current = load_generation(root, int(journal["from"]))
         _undo(root, journal, current)
@@ -799,7 +965,7 @@ def apply_plan(
         to_stash: list[PutRequest] = []
         for m in plan.remove:
             for path in m.files:
-                if path not in already and os.path.lexists(root / path.lstrip("/")):
+                if path not in already and fsutil.lexists(root, path):
                     to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
         for fw in plan.firmware_remove:
             if fw.path not in already:
@@ -849,7 +1015,7 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
         to_stash = [
             PutRequest(f.path, f.kind, f.module, f.kernel)
             for path, f in target_paths.items()
-            if path not in current_paths and os.path.lexists(root / path.lstrip("/"))
+            if path not in current_paths and fsutil.lexists(root, path)
         ]
         return _transition(
             root, current, to_stash, to_restore,
@@ -895,7 +1061,8 @@ def forget_kernel(root: Path, kernel: str) -> Outcome:
 
 
 def restore_modules(
-    root: Path, names: Sequence[str], index: ModuleIndex, options: Options
+    root: Path, names: Sequence[str], index: ModuleIndex, options: Options,
+    how: str = "restored by hand",
 ) -> Outcome:
     """Put modules (with their dependency closure and firmware) back from the stash as a
     new generation. ``index`` must include stashed modules (operations.load_index).
@@ -916,7 +1083,7 @@ def restore_modules(
             if (f.kind == "module" and f.kernel == index.kernel and f.module in wanted)
             or (f.kind == "firmware" and wanted & set((f.module or "").split(",")))
         ]
-        return _transition(
+        outcome = _transition(
             root, current, [], to_restore,
             action="restore",
             description=f"restore {', '.join(normalize(n) for n in names)}"
@@ -924,3 +1091,8 @@ def restore_modules(
                            if len(wanted) > len(names) else ""),
             options=options,
         )
+        if not options.dry_run:
+            # A restore sticks: later plans keep these until the admin forgets them.
+            when = time.strftime("%Y-%m-%d %H:%M")
+            record_restored(root, {normalize(n): f"{how} on {when}" for n in names})
+        return outcome

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import salvage
 from .backends.stash import Stash
 from .closure import Reason
-from .errors import InputError, UnknownModuleError
+from .errors import InputError, ModuleParseError, StashError, UnknownModuleError
 from .executor import Options, Outcome, apply_plan, forget_kernel
 from .index import (
     IndexStats,
@@ -34,11 +35,13 @@ from .observe import (
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
+from .records import StashedFile
 from .store import (
     current_generation,
     generation_numbers,
     load_generation,
     read_observations,
+    read_restored,
     read_supplied,
 )
 
@@ -60,12 +63,20 @@ def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
     """Module files of ``kernel`` that the current generation holds in the stash."""
     prefix = inroot_path(module_dir(root, kernel), root) + "/"
     stash = Stash(root)
+
+    def load(entry: StashedFile) -> bytes:
+        # A damaged copy costs that module only: the index lists it as unreadable.
+        try:
+            return stash.read(entry)
+        except StashError as exc:
+            raise ModuleParseError(entry.path, exc.message) from None
+
     found = []
-    for entry in current_generation(root).removed:
+    for entry in salvage.view(root).generation.removed:
         if entry.kind == "module" and entry.kernel == kernel and entry.path.startswith(prefix):
             found.append(StashedModule(
                 relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
-                load=lambda entry=entry: stash.read(entry),  # type: ignore[misc]
+                load=lambda entry=entry: load(entry),  # type: ignore[misc]
             ))
     return found
 
@@ -102,6 +113,8 @@ def gather_evidence(target: Target) -> Evidence:
         names = sorted({n for boot in recorded.values() for n in boot.get("modules", ())})
         observed.extend(ObservedName(name, source, None) for name in names)
     return Evidence(
+        restored=tuple(ObservedName(name, source, None)
+                       for name, source in sorted(read_restored(root).items())),
         observed=tuple(observed),
         loaded=tuple(read_proc_modules(root)),
         devices=tuple(read_modaliases(root)),

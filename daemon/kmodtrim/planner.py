@@ -38,6 +38,7 @@ class Evidence:
     devices: Sequence[DeviceModalias] = ()
     filesystems: Sequence[MountedFilesystem] = ()
     root_drivers: Sequence[RootDriver] = ()
+    restored: Sequence[ObservedName] = ()  # restored by hand or on demand, until forgotten
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,13 @@ def seeds_from(
             )
             continue
         add(obs.name, Reason("observed", where))
+    for obs in evidence.restored:
+        for module in index.resolve(obs.name):
+            entry = index.modules.get(module)
+            rule = policy.decide(module, entry.relpath, entry.info.aliases) \
+                if entry is not None else None
+            if rule is None or not rule.exclude:  # a policy exclude lets a restore go
+                add(module, Reason("restored", obs.source))
     for dev in evidence.devices:
         for module in index.match_alias(dev.modalias):
             add(module, Reason("hardware", f"{dev.modalias} at {dev.devpath}"))

@@ -19,21 +19,88 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import tempfile
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import BusyError, NoSuchGenerationError, StoreError
+from .errors import (
+    BusyError,
+    NoSuchGenerationError,
+    PermissionDeniedError,
+    StoreError,
+    UntrustedStateError,
+)
+from .records import GENERATION_ZERO, Generation, RemovedPackage, StashedFile
+
+__all__ = ["GENERATION_ZERO", "Generation", "RemovedPackage", "StashedFile"]  # re-exported
 
 STATE_DIR = "var/lib/kmodtrim"
+DIR_MODE = 0o755  # state directories, whatever the umask
+FILE_MODE = 0o644  # state files
 log = logging.getLogger("kmodtrim.store")
 
 
 def state_dir(root: Path) -> Path:
     return root / STATE_DIR
+
+
+def _untrusted(path: Path, st: os.stat_result) -> str | None:
+    """Why ``path`` (already lstat'ed) cannot be trusted as kmodtrim state, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return "it is a symbolic link"
+    if st.st_uid not in (0, os.geteuid()):
+        return f"it is owned by uid {st.st_uid}, not root"
+    if st.st_mode & 0o022:
+        return f"it is writable by others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def check_trusted(root: Path, path: Path) -> None:
+    """Refuse state at ``path`` (and every directory from ROOT/var down to it) that someone
+    other than root could have planted: a symbolic link, another owner, or group- or
+    world-writable. Missing components are fine (nothing to trust yet).
+
+    Raises StoreError naming the offending path and what to do.
+    """
+    try:
+        parts = path.relative_to(root).parts
+        current = root
+    except ValueError:  # not under root: check the file and its own directory
+        parts = (path.parent.name, path.name)
+        current = path.parent.parent
+    for part in parts:
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StoreError(f"cannot check {current}: {exc.strerror or exc}") from None
+        why = _untrusted(current, st)
+        if why is not None:
+            raise UntrustedStateError(
+                f"refusing kmodtrim state at {current}: {why}",
+                hint="kmodtrim only trusts state that only root can write; inspect it, "
+                     "then fix its owner and mode (chown root: and chmod go-w) or remove it",
+            )
+
+
+def make_dirs(path: Path, mode: int = DIR_MODE) -> None:
+    """Create ``path`` and missing parents with ``mode`` exactly, whatever the umask."""
+    missing = []
+    current = path
+    while not current.exists():
+        missing.append(current)
+        if current.parent == current:
+            break
+        current = current.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, mode)
+            os.chmod(directory, mode)
 
 
 def fsync_dir(path: Path) -> None:
@@ -48,16 +115,16 @@ def replace_file(
     path: Path,
     data: bytes,
     *,
-    mode: int = 0o644,
+    mode: int = FILE_MODE,
     owner: tuple[int, int] | None = None,
     mtime_ns: int | None = None,
     durable: bool = True,
 ) -> None:
     """Write ``data`` beside ``path`` and rename it over ``path``: a reader or a crash sees
     the old file or the new one, never a part. ``durable`` fsyncs the file and directory
-    (callers writing thousands of files sync once instead). Raises OSError, leaving no
-    temporary file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    (callers writing thousands of files sync once instead). Missing directories are made
+    with DIR_MODE. Raises OSError, leaving no temporary file behind."""
+    make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".kmodtrim")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -80,7 +147,7 @@ def replace_file(
         fsync_dir(path.parent)
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
     """Replace ``path`` with ``data`` durably (see replace_file).
 
     Raises StoreError (e.g. disk full) with the old file untouched.
@@ -90,8 +157,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
     except OSError as exc:
         raise StoreError(
             f"cannot write {path}: {exc.strerror or exc}",
-            hint="free space (or fix permissions) under that directory and try again; "
-                 "nothing was changed",
+            hint="free space (or fix permissions) under that directory and try again",
         ) from None
 
 
@@ -100,17 +166,43 @@ def atomic_write_json(path: Path, doc: Any) -> None:
     atomic_write_bytes(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
 
 
-def read_json(path: Path) -> Any:
-    """Parse a state file. Raises StoreError naming the file if it is corrupt."""
+# A damaged manifest is never a reason to move things aside by hand: the stash's own
+# records rebuild it (salvage.py) at the next change command.
+_DAMAGED_HINT = ("keep the file; kmodtrim rebuilds the state from the stash's own records "
+                 "at the next change command (kmodtrim status shows what it found)")
+STATE_FILE_LIMIT = 256 << 20  # a manifest of every module of several kernels is ~10 MB
+
+
+def read_json(path: Path, root: Path | None = None) -> Any:
+    """Parse a state file, after checking it (and, given ``root``, its directories) can be
+    trusted. Raises FileNotFoundError, or StoreError naming the file if it is untrusted,
+    not a regular file, too big or corrupt."""
+    check_trusted(root if root is not None else path.parent, path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise
-    except (OSError, ValueError) as exc:
-        raise StoreError(
-            f"{path}: unreadable kmodtrim state ({exc})",
-            hint="move the file aside; kmodtrim will start from what remains",
-        ) from None
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot read kmodtrim state ({exc.strerror or exc})",
+                         hint="check the file's permissions (reading state needs no root, "
+                              "changing it does)") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise StoreError(f"{path}: not a regular file")
+            if st.st_size > STATE_FILE_LIMIT:
+                raise StoreError(f"{path}: {st.st_size} bytes, more than kmodtrim state "
+                                 f"can be ({STATE_FILE_LIMIT >> 20} MiB)")
+            data = f.read(STATE_FILE_LIMIT + 1)
+        return json.loads(data.decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:
+        raise StoreError(f"{path}: unreadable kmodtrim state ({_short(exc)})") from None
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "…"
 
 
 # ---------------------------------------------------------------------------------------
@@ -124,8 +216,20 @@ def operation_lock(root: Path, description: str) -> Iterator[None]:
     Raises BusyError naming the running operation (its description, pid and start time).
     """
     directory = state_dir(root)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd = os.open(directory / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+    check_trusted(root, directory / "lock")
+    try:
+        make_dirs(directory)
+        fd = os.open(directory / "lock",
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+    except PermissionError:
+        raise PermissionDeniedError(
+            f"{description}: permission denied on {directory}",
+            hint="changing the system's modules needs root (run it with sudo), or go "
+                 "through kmodtrimd, which asks polkit") from None
+    except OSError as exc:
+        raise StoreError(f"cannot use the state directory {directory}: "
+                         f"{exc.strerror or exc}",
+                         hint="it must be a directory only root can write") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,138 +258,6 @@ def _now() -> str:
 # Generations
 
 
-@dataclass(frozen=True)
-class StashedFile:
-    """A file kmodtrim took out of the tree, with everything needed to put it back."""
-
-    path: str  # in-root absolute path
-    size: int
-    sha256: str
-    mode: int
-    uid: int
-    gid: int
-    mtime_ns: int
-    kind: str = "module"  # "module" or "firmware"
-    module: str | None = None  # module name (for modules)
-    kernel: str | None = None
-    package: str | None = None  # owning package, if any
-    link: str | None = None  # a symlink's target (then there is no blob)
-
-    @staticmethod
-    def from_json(doc: dict[str, Any]) -> StashedFile:
-        return StashedFile(**doc)
-
-
-@dataclass(frozen=True)
-class RemovedPackage:
-    """A whole package kmodtrim removed through the package manager, with everything needed
-    to rebuild it offline (dpkg-repack style) and install it again.
-
-    ``files`` are every non-directory path the package owns, as it spells them, each with
-    its stash copy (files already trimmed share the blob of their ``removed`` entry);
-    ``control`` are the package manager's own files for it (dpkg: maintainer scripts,
-    md5sums, … with ``module`` holding the control file's name), also stashed; ``dirs``
-    the directories it lists with their modes; ``absent`` paths it lists that were already
-    missing from the tree for another reason (e.g. documentation a site ``path-exclude``
-    keeps out) and that a rebuilt package therefore lacks; ``metadata`` what the backend
-    needs for the package's header (dpkg: the control paragraph; rpm: header tags)."""
-
-    name: str  # as the package manager names it (dpkg ``name`` or ``name:arch``)
-    version: str
-    arch: str
-    backend: str  # "dpkg" or "rpm"
-    metadata: dict[str, Any] = field(default_factory=dict)
-    files: tuple[StashedFile, ...] = ()
-    control: tuple[StashedFile, ...] = ()
-    dirs: tuple[tuple[str, int], ...] = ()
-    absent: tuple[str, ...] = ()
-
-    @property
-    def blobs(self) -> set[str]:
-        """The stash blobs a rebuild of this package reads."""
-        return {f.sha256 for f in self.files + self.control if f.link is None}
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "version": self.version, "arch": self.arch,
-            "backend": self.backend, "metadata": dict(self.metadata),
-            "files": [dict(f.__dict__) for f in self.files],
-            "control": [dict(f.__dict__) for f in self.control],
-            "dirs": [[path, mode] for path, mode in self.dirs],
-            "absent": list(self.absent),
-        }
-
-    @staticmethod
-    def from_json(doc: dict[str, Any]) -> RemovedPackage:
-        return RemovedPackage(
-            name=doc["name"], version=doc["version"], arch=doc["arch"],
-            backend=doc["backend"], metadata=dict(doc.get("metadata", {})),
-            files=tuple(StashedFile.from_json(f) for f in doc.get("files", ())),
-            control=tuple(StashedFile.from_json(f) for f in doc.get("control", ())),
-            dirs=tuple((str(d[0]), int(d[1])) for d in doc.get("dirs", ())),
-            absent=tuple(doc.get("absent", ())),
-        )
-
-
-@dataclass(frozen=True)
-class Generation:
-    """One numbered state of the trimmed files. ``removed`` is the whole state (every file
-    out of the tree), not only this generation's changes."""
-
-    number: int
-    created: str
-    action: str  # "untrimmed", "apply", "rollback", "restore"
-    description: str
-    removed: tuple[StashedFile, ...] = ()
-    stashed: tuple[str, ...] = ()  # paths this generation took out
-    restored: tuple[str, ...] = ()  # paths this generation put back
-    kernels: tuple[str, ...] = ()  # kernels whose trees changed
-    rollback_to: int | None = None
-    keep_reasons: dict[str, str] = field(default_factory=dict)
-    regen: dict[str, Any] = field(default_factory=dict)
-    # Whole packages out of the system (the whole state, like ``removed``), and the
-    # package operations this generation ran.
-    packages: tuple[RemovedPackage, ...] = ()
-    packages_removed: tuple[str, ...] = ()
-    packages_reinstalled: tuple[str, ...] = ()
-
-    @property
-    def removed_bytes(self) -> int:
-        return sum(f.size for f in self.removed)
-
-    @property
-    def referenced_blobs(self) -> set[str]:
-        """Every stash blob this state needs: removed files and removed packages."""
-        blobs = {f.sha256 for f in self.removed}
-        for package in self.packages:
-            blobs |= package.blobs
-        return blobs
-
-    def to_json(self) -> dict[str, Any]:
-        doc = {f.name: getattr(self, f.name) for f in fields(self)}
-        doc["removed"] = [dict(entry.__dict__) for entry in self.removed]
-        for key in ("stashed", "restored", "kernels", "packages_removed",
-                    "packages_reinstalled"):
-            doc[key] = list(doc[key])
-        doc["packages"] = [p.to_json() for p in self.packages]
-        doc["keep_reasons"] = dict(self.keep_reasons)
-        doc["regen"] = dict(self.regen)
-        doc["removed_bytes"] = self.removed_bytes
-        return doc
-
-    @staticmethod
-    def from_json(doc: dict[str, Any]) -> Generation:
-        doc = dict(doc)
-        doc.pop("removed_bytes", None)
-        doc["removed"] = tuple(StashedFile.from_json(f) for f in doc.get("removed", ()))
-        for key in ("stashed", "restored", "kernels", "packages_removed",
-                    "packages_reinstalled"):
-            doc[key] = tuple(doc.get(key, ()))
-        doc["packages"] = tuple(RemovedPackage.from_json(p) for p in doc.get("packages", ()))
-        return Generation(**doc)
-
-
-GENERATION_ZERO = Generation(0, "", "untrimmed", "the tree as installed")
 
 
 def generations_dir(root: Path) -> Path:
@@ -309,7 +281,7 @@ def load_generation(root: Path, number: int) -> Generation:
         return GENERATION_ZERO
     path = generations_dir(root) / f"{number}.json"
     try:
-        doc = read_json(path)
+        doc = read_json(path, root)
     except FileNotFoundError:
         known = ", ".join(str(n) for n in generation_numbers(root))
         raise NoSuchGenerationError(
@@ -317,8 +289,9 @@ def load_generation(root: Path, number: int) -> Generation:
         ) from None
     try:
         return Generation.from_json(doc)
-    except (TypeError, KeyError, ValueError) as exc:
-        raise StoreError(f"{path}: not a generation manifest ({exc})") from None
+    except StoreError as exc:
+        raise StoreError(f"{path}: not a valid generation manifest: {exc.message}",
+                         hint=_DAMAGED_HINT) from None
 
 
 def current_generation(root: Path) -> Generation:
@@ -339,7 +312,7 @@ def journal_path(root: Path) -> Path:
 
 def read_journal(root: Path) -> dict[str, Any] | None:
     try:
-        doc = read_json(journal_path(root))
+        doc = read_json(journal_path(root), root)
     except FileNotFoundError:
         return None
     if not isinstance(doc, dict):
@@ -365,19 +338,41 @@ def observations_path(root: Path) -> Path:
     return state_dir(root) / "observations.json"
 
 
-def _observations_doc(root: Path) -> dict[str, Any]:
-    """The whole observations file. A corrupt one is moved aside
-    (``observations.json.corrupt-TIME``, logged) and treated as empty."""
+def _check_observations(path: Path, doc: Any) -> dict[str, Any]:
+    """``doc`` if it has the observations file's structure; raises StoreError."""
+    def is_names(value: Any) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    if not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict):
+        raise StoreError(f"{path}: unexpected structure")
+    for boot in doc["boots"].values():
+        if (not isinstance(boot, dict) or not isinstance(boot.get("modules"), list)
+                or not all(isinstance(m, str) for m in boot["modules"])
+                or not all(isinstance(boot.get(k, 0), int | float)
+                           for k in ("first_seen", "last_seen"))):
+            raise StoreError(f"{path}: a boot record has an unexpected structure")
+    for key in ("supplied", "restored"):
+        if not is_names(doc.get(key, {})):
+            raise StoreError(f"{path}: {key!r} is not a map of names")
+    return doc
+
+
+def _observations_doc(root: Path, *, for_update: bool = False) -> dict[str, Any]:
+    """The whole observations file. A corrupt one is treated as empty (logged); before an
+    update it is moved aside (``observations.json.corrupt-TIME``) — a reader never renames
+    anything."""
     path = observations_path(root)
     try:
-        doc = read_json(path)
-        if (not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict)
-                or not isinstance(doc.get("supplied", {}), dict)):
-            raise StoreError(f"{path}: unexpected structure")
-        return doc
+        return _check_observations(path, read_json(path, root))
     except FileNotFoundError:
         return {"boots": {}}
+    except UntrustedStateError:
+        raise  # not corrupt but planted: never read, never touched
     except StoreError as exc:
+        if not for_update:
+            log.warning("%s; ignoring it (the next change sets it aside)", exc.message)
+            return {"boots": {}}
         aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
         with contextlib.suppress(OSError):
             os.replace(path, aside)
@@ -398,13 +393,42 @@ def read_supplied(root: Path) -> dict[str, str]:
     return supplied
 
 
+def read_restored(root: Path) -> dict[str, str]:
+    """Module name → when and how it was restored: kept by later plans until forgotten."""
+    restored: dict[str, str] = _observations_doc(root).get("restored", {})
+    return restored
+
+
+def _update_names(root: Path, key: str, add: dict[str, str], drop: Iterable[str] = (),
+                  *, replace_existing: bool = False) -> None:
+    doc = _observations_doc(root, for_update=True)
+    names = doc.setdefault(key, {})
+    for name, source in add.items():
+        if replace_existing:
+            names[name] = source
+        else:
+            names.setdefault(name, source)
+    for name in drop:
+        names.pop(name, None)
+    atomic_write_json(observations_path(root), doc)
+
+
 def record_supplied(root: Path, names: dict[str, str]) -> None:
     """Remember supplied observations (name → source), in addition to earlier ones."""
-    doc = _observations_doc(root)
-    supplied = doc.setdefault("supplied", {})
-    for name, source in names.items():
-        supplied.setdefault(name, source)
-    atomic_write_json(observations_path(root), doc)
+    _update_names(root, "supplied", names)
+
+
+def record_restored(root: Path, names: dict[str, str]) -> None:
+    """Remember modules restored by hand or on demand (name → how and when)."""
+    _update_names(root, "restored", names, replace_existing=True)
+
+
+def forget_restored(root: Path, names: set[str]) -> set[str]:
+    """Stop keeping ``names`` for having been restored; returns those that were kept."""
+    known = set(read_restored(root)) & names
+    if known:
+        _update_names(root, "restored", {}, known)
+    return known
 
 
 def record_observation(
@@ -412,7 +436,7 @@ def record_observation(
 ) -> None:
     """Add modules seen loaded during boot ``boot_id`` (union with what was recorded)."""
     now = time.time() if now is None else now
-    doc = _observations_doc(root)
+    doc = _observations_doc(root, for_update=True)
     boot = doc["boots"].setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
     boot["last_seen"] = now
     boot["modules"] = sorted(set(boot["modules"]) | set(modules))

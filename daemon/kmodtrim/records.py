@@ -1,0 +1,270 @@
+"""The records kmodtrim's state is made of — files out of the tree, packages out of the
+system, generations — and their strict reading from JSON.
+
+State files are read back by root and drive writes into the tree, so nothing in them is
+taken on trust: every field is type-checked, and every path must be a normalised absolute
+path under the trees kmodtrim manages (module trees, firmware, a removed package's own
+files). A record that fails any check raises StoreError naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import StoreError
+from .fsutil import UnsafePathError, check_relative
+
+MODULE_TREES = ("/lib/modules/", "/usr/lib/modules/")
+FIRMWARE_TREES = ("/lib/firmware/", "/usr/lib/firmware/")
+# A package removed whole owns its modules plus documentation and such under /usr.
+PACKAGE_TREES = (*MODULE_TREES, *FIRMWARE_TREES, "/usr/")
+KINDS = ("module", "firmware", "package", "package-control")
+_SHA256 = re.compile(r"[0-9a-f]{64}\Z")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.+:@~-]{1,200}\Z")
+
+
+def managed_path(path: object, kind: str) -> str:
+    """``path`` if it may be written for a record of ``kind``; raises StoreError."""
+    try:
+        check_relative(path)  # type: ignore[arg-type]
+    except UnsafePathError as exc:
+        raise StoreError(exc.message) from None
+    assert isinstance(path, str)
+    trees = {"module": MODULE_TREES, "firmware": FIRMWARE_TREES,
+             "package": PACKAGE_TREES}.get(kind)
+    if trees is not None and not path.startswith(trees):
+        raise StoreError(f"refusing path {path[:200]!r}: a {kind} file must lie under "
+                         + ", ".join(t.rstrip("/") for t in trees))
+    return path
+
+
+class _Fields:
+    """Typed access to one JSON object; errors name the record and the field."""
+
+    def __init__(self, doc: object, what: str) -> None:
+        if not isinstance(doc, dict):
+            raise StoreError(f"{what}: expected an object, found {type(doc).__name__}")
+        self.doc: dict[str, Any] = doc
+        self.what = what
+
+    def _get(self, key: str, kinds: tuple[type, ...], default: object) -> Any:
+        if key not in self.doc:
+            if default is _REQUIRED:
+                raise StoreError(f"{self.what}: missing field {key!r}")
+            return default
+        value = self.doc[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise StoreError(f"{self.what}: field {key!r} must be {names}, "
+                             f"found {type(value).__name__}")
+        return value
+
+    def text(self, key: str, default: object = None) -> str:
+        return str(self._get(key, (str,), _REQUIRED if default is None else default))
+
+    def opt_text(self, key: str) -> str | None:
+        value = self._get(key, (str, type(None)), None)
+        return None if value is None else str(value)
+
+    def number(self, key: str, default: int | None = None) -> int:
+        value = int(self._get(key, (int,), _REQUIRED if default is None else default))
+        if value < 0:
+            raise StoreError(f"{self.what}: field {key!r} must not be negative")
+        return value
+
+    def opt_number(self, key: str) -> int | None:
+        value = self._get(key, (int, type(None)), None)
+        return None if value is None else int(value)
+
+    def texts(self, key: str) -> tuple[str, ...]:
+        values = self._get(key, (list,), [])
+        if not all(isinstance(v, str) for v in values):
+            raise StoreError(f"{self.what}: field {key!r} must be a list of strings")
+        return tuple(values)
+
+    def objects(self, key: str) -> list[Any]:
+        return list(self._get(key, (list,), []))
+
+    def mapping(self, key: str) -> dict[str, Any]:
+        return dict(self._get(key, (dict,), {}))
+
+
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class StashedFile:
+    """A file kmodtrim took out of the tree, with everything needed to put it back."""
+
+    path: str  # in-root absolute path
+    size: int
+    sha256: str
+    mode: int
+    uid: int
+    gid: int
+    mtime_ns: int
+    kind: str = "module"  # one of KINDS
+    module: str | None = None  # module name (for modules; a control file's name)
+    kernel: str | None = None
+    package: str | None = None  # owning package, if any
+    link: str | None = None  # a symlink's target (then there is no blob)
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @staticmethod
+    def from_json(doc: object) -> StashedFile:
+        """Raises StoreError for a wrong type, a missing field or an unsafe path."""
+        f = _Fields(doc, "stashed file record")
+        kind = f.text("kind", "module")
+        if kind not in KINDS:
+            raise StoreError(f"stashed file record: unknown kind {kind[:40]!r}")
+        path = managed_path(f.text("path"), kind)
+        sha256 = f.text("sha256")
+        if not _SHA256.match(sha256):
+            raise StoreError(f"stashed file record {path}: sha256 is not 64 hex digits")
+        module = f.opt_text("module")
+        if kind == "package-control" and (module is None or not _PLAIN_NAME.match(module)):
+            raise StoreError(f"stashed file record {path}: control file name {module!r} "
+                             "is not a plain file name")
+        mode = f.number("mode")
+        if mode > 0o7777:
+            raise StoreError(f"stashed file record {path}: mode {mode:o} is not a file mode")
+        return StashedFile(
+            path=path, size=f.number("size"), sha256=sha256, mode=mode, uid=f.number("uid"),
+            gid=f.number("gid"), mtime_ns=f.number("mtime_ns"), kind=kind, module=module,
+            kernel=f.opt_text("kernel"), package=f.opt_text("package"), link=f.opt_text("link"))
+
+
+@dataclass(frozen=True)
+class RemovedPackage:
+    """A whole package kmodtrim removed through the package manager, with everything needed
+    to rebuild it offline (dpkg-repack style) and install it again.
+
+    ``files`` are every non-directory path the package owns, as it spells them, each with
+    its stash copy (files already trimmed share the blob of their ``removed`` entry);
+    ``control`` are the package manager's own files for it (dpkg: maintainer scripts,
+    md5sums, … with ``module`` holding the control file's name), also stashed; ``dirs``
+    the directories it lists with their modes; ``absent`` paths it lists that were already
+    missing from the tree for another reason (e.g. documentation a site ``path-exclude``
+    keeps out) and that a rebuilt package therefore lacks; ``metadata`` what the backend
+    needs for the package's header (dpkg: the control paragraph; rpm: header tags)."""
+
+    name: str  # as the package manager names it (dpkg ``name`` or ``name:arch``)
+    version: str
+    arch: str
+    backend: str  # "dpkg" or "rpm"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    files: tuple[StashedFile, ...] = ()
+    control: tuple[StashedFile, ...] = ()
+    dirs: tuple[tuple[str, int], ...] = ()
+    absent: tuple[str, ...] = ()
+
+    @property
+    def blobs(self) -> set[str]:
+        """The stash blobs a rebuild of this package reads."""
+        return {f.sha256 for f in self.files + self.control if f.link is None}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "arch": self.arch,
+            "backend": self.backend, "metadata": dict(self.metadata),
+            "files": [f.to_json() for f in self.files],
+            "control": [f.to_json() for f in self.control],
+            "dirs": [[path, mode] for path, mode in self.dirs],
+            "absent": list(self.absent),
+        }
+
+    @staticmethod
+    def from_json(doc: object) -> RemovedPackage:
+        """Raises StoreError for a wrong type, a missing field or an unsafe path."""
+        f = _Fields(doc, "removed package record")
+        name = f.text("name")
+        dirs = []
+        for item in f.objects("dirs"):
+            if (not isinstance(item, list) or len(item) != 2
+                    or not isinstance(item[1], int) or isinstance(item[1], bool)):
+                raise StoreError(f"removed package {name}: a dirs entry is not [path, mode]")
+            dirs.append((managed_path(item[0], "package"), int(item[1]) & 0o7777))
+        return RemovedPackage(
+            name=name, version=f.text("version"), arch=f.text("arch"),
+            backend=f.text("backend"), metadata=f.mapping("metadata"),
+            files=tuple(StashedFile.from_json(x) for x in f.objects("files")),
+            control=tuple(StashedFile.from_json(x) for x in f.objects("control")),
+            dirs=tuple(dirs),
+            absent=tuple(managed_path(p, "package") for p in f.texts("absent")),
+        )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One numbered state of the trimmed files. ``removed`` is the whole state (every file
+    out of the tree), not only this generation's changes."""
+
+    number: int
+    created: str
+    action: str  # "untrimmed", "apply", "rollback", "restore"
+    description: str
+    removed: tuple[StashedFile, ...] = ()
+    stashed: tuple[str, ...] = ()  # paths this generation took out
+    restored: tuple[str, ...] = ()  # paths this generation put back
+    kernels: tuple[str, ...] = ()  # kernels whose trees changed
+    rollback_to: int | None = None
+    keep_reasons: dict[str, str] = field(default_factory=dict)
+    regen: dict[str, Any] = field(default_factory=dict)
+    # Whole packages out of the system (the whole state, like ``removed``), and the
+    # package operations this generation ran.
+    packages: tuple[RemovedPackage, ...] = ()
+    packages_removed: tuple[str, ...] = ()
+    packages_reinstalled: tuple[str, ...] = ()
+    # Package managers whose exclusions (dpkg path-exclude, rpm netsharedpath) this state
+    # has written: each must rewrite them on the next change, whatever the policy says then.
+    exclusion_backends: tuple[str, ...] = ()
+
+    @property
+    def removed_bytes(self) -> int:
+        return sum(f.size for f in self.removed)
+
+    @property
+    def referenced_blobs(self) -> set[str]:
+        """Every stash blob this state needs: removed files and removed packages."""
+        blobs = {f.sha256 for f in self.removed}
+        for package in self.packages:
+            blobs |= package.blobs
+        return blobs
+
+    def to_json(self) -> dict[str, Any]:
+        doc = {f.name: getattr(self, f.name) for f in fields(self)}
+        doc["removed"] = [entry.to_json() for entry in self.removed]
+        for key in ("stashed", "restored", "kernels", "packages_removed",
+                    "packages_reinstalled", "exclusion_backends"):
+            doc[key] = list(doc[key])
+        doc["packages"] = [p.to_json() for p in self.packages]
+        doc["keep_reasons"] = dict(self.keep_reasons)
+        doc["regen"] = dict(self.regen)
+        doc["removed_bytes"] = self.removed_bytes
+        return doc
+
+    @staticmethod
+    def from_json(doc: object) -> Generation:
+        """Raises StoreError for a wrong type, a missing field or an unsafe path."""
+        f = _Fields(doc, "generation manifest")
+        regen = f.mapping("regen")
+        return Generation(
+            number=f.number("number"), created=f.text("created", ""), action=f.text("action"),
+            description=f.text("description", ""),
+            removed=tuple(StashedFile.from_json(x) for x in f.objects("removed")),
+            stashed=f.texts("stashed"), restored=f.texts("restored"), kernels=f.texts("kernels"),
+            rollback_to=f.opt_number("rollback_to"),
+            keep_reasons={str(k): str(v) for k, v in f.mapping("keep_reasons").items()},
+            regen=regen,
+            packages=tuple(RemovedPackage.from_json(x) for x in f.objects("packages")),
+            packages_removed=f.texts("packages_removed"),
+            packages_reinstalled=f.texts("packages_reinstalled"),
+            exclusion_backends=f.texts("exclusion_backends"),
+        )
+
+
+GENERATION_ZERO = Generation(0, "", "untrimmed", "the tree as installed")
