@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
-from . import __version__
+from . import __version__, salvage
 from .backends.stash import Stash
 from .errors import InputError, KmodtrimError
 from .executor import (
@@ -27,6 +27,7 @@ from .executor import (
     restore_modules,
     rollback,
 )
+from .names import is_valid_kernel_version, normalize
 from .operations import (
     Target,
     boot_id,
@@ -41,9 +42,11 @@ from .operations import (
     make_plan_for,
 )
 from .policy import LoadedPolicy
+from .salvage import StateView
 from .store import (
-    current_generation,
+    forget_restored,
     load_generation,
+    operation_lock,
     read_journal,
     read_observations,
     record_observation,
@@ -130,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("names", nargs="+", metavar="NAME")
     p = verbs.add_parser("status", help="current generation, stash and observation state")
     _common(p)
+    p.add_argument("--verify", action="store_true",
+                   help="read and hash every stash copy (default: check each is present)")
+    p = verbs.add_parser("forget", help="stop keeping modules restored by hand or on demand")
+    _common(p)
+    p.add_argument("names", nargs="+", metavar="NAME")
     p = verbs.add_parser("kernel-event", help="(for kernel install hooks) a kernel was added "
                          "or removed")
     _common(p)
@@ -180,6 +188,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.root.is_dir():
             print(f"kmodtrim: error: --root {args.root}: not a directory", file=sys.stderr)
             return 2
+        if args.kernel is not None and not is_valid_kernel_version(args.kernel):
+            print(f"kmodtrim: error: --kernel {args.kernel[:80]!r}: not a kernel version",
+                  file=sys.stderr)
+            return 2
         return int(VERBS[args.verb](args, target, sys.stdout))
     except KmodtrimError as exc:
         if args.debug:
@@ -191,7 +203,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:
+        print("kmodtrim: interrupted; " + _state_after_interrupt(target.root), file=sys.stderr)
         return 130
+    except (OSError, MemoryError, RecursionError, Exception) as exc:  # never a traceback
+        if args.debug:
+            log.exception("failed")
+        print(f"kmodtrim: error: {_describe_unexpected(exc)}", file=sys.stderr)
+        print("kmodtrim: hint: run it again with --debug for the details", file=sys.stderr)
+        return 1
+
+
+def _describe_unexpected(exc: BaseException) -> str:
+    """One line for an error no layer turned into a KmodtrimError."""
+    if isinstance(exc, PermissionError):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"permission denied{where}: changing the system's modules needs root"
+    if isinstance(exc, OSError):
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or exc}{where}"
+    text = str(exc)
+    text = text if len(text) <= 200 else text[:197] + "…"
+    return f"unexpected {type(exc).__name__}: {text}" if text else \
+        f"unexpected {type(exc).__name__}"
+
+
+def _state_after_interrupt(root: Path) -> str:
+    """What an interrupt left: the tree as it was, or an operation to finish or undo."""
+    try:
+        if read_journal(root) is not None:
+            return ("an operation was under way; it is finished or undone by the next "
+                    "kmodtrim command that changes something (kmodtrim status shows it)")
+    except KmodtrimError:
+        return "the journal of the interrupted operation is damaged; run kmodtrim status"
+    return "nothing was changed (the tree is as it was)"
+
+
+def _warn(message: str) -> None:
+    """A warning: on stderr, prefixed, so stdout stays the document asked for."""
+    print(f"kmodtrim: warning: {message}", file=sys.stderr)
+
+
+def _warn_state(root: Path) -> StateView:
+    """Warn (stderr) when the state is not what its records say: an operation to finish or
+    undo, or records rebuilt from the stash. Read-only verbs call it; they never fix it."""
+    state = salvage.view(root)
+    if state.interrupted:
+        _warn(f"an interrupted {state.interrupted} is pending: the tree is part-way; the "
+              "next change command finishes or undoes it first (kmodtrim status)")
+    for problem in state.problems:
+        _warn(problem)
+    if state.salvaged:
+        _warn("showing the state rebuilt from the stash's own records; the next change "
+              "command writes it as a new generation")
+    return state
 
 
 def _dump(doc: Any, out: TextIO) -> None:
@@ -233,7 +297,7 @@ def cmd_index(args: argparse.Namespace, target: Target, out: TextIO) -> int:
               f"{index.kernel_exports_source}", file=out)
         print(f"read {stats.parsed} files, {stats.cached} from cache, in {elapsed:.2f} s", file=out)
         for err in index.parse_errors:
-            print(f"warning: {err}", file=out)
+            _warn(str(err))
     return 1 if index.parse_errors else 0
 
 
@@ -263,7 +327,7 @@ def _print_plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> None:
         print("  symbol check: every kept module's symbols resolve "
               f"(kernel exports: {doc['kernel_exports_source']})", file=out)
     for warning in doc["warnings"]:
-        print(f"warning: {warning}", file=out)
+        _warn(warning)
     biggest = sorted(doc["remove"], key=lambda m: int(m["size"]), reverse=True)
     shown = biggest if show_all else biggest[:TOP_SAVINGS]
     if shown:
@@ -280,6 +344,7 @@ def _print_plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> None:
 
 
 def cmd_plan(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _warn_state(target.root)
     doc = _daemon().plan(_remote_options(args)) if _via_daemon(args) else \
         make_plan_for(target).plan.to_json()
     if args.json:
@@ -290,6 +355,7 @@ def cmd_plan(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _warn_state(target.root)
     if _via_daemon(args):
         doc = _daemon().explain(args.name, _remote_options(args))
     else:
@@ -304,7 +370,12 @@ def cmd_explain(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 def cmd_observe(args: argparse.Namespace, target: Target, out: TextIO) -> int:
     evidence = gather_evidence(target)
     if args.record:
-        record_observation(target.root, boot_id(target.root), [o.name for o in evidence.loaded])
+        current = boot_id(target.root)
+        if current == "offline":
+            raise InputError(f"--record: {target.root} is not a running system (it has no "
+                             "boot id), so there is no boot to record",
+                             hint="give observations of that image's VMs with --observed")
+        record_observation(target.root, current, [o.name for o in evidence.loaded])
     index = None
     try:
         index, _ = load_index(target)
@@ -391,6 +462,8 @@ def _print_outcome(outcome: Outcome, args: argparse.Namespace, out: TextIO, root
             print(f"  … {more} more (--json lists all)", file=out)
     for note in outcome.notes:
         print(note, file=out)
+    for line in outcome.damaged:
+        _warn(f"not put back: {line}")
     if outcome.generation is not None:
         g = outcome.generation
         print(f"generation {g.number}: {g.description}", file=out)
@@ -467,7 +540,15 @@ def _print_remote_outcome(doc: dict[str, Any], args: argparse.Namespace, out: Te
         print(f"generation {doc['generation']}", file=out)
 
 
-def _recover(target: Target) -> None:
+def _recover(args: argparse.Namespace, target: Target) -> None:
+    """Finish or undo an interrupted operation (or write rebuilt state) before a change;
+    a dry run only says what would be done first."""
+    if getattr(args, "dry_run", False):
+        state = _warn_state(target.root)
+        if state.interrupted or state.salvaged:
+            _warn("--dry-run: that recovery is not done now; the plan below is from the "
+                  "state as it will be after it")
+        return
     done = recover(target.root)
     if done:
         print(f"kmodtrim: {done}", file=sys.stderr)
@@ -488,7 +569,7 @@ def cmd_apply(args: argparse.Namespace, target: Target, out: TextIO) -> int:
                 "initramfs": args.initramfs, "backend": args.backend}
         _print_remote_outcome(_daemon().trim(opts, _remote_progress(args)), args, out)
         return 0
-    _recover(target)
+    _recover(args, target)
     result = make_plan_for(target)
     plan = result.plan
     if not args.json:
@@ -501,11 +582,11 @@ def cmd_apply(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         return 1
     outcome = apply_plan(target.root, plan, result.index, result.evidence, result.policy, options)
     _print_outcome(outcome, args, out, target.root)
-    return 0
+    return 1 if outcome.damaged else 0
 
 
 def cmd_rollback(args: argparse.Namespace, target: Target, out: TextIO) -> int:
-    _recover(target)
+    _recover(args, target)
     to = args.generation
     if to is not None:
         load_generation(target.root, to)  # fail early on a bad number
@@ -519,7 +600,7 @@ def cmd_rollback(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         return 0
     outcome = rollback(target.root, to, _options(args, None))
     _print_outcome(outcome, args, out, target.root)
-    return 0
+    return 1 if outcome.damaged else 0
 
 
 def cmd_restore(args: argparse.Namespace, target: Target, out: TextIO) -> int:
@@ -529,14 +610,15 @@ def cmd_restore(args: argparse.Namespace, target: Target, out: TextIO) -> int:
         doc = _daemon().restore(args.names, opts, _remote_progress(args))
         _print_remote_outcome(doc, args, out)
         return 0
-    _recover(target)
+    _recover(args, target)
     index, _ = load_index(target)
     outcome = restore_modules(target.root, args.names, index, _options(args, None))
     _print_outcome(outcome, args, out, target.root)
-    return 0
+    return 1 if outcome.damaged else 0
 
 
 def cmd_history(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    _warn_state(target.root)
     gens = _daemon().list_generations() if _via_daemon(args) else \
         generation_summary(target.root)
     if args.json:
@@ -572,23 +654,69 @@ def cmd_show(args: argparse.Namespace, target: Target, out: TextIO) -> int:
 
 
 def cmd_status(args: argparse.Namespace, target: Target, out: TextIO) -> int:
-    g = current_generation(target.root)
+    state = salvage.view(target.root)
+    g = state.generation
     boots = read_observations(target.root)
+    stash = Stash(target.root)
+    if args.verify:
+        damaged = [f"{why}" for _entry, why in stash.verify(g.removed)]
+    else:
+        damaged = [f"stash copy of {f.path} is missing" for f in g.removed
+                   if not stash.has_copy(f)]
+    if state.interrupted:
+        pending: str | None = (f"an interrupted {state.interrupted}: the tree is part-way; the "
+                               "next change command (apply, rollback, restore) first finishes "
+                               "or undoes it")
+    elif state.salvaged:
+        pending = (f"the state was rebuilt from the stash's own records as generation "
+                   f"{g.number}; the next change command writes it")
+    else:
+        pending = None
+    stash_bytes = stash.size_on_disk()
     doc = {
         "generation": g.number,
         "removed_files": len(g.removed),
         "removed_bytes": g.removed_bytes,
-        "stash_bytes_on_disk": Stash(target.root).size_on_disk(),
+        "stash_bytes_on_disk": stash_bytes,
         "observed_boots": len(boots),
-        "interrupted_operation": read_journal(target.root) is not None,
+        "interrupted_operation": state.interrupted is not None,
+        "pending": pending,
+        "problems": list(state.problems),
+        "damaged": damaged,
+        "verified": bool(args.verify),
     }
     if args.json:
         _dump(doc, out)
     else:
         print(f"generation {g.number}: {g.description}", file=out)
         print(f"  {len(g.removed)} files ({human_bytes(g.removed_bytes)}) out of the tree, "
-              f"stash {human_bytes(Stash(target.root).size_on_disk())} on disk", file=out)
+              f"stash {human_bytes(stash_bytes)} on disk", file=out)
         print(f"  observed boots: {len(boots)}", file=out)
+        if pending:
+            print(f"  PENDING: {pending}", file=out)
+        for problem in state.problems:
+            print(f"  problem: {problem}", file=out)
+        if damaged:
+            print(f"  DAMAGED: {len(damaged)} stash cop{'y' if len(damaged) == 1 else 'ies'} "
+                  "cannot be restored:", file=out)
+            for line in damaged[:20]:
+                print(f"    {line}", file=out)
+            if len(damaged) > 20:
+                print(f"    … and {len(damaged) - 20} more (--json lists all)", file=out)
+        elif args.verify:
+            print("  every stash copy verified", file=out)
+    return 1 if damaged else 0
+
+
+def cmd_forget(args: argparse.Namespace, target: Target, out: TextIO) -> int:
+    """Stop keeping modules for having been restored (later plans may trim them again)."""
+    names = {normalize(n) for n in args.names}
+    with operation_lock(target.root, f"forget {' '.join(sorted(names))}"):
+        known = forget_restored(target.root, names)
+    for name in sorted(names):
+        state = "no longer kept for being restored" if name in known else \
+            "was not kept for being restored"
+        print(f"{name}: {state}", file=out)
     return 0
 
 
@@ -610,11 +738,11 @@ def cmd_kernel_event(args: argparse.Namespace, target: Target, out: TextIO) -> i
             print(f"kmodtrimd {what} kernel {args.kver} once the package manager has "
                   f"finished ({pending} kernel event(s) queued)", file=out)
         return 0
-    _recover(target)
+    _recover(args, target)
     policy = load_target_policy(target)
     outcome = kernel_event(target, args.action, args.kver, _options(args, policy))
     _print_outcome(outcome, args, out, target.root)
-    return 0
+    return 1 if outcome.damaged else 0
 
 
 VERBS = {
@@ -629,6 +757,7 @@ VERBS = {
     "rollback": cmd_rollback,
     "restore": cmd_restore,
     "status": cmd_status,
+    "forget": cmd_forget,
 }
 
 

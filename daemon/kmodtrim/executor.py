@@ -18,12 +18,14 @@ rebuilds it locally and installs it again — offline, whatever state an interru
 rpm left it in. Package commands run only once the package manager's lock is free.
 
 Set ``KMODTRIM_FAULT=STEP`` (or ``STEP:N`` for the N-th file of a per-file step) to kill
-the process with SIGKILL at that step boundary; the tests use it to prove recovery.
+the process with SIGKILL at that step boundary, or ``STEP=enospc`` to fail there as a full
+disk would; the tests use it to prove recovery.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -45,6 +47,7 @@ from .errors import (
     StashError,
     StoreError,
     UnknownModuleError,
+    UntrustedStateError,
 )
 from .index import MODULE_DIR_BASES, ModuleIndex
 from .names import is_valid_kernel_version, normalize
@@ -91,8 +94,11 @@ def fault_point(step: str, n: int | None = None) -> None:
     wanted = os.environ.get("KMODTRIM_FAULT")
     if not wanted:
         return
+    wanted, _, effect = wanted.partition("=")
     name, _, count = wanted.partition(":")
     if name == step and (not count or (n is not None and int(count) == n)):
+        if effect == "enospc":  # the disk fills here instead
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -620,7 +626,11 @@ def _transition(
         # Undo synchronously: the same code crash recovery runs.
         _undo(root, journal, current)
         if isinstance(exc, OSError):
-            raise StashError(f"{action} failed and was undone: {exc}") from exc
+            raise StashError(
+                f"{action} failed and was undone: {exc.strerror or exc}; the tree is as it "
+                "was and the stash space the operation took was given back",
+                hint="free space (df /var/lib/kmodtrim) and try again"
+                if exc.errno == errno.ENOSPC else None) from exc
         raise
     put_back = tuple(p for p in restore_paths if p not in not_restored)
     removed = [f for f in current.removed if f.path not in put_back] + new_entries
@@ -851,6 +861,8 @@ def recover(root: Path) -> str | None:
         damage: StoreError | None = None
         if journal is not None:
             journal = _check_journal(journal)
+    except UntrustedStateError:
+        raise  # planted, not damaged: never acted on
     except StoreError as exc:
         if not journal_path(root).exists():
             raise

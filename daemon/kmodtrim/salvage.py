@@ -28,7 +28,7 @@ from typing import Any
 
 from . import fsutil
 from .backends.stash import PackRecord, Stash
-from .errors import StoreError
+from .errors import StoreError, UntrustedStateError
 from .records import MODULE_TREES, Generation, RemovedPackage, StashedFile
 from .store import (
     GENERATION_ZERO,
@@ -72,6 +72,8 @@ def view(root: Path) -> StateView:
     interrupted: str | None = None
     try:
         journal = read_journal(root)
+    except UntrustedStateError:
+        raise
     except StoreError as exc:
         journal = None
         problems.append(f"the journal of an interrupted operation is damaged ({exc.message})")
