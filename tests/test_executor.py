@@ -48,6 +48,11 @@ def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
+    return make_root(tmp_path)
+
+
+def make_root(tmp_path: Path) -> Path:
+    """The scratch root most executor tests start from: built modules and firmware."""
     root = scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
     (root / f"lib/modules/{KVER}/kernel/drivers/test/unused_d.ko").chmod(0o600)
     fw = root / "lib/firmware/test"
@@ -62,6 +67,11 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def observed(tmp_path: Path) -> Path:
+    return make_observed(tmp_path)
+
+
+def make_observed(tmp_path: Path) -> Path:
+    """An observation of the VM the scratch root is trimmed for."""
     path = tmp_path / "observed.txt"
     path.write_text("# seen on the VM\nnet-a\nfs_b\nfw_keeper\n")
     return path

@@ -720,6 +720,17 @@ def test_rollback_with_the_plain_stash_still_reinstalls_removed_packages(root: P
     assert audit(root) == ""
 
 
+def test_exclusions_are_undone_by_the_backend_that_wrote_them(root: Path) -> None:
+    exclusions = root / "etc/dpkg/dpkg.cfg.d/kmodtrim"
+    assert apply(root).returncode == 0
+    assert "path-exclude=" in exclusions.read_text()
+    # The policy (or --backend) no longer names dpkg: the state dpkg was told is still
+    # taken back by dpkg, so a reinstall would not silently skip those modules.
+    proc = kmodtrim(root, "rollback", "0", "--yes", "--backend", "stash")
+    assert proc.returncode == 0, proc.stderr
+    assert not exclusions.exists() or "path-exclude=" not in exclusions.read_text()
+
+
 def test_a_package_installed_again_outside_kmodtrim_is_not_downgraded(
         root: Path, debs: dict[str, Path]) -> None:
     assert apply(root).returncode == 0

@@ -14,13 +14,23 @@ from pathlib import Path
 import pytest
 
 from kmodtrim.store import current_generation
-from test_executor import KVER, _cli, _snapshot, observed, root  # noqa: F401  (fixtures)
+from test_executor import KVER, _cli, _snapshot, make_observed, make_root
 
 STATE = "var/lib/kmodtrim"
 TEST_DIR = f"lib/modules/{KVER}/kernel/drivers/test"
 
 
-def _apply(root: Path, observed: Path, *extra: str,  # noqa: F811
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return make_root(tmp_path)
+
+
+@pytest.fixture
+def observed(tmp_path: Path) -> Path:
+    return make_observed(tmp_path)
+
+
+def _apply(root: Path, observed: Path, *extra: str,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return _cli(root, "apply", "--yes", "--initramfs", "skip", "--observed", str(observed),
                 *extra, env=env)
@@ -42,7 +52,7 @@ def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
 # -- 1. state only root can write ------------------------------------------------------
 
 
-def test_state_gets_explicit_modes_whatever_the_umask(root: Path, observed: Path) -> None:  # noqa: F811
+def test_state_gets_explicit_modes_whatever_the_umask(root: Path, observed: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-c", "import os, sys; os.umask(0); from kmodtrim.cli import main; "
          "sys.exit(main(sys.argv[1:]))", "apply", "--yes", "--initramfs", "skip",
@@ -57,7 +67,7 @@ def test_state_gets_explicit_modes_whatever_the_umask(root: Path, observed: Path
 
 @pytest.mark.parametrize("how", ["world-writable", "foreign-owner", "symlink"])
 def test_planted_state_is_refused_and_nothing_is_written(
-        root: Path, observed: Path, tmp_path: Path, how: str) -> None:  # noqa: F811
+        root: Path, observed: Path, tmp_path: Path, how: str) -> None:
     assert _apply(root, observed).returncode == 0
     state = root / STATE
     target = tmp_path / "elsewhere"
@@ -84,7 +94,7 @@ def test_planted_state_is_refused_and_nothing_is_written(
 @pytest.mark.parametrize("bad", ["/../../../..{victim}", "/etc/passwd",
                                  f"/lib/modules/{KVER}/../../../x"])
 def test_a_state_path_outside_the_managed_trees_is_refused(
-        root: Path, observed: Path, tmp_path: Path, bad: str) -> None:  # noqa: F811
+        root: Path, observed: Path, tmp_path: Path, bad: str) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     manifest = root / STATE / "generations/1.json"
@@ -105,7 +115,7 @@ def test_a_state_path_outside_the_managed_trees_is_refused(
 
 
 def test_a_symlinked_module_directory_never_redirects_a_restore(
-        root: Path, observed: Path, tmp_path: Path) -> None:  # noqa: F811
+        root: Path, observed: Path, tmp_path: Path) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     outside = tmp_path / "outside"
@@ -137,7 +147,7 @@ def _pack(root: Path) -> Path:
     return packs[0]
 
 
-def test_a_damaged_blob_costs_only_its_own_file(root: Path, observed: Path) -> None:  # noqa: F811
+def test_a_damaged_blob_costs_only_its_own_file(root: Path, observed: Path) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     entries = [f for f in current_generation(root).removed if f.link is None]
@@ -163,7 +173,7 @@ def test_a_damaged_blob_costs_only_its_own_file(root: Path, observed: Path) -> N
     assert current_generation(root).removed == (victim,)  # still out, still recorded
 
 
-def test_a_pack_truncated_to_half_gives_back_its_first_half(root: Path, observed: Path) -> None:  # noqa: F811
+def test_a_pack_truncated_to_half_gives_back_its_first_half(root: Path, observed: Path) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     pack = _pack(root)
@@ -178,7 +188,7 @@ def test_a_pack_truncated_to_half_gives_back_its_first_half(root: Path, observed
 
 @pytest.mark.parametrize("damage", ["deleted", "garbage", "wrong-types"])
 def test_a_lost_manifest_is_rebuilt_from_the_stash(
-        root: Path, observed: Path, damage: str) -> None:  # noqa: F811
+        root: Path, observed: Path, damage: str) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     trimmed = _out(root)
@@ -205,7 +215,7 @@ def test_a_lost_manifest_is_rebuilt_from_the_stash(
 
 
 def test_a_damaged_journal_after_the_unlink_phase_loses_nothing(
-        root: Path, observed: Path) -> None:  # noqa: F811
+        root: Path, observed: Path) -> None:
     before = _snapshot(root)
     assert _apply(root, observed, env={"KMODTRIM_FAULT": "after-unlink"}).returncode == -9
     assert _out(root)  # files are out, the journal says so
@@ -221,7 +231,7 @@ def test_a_damaged_journal_after_the_unlink_phase_loses_nothing(
 # -- 9, 10, 11. crashes are visible, leave nothing behind, a full disk gives space back -
 
 
-def test_a_crash_is_visible_and_dry_run_never_recovers(root: Path, observed: Path) -> None:  # noqa: F811
+def test_a_crash_is_visible_and_dry_run_never_recovers(root: Path, observed: Path) -> None:
     assert _apply(root, observed, env={"KMODTRIM_FAULT": "after-unlink"}).returncode == -9
     crashed = _snapshot(root)
     status = json.loads(_cli(root, "status", "--json").stdout)
@@ -238,7 +248,7 @@ def test_a_crash_is_visible_and_dry_run_never_recovers(root: Path, observed: Pat
 
 
 def test_recovery_sweeps_temporary_files_a_killed_restore_left(
-        root: Path, observed: Path) -> None:  # noqa: F811
+        root: Path, observed: Path) -> None:
     before = _snapshot(root)
     assert _apply(root, observed).returncode == 0
     proc = _cli(root, "rollback", "0", "--yes", "--initramfs", "skip",
@@ -255,7 +265,7 @@ def test_recovery_sweeps_temporary_files_a_killed_restore_left(
 
 
 def test_a_full_disk_after_the_pack_is_written_gives_the_space_back(
-        root: Path, observed: Path) -> None:  # noqa: F811
+        root: Path, observed: Path) -> None:
     before = _snapshot(root)
     proc = _apply(root, observed, env={"KMODTRIM_FAULT": "after-stash=enospc"})
     assert proc.returncode == 1
@@ -268,7 +278,7 @@ def test_a_full_disk_after_the_pack_is_written_gives_the_space_back(
 # -- 12. a restore sticks -----------------------------------------------------------------
 
 
-def test_a_restored_module_is_kept_until_forgotten(root: Path, observed: Path) -> None:  # noqa: F811
+def test_a_restored_module_is_kept_until_forgotten(root: Path, observed: Path) -> None:
     assert _apply(root, observed).returncode == 0
     assert "unused_e" in _out(root)
     assert _cli(root, "restore", "unused_e", "--yes", "--initramfs", "skip").returncode == 0
@@ -292,7 +302,7 @@ CHANGE_VERBS = [("apply", "--yes"), ("rollback", "0", "--yes"),
 
 
 def test_every_verb_as_an_unprivileged_user_is_a_clean_answer(
-        root: Path, observed: Path) -> None:  # noqa: F811
+        root: Path, observed: Path) -> None:
     assert _apply(root, observed).returncode == 0
     os.chmod(root.parent, 0o755)  # let uid 65534 reach the scratch root
     trimmed = _out(root)
@@ -333,7 +343,7 @@ def _corrupt(root: Path, name: str, how: str) -> None:
 @pytest.mark.parametrize("name", ["generations/1.json", "journal.json", "observations.json"])
 @pytest.mark.parametrize("how", ["truncated", "wrong-types", "missing-keys"])
 def test_every_verb_with_a_corrupt_state_file_is_a_clean_answer_and_loses_nothing(
-        root: Path, observed: Path, name: str, how: str) -> None:  # noqa: F811
+        root: Path, observed: Path, name: str, how: str) -> None:
     before = _snapshot(root)
     if name == "journal.json":
         assert _apply(root, observed, env={"KMODTRIM_FAULT": "after-unlink"}).returncode == -9
@@ -352,7 +362,7 @@ def test_every_verb_with_a_corrupt_state_file_is_a_clean_answer_and_loses_nothin
     assert _snapshot(root) == before  # every file is back
 
 
-def test_a_state_directory_that_is_a_file_is_a_clean_error(root: Path) -> None:  # noqa: F811
+def test_a_state_directory_that_is_a_file_is_a_clean_error(root: Path) -> None:
     (root / STATE).parent.mkdir(parents=True, exist_ok=True)
     (root / STATE).write_text("not a directory")
     for verb in (("status",), ("history",), ("rollback", "0", "--yes")):
@@ -361,7 +371,7 @@ def test_a_state_directory_that_is_a_file_is_a_clean_error(root: Path) -> None: 
         _one_line_error(proc)
 
 
-def test_small_input_mistakes_get_clear_answers(root: Path, observed: Path) -> None:  # noqa: F811
+def test_small_input_mistakes_get_clear_answers(root: Path, observed: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "kmodtrim.cli", "plan", "--root", str(root),
                            "--kernel", ""], capture_output=True, text=True, check=False)
     assert proc.returncode == 2 and "not a kernel version" in _one_line_error(proc)

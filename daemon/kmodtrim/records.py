@@ -25,6 +25,15 @@ _SHA256 = re.compile(r"[0-9a-f]{64}\Z")
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9_.+:@~-]{1,200}\Z")
 
 
+def package_listing_path(path: object) -> str:
+    """A path as a package lists it (``/.`` and directories above the managed trees
+    included): only ever created inside a rebuild tree, so it must only be normalised.
+    Raises StoreError."""
+    if path == "/.":
+        return path
+    return managed_path(path, "listing")
+
+
 def managed_path(path: object, kind: str) -> str:
     """``path`` if it may be written for a record of ``kind``; raises StoreError."""
     try:
@@ -187,14 +196,14 @@ class RemovedPackage:
             if (not isinstance(item, list) or len(item) != 2
                     or not isinstance(item[1], int) or isinstance(item[1], bool)):
                 raise StoreError(f"removed package {name}: a dirs entry is not [path, mode]")
-            dirs.append((managed_path(item[0], "package"), int(item[1]) & 0o7777))
+            dirs.append((package_listing_path(item[0]), int(item[1]) & 0o7777))
         return RemovedPackage(
             name=name, version=f.text("version"), arch=f.text("arch"),
             backend=f.text("backend"), metadata=f.mapping("metadata"),
             files=tuple(StashedFile.from_json(x) for x in f.objects("files")),
             control=tuple(StashedFile.from_json(x) for x in f.objects("control")),
             dirs=tuple(dirs),
-            absent=tuple(managed_path(p, "package") for p in f.texts("absent")),
+            absent=tuple(package_listing_path(p) for p in f.texts("absent")),
         )
 
 
