@@ -16,21 +16,22 @@ another exception: a module tree is input, and input can be broken.
 
 from __future__ import annotations
 
-import gzip
 import io
-import lzma
 import mmap
 import os
 import struct
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from . import inputs
 from .errors import ModuleParseError
 from .names import compression_of, module_name_from_path, normalize
 
-# A decompressed module larger than this is treated as malformed (a "bomb"), not read.
-MAX_MODULE_BYTES = 512 * 1024 * 1024
+# A module file, or a decompressed one, larger than this is treated as malformed (a
+# "bomb"), not read. Declared in inputs with the other caps; a module global here so that
+# tests can lower it.
+MAX_MODULE_BYTES = inputs.MAX_MODULE_BYTES
+_WHAT = "kernel module"
 
 _SHN_UNDEF = 0
 _SHN_LORESERVE = 0xFF00
@@ -66,64 +67,24 @@ class ModuleInfo:
 
 
 def decompress(data: bytes, compression: str | None, origin: str) -> bytes:
-    """Decompress a module's bytes (``xz``, ``gzip``, ``zstd`` or None for as-is).
+    """Decompress a module's bytes (``xz``, ``gzip``, ``zstd`` or None for as-is), streamed
+    so that no more than MAX_MODULE_BYTES (+1) is ever produced.
 
     Raises ModuleParseError for a corrupt or truncated stream, or one that would expand
     beyond MAX_MODULE_BYTES.
     """
     if compression is None:
         return data
-    limit = MAX_MODULE_BYTES + 1
-    try:
-        if compression == "xz":
-            xz = lzma.LZMADecompressor()
-            out = xz.decompress(data, max_length=limit)
-            complete = xz.eof
-        elif compression == "gzip":
-            gz = zlib.decompressobj(wbits=31)
-            out = gz.decompress(data, limit)
-            complete = gz.eof
-        elif compression == "zstd":
-            import zstandard  # imported lazily: only zstd trees need it
-
-            # Small input chunks bound how far one call can expand past the limit, and
-            # the decompressobj knows whether the frame (with its checksum) was complete.
-            zobj = zstandard.ZstdDecompressor().decompressobj()
-            chunks = []
-            produced = 0
-            for pos in range(0, len(data), 2048):
-                piece = zobj.decompress(data[pos : pos + 2048])
-                produced += len(piece)
-                chunks.append(piece)
-                if produced > MAX_MODULE_BYTES or zobj.eof:
-                    break
-            out = b"".join(chunks)
-            complete = zobj.eof
-        else:
-            raise ModuleParseError(origin, f"unknown compression {compression!r}")
-    except ModuleParseError:
-        raise
-    except (lzma.LZMAError, zlib.error, gzip.BadGzipFile, EOFError, ValueError) as exc:
-        raise ModuleParseError(origin, f"corrupt {compression} data: {exc}") from None
-    except Exception as exc:  # zstandard.ZstdError and friends
-        raise ModuleParseError(origin, f"corrupt {compression} data: {exc}") from None
-    if len(out) > MAX_MODULE_BYTES:
-        raise ModuleParseError(origin, f"decompresses to more than {MAX_MODULE_BYTES} bytes")
-    if not complete:
-        raise ModuleParseError(origin, f"truncated {compression} data")
-    return out
+    return inputs.decompress_bounded(data, compression, limit=MAX_MODULE_BYTES, what=_WHAT,
+                                     shown=origin, error=ModuleParseError)
 
 
 def read_module_bytes(path: str | os.PathLike[str]) -> bytes:
-    """The uncompressed ELF bytes of a module file. Raises ModuleParseError."""
+    """The uncompressed ELF bytes of a module file. Raises ModuleParseError, also for a
+    file that is not a regular one (a FIFO is never opened) or is over MAX_MODULE_BYTES."""
     origin = os.fspath(path)
-    try:
-        with open(origin, "rb") as f:
-            raw = f.read(MAX_MODULE_BYTES + 1)
-    except OSError as exc:
-        raise ModuleParseError(origin, exc.strerror or str(exc)) from None
-    if len(raw) > MAX_MODULE_BYTES:
-        raise ModuleParseError(origin, f"larger than {MAX_MODULE_BYTES} bytes")
+    raw = inputs.read_input(origin, limit=MAX_MODULE_BYTES, what=_WHAT,
+                            error=ModuleParseError)
     return decompress(raw, compression_of(origin), origin)
 
 
@@ -131,21 +92,25 @@ def read_module(path: str | os.PathLike[str]) -> ModuleInfo:
     """Read a module file (``.ko``, ``.ko.xz``, ``.ko.gz``, ``.ko.zst``).
 
     Raises ModuleParseError (naming the file) for an unreadable, malformed, truncated or
-    non-ELF file.
+    non-ELF file, and for one that is not a regular file (never opened: a FIFO would
+    block).
     """
     origin = os.fspath(path)
     if compression_of(origin) is not None:
         return parse_module(read_module_bytes(origin), origin)
-    # Uncompressed: map the file and touch only the pages the metadata lives in.
+    # Uncompressed: map the file and touch only the pages the metadata lives in. Mapping
+    # allocates nothing, so the file's size is not capped; what parsing copies out of it
+    # is (see _parse_fast).
+    fd = inputs.open_input(origin, limit=None, what=_WHAT, error=ModuleParseError)
     try:
-        with open(origin, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size == 0:
-                raise ModuleParseError(origin, "empty file")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as view:
-                return parse_module(view, origin)
+        if os.fstat(fd).st_size == 0:
+            raise ModuleParseError(origin, "empty file")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as view:
+            return parse_module(view, origin)
     except OSError as exc:
         raise ModuleParseError(origin, exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------
@@ -319,6 +284,9 @@ def _parse_fast(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
             shstrndx = first[6]
     if shoff + shnum * shentsize > size:
         raise ModuleParseError(origin, "section header table runs past the end of the file")
+    if shnum * shentsize > MAX_MODULE_BYTES:  # each header becomes a tuple: bound them
+        raise ModuleParseError(origin, "section header table is larger than the "
+                                       f"{inputs.human_size(MAX_MODULE_BYTES)} limit")
     headers = [sec.unpack_from(data, shoff + i * shentsize) for i in range(shnum)]
     if shstrndx >= shnum:
         raise ModuleParseError(origin, "section name table index out of range")
@@ -330,6 +298,9 @@ def _parse_fast(data: bytes | mmap.mmap, origin: str) -> ModuleInfo:
             return 0, 0
         if off + length > size:
             raise ModuleParseError(origin, f"section {index} runs past the end of the file")
+        if length > MAX_MODULE_BYTES:  # copied out of a mapped file: bounded like a read
+            raise ModuleParseError(origin, f"section {index} is larger than the "
+                                           f"{inputs.human_size(MAX_MODULE_BYTES)} limit")
         return off, length
 
     names_off, names_len = body(shstrndx)

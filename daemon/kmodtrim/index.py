@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import gc
-import lzma
 import marshal
 import os
 import re
@@ -26,7 +25,13 @@ from typing import Any
 
 from . import __version__
 from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
-from .errors import KernelNotFoundError, ModuleParseError
+from .errors import InputError, KernelNotFoundError, ModuleParseError
+from .inputs import (
+    MAX_KERNEL_METADATA_BYTES,
+    open_input,
+    read_compressed_input,
+    read_optional_input,
+)
 from .modprobe import ModprobeConfig, read_modprobe_config
 from .names import (
     MODULE_SUFFIXES,
@@ -306,17 +311,21 @@ def _priority(relpath: str) -> tuple[int, str]:
 
 def read_builtins(moddir: Path) -> tuple[frozenset[str], tuple[tuple[str, str], ...],
                                           dict[str, tuple[tuple[str, ...], tuple[str, ...]]]]:
-    """Builtin module names, their aliases and softdeps from modules.builtin(.modinfo)."""
+    """Builtin module names, their aliases and softdeps from modules.builtin(.modinfo).
+
+    Missing or unreadable files give nothing; raises InputError for one that is not a
+    regular file or is over MAX_KERNEL_METADATA_BYTES.
+    """
     names: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in (moddir / "modules.builtin").read_text(errors="replace").splitlines():
-            name = module_name_from_path(line.strip())
-            if name:
-                names.add(name)
+    raw = _metadata(moddir / "modules.builtin", "builtin-modules list")
+    for line in (raw or b"").decode("utf-8", "replace").splitlines():
+        name = module_name_from_path(line.strip())
+        if name:
+            names.add(name)
     aliases: list[tuple[str, str]] = []
     softdeps: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-    with contextlib.suppress(OSError):
-        raw = (moddir / "modules.builtin.modinfo").read_bytes()
+    raw = _metadata(moddir / "modules.builtin.modinfo", "builtin-modules list")
+    if raw is not None:
         for item in raw.split(b"\0"):
             text = item.decode("utf-8", "replace")
             head, sep, value = text.partition("=")
@@ -330,6 +339,11 @@ def read_builtins(moddir: Path) -> tuple[frozenset[str], tuple[tuple[str, str], 
             elif key == "softdep":
                 softdeps[module] = parse_softdep(value)
     return frozenset(names), tuple(aliases), softdeps
+
+
+def _metadata(path: Path, what: str) -> bytes | None:
+    return read_optional_input(path, limit=MAX_KERNEL_METADATA_BYTES, what=what,
+                               skip_unreadable=True)
 
 
 def read_kernel_exports(
@@ -363,8 +377,7 @@ def read_kernel_exports(
         if hit is not None and hit[0] == stat:
             syms = hit[1]
         else:
-            text = _read_maybe_compressed(path)
-            syms = frozenset(parser(text) if text is not None else ())
+            syms = frozenset(parser(_read_maybe_compressed(path)))
             if memo is not None:
                 memo[key] = (stat, syms)
         if syms:
@@ -382,20 +395,11 @@ def _parse_system_map(text: str) -> list[str]:
     return syms
 
 
-def _read_maybe_compressed(path: Path) -> str | None:
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        return None
-    try:
-        if path.suffix == ".xz":
-            raw = lzma.decompress(raw)
-        elif path.suffix == ".gz":
-            import gzip
-
-            raw = gzip.decompress(raw)
-    except (lzma.LZMAError, OSError, EOFError):
-        return None
+def _read_maybe_compressed(path: Path) -> str:
+    """A kernel symbol list, decompressed (``.xz``, ``.gz``). Raises InputError for an
+    unreadable, corrupt or non-regular file, or one over MAX_KERNEL_METADATA_BYTES."""
+    raw = read_compressed_input(path, limit=MAX_KERNEL_METADATA_BYTES,
+                                what="kernel symbol list")
     return raw.decode("utf-8", "replace")
 
 
@@ -611,8 +615,8 @@ def _load_cache(path: Path, moddir: Path,
                 stashed: Mapping[str, StashedModule]) -> _LoadedCache | None:
     """The cache at ``path`` for ``moddir``; None if missing, damaged or of another kind."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+        fd = open_input(path, limit=MAX_KERNEL_METADATA_BYTES, what="index cache")
+    except InputError:  # not there, or not a regular file: rebuilt (and replaced)
         return None
     cache = None
     try:

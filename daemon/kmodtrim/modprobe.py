@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .elf import parse_softdep
+from .inputs import MAX_CONFIG_BYTES, is_masked, read_optional_input
 from .names import normalize
 
 CONFIG_DIRS = (
@@ -68,7 +69,12 @@ def _logical_lines(text: str) -> list[str]:
 
 
 def read_modprobe_config(root: Path) -> ModprobeConfig:
-    """Parse every modprobe.d file under ``root``; unreadable files are skipped."""
+    """Parse every modprobe.d file under ``root``; unreadable files are skipped, and one
+    symlinked to /dev/null masks the same name in later directories.
+
+    Raises InputError for a file that is not a regular file (a FIFO is never opened) or
+    is larger than MAX_CONFIG_BYTES.
+    """
     softdeps: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
     weakdeps: dict[str, tuple[str, ...]] = {}
     aliases: list[tuple[str, str]] = []
@@ -76,10 +82,16 @@ def read_modprobe_config(root: Path) -> ModprobeConfig:
     blacklist: set[str] = set()
     files: list[str] = []
     for path in config_files(root):
-        try:
-            text = path.read_text(encoding="utf-8", errors="replace")
-        except OSError:
+        if path.is_dir():  # kmod skips these too ("directories ... are not supported")
             continue
+        if is_masked(path):  # a symlink to /dev/null: read as empty, as kmod does
+            raw: bytes | None = b""
+        else:
+            raw = read_optional_input(path, limit=MAX_CONFIG_BYTES, what="modprobe.d file",
+                                      skip_unreadable=True)
+        if raw is None:
+            continue
+        text = raw.decode("utf-8", "replace")
         files.append("/" + str(path.relative_to(root)))
         for line in _logical_lines(text):
             words = line.split()

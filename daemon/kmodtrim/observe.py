@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ObservationError
+from .inputs import MAX_OBSERVATION_BYTES, quote_input, read_input, read_optional_input
 from .names import is_valid_module_name, module_name_from_path, normalize
 
 PROC_MODULES = "/proc/modules"
@@ -91,8 +92,8 @@ def parse_observed_text(text: str, origin: str) -> list[ObservedName]:
         if not is_valid_module_name(token):
             as_file = module_name_from_path(token)
             raise ObservationError(
-                f"{origin}:{lineno}: {token!r} is not a module name",
-                hint=(f"write the module name, e.g. {as_file!r}" if as_file else
+                f"{origin}:{lineno}: {quote_input(token)} is not a module name",
+                hint=(f"write the module name, e.g. {quote_input(as_file)}" if as_file else
                       "give one module name per line (letters, digits, '_' or '-'); "
                       "'#' starts a comment; /proc/modules and lsmod output work too"),
             )
@@ -100,7 +101,8 @@ def parse_observed_text(text: str, origin: str) -> list[ObservedName]:
             # Neither "NAME SIZE …" (/proc/modules, lsmod) nor one name: probably several
             # names on a line, of which only the first would be kept — say so instead.
             raise ObservationError(
-                f"{origin}:{lineno}: expected one module name, found {line.strip()!r}",
+                f"{origin}:{lineno}: expected one module name, "
+                f"found {quote_input(line.strip())}",
                 hint="give one module name per line; /proc/modules and lsmod lines work too",
             )
         name = normalize(token)
@@ -112,15 +114,13 @@ def parse_observed_text(text: str, origin: str) -> list[ObservedName]:
 def read_observed_file(path: Path) -> list[ObservedName]:
     """The module names in an ``--observed`` file (format: see parse_observed_text).
 
-    Raises ObservationError if the file cannot be read, is not UTF-8, or has a bad line.
+    Raises ObservationError if the file cannot be read, is not a regular file (a FIFO or
+    device is never opened), is larger than MAX_OBSERVATION_BYTES, is not UTF-8, or has a
+    bad line.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ObservationError(
-            f"{path}: cannot read observed-modules file: {exc.strerror or exc}",
-            hint="give a readable file with one module name per line",
-        ) from exc
+    data = read_input(path, limit=MAX_OBSERVATION_BYTES, what="observed-modules file",
+                      error=ObservationError,
+                      hint="give a readable file with one module name per line")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -131,21 +131,30 @@ def read_observed_file(path: Path) -> list[ObservedName]:
     return parse_observed_text(text, str(path))
 
 
+def merge_observed(*groups: Iterable[ObservedName]) -> list[ObservedName]:
+    """The names in ``groups``, in order, each once: the first source naming a module is
+    the one kept. An --observed file that was also supplied to an earlier trim (so it is
+    remembered) names its modules twice; they are still one module observed each."""
+    found: dict[str, ObservedName] = {}
+    for group in groups:
+        for observed in group:
+            found.setdefault(observed.name, observed)
+    return list(found.values())
+
+
 def read_proc_modules(root: Path) -> list[ObservedName]:
     """Modules loaded in the running kernel, from ROOT/proc/modules ([] if absent).
 
-    Raises ObservationError if the file exists but cannot be read or parsed.
+    Raises ObservationError if the file exists but cannot be read or parsed, is not a
+    regular file, or is larger than MAX_OBSERVATION_BYTES.
     """
-    path = _host(root, PROC_MODULES)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+    data = read_optional_input(
+        _host(root, PROC_MODULES), limit=MAX_OBSERVATION_BYTES, what="the loaded modules",
+        error=ObservationError, shown=PROC_MODULES,
+        hint="run as a user that can read /proc/modules",
+    )
+    if data is None:
         return []
-    except OSError as exc:
-        raise ObservationError(
-            f"{PROC_MODULES}: cannot read the loaded modules: {exc.strerror or exc}",
-            hint="run as a user that can read /proc/modules",
-        ) from exc
     return parse_observed_text(data.decode("utf-8", "replace"), PROC_MODULES)
 
 
@@ -179,16 +188,21 @@ def read_modaliases(root: Path) -> list[DeviceModalias]:
     """Every device under ROOT/sys/devices with a ``modalias`` file, sorted by devpath.
 
     Symlinks are not followed (sysfs links form cycles); unreadable or empty modalias files
-    are skipped (a device may vanish while we walk). [] if there is no sysfs.
+    are skipped (a device may vanish while we walk). [] if there is no sysfs. Raises
+    ObservationError for a modalias that is not a regular file or is oversized.
     """
     base = _host(root, "/sys/devices")
     found: set[DeviceModalias] = set()
     for dirpath, _dirnames, filenames in os.walk(base, followlinks=False):
         if "modalias" not in filenames:
             continue
+        inroot = "/sys/devices/" + os.path.relpath(dirpath, base) + "/modalias"
+        raw = read_optional_input(Path(dirpath, "modalias"), limit=MAX_OBSERVATION_BYTES,
+                                  what="device modalias", error=ObservationError,
+                                  shown=_printable(inroot), skip_unreadable=True)
         try:
-            value = Path(dirpath, "modalias").read_bytes().decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError):
+            value = (raw or b"").decode("utf-8").strip()
+        except UnicodeDecodeError:
             continue
         if value:
             rel = os.path.relpath(dirpath, base)
@@ -512,11 +526,15 @@ def _inroot_realpath(root: Path, inroot: str) -> str:
 
 def _read_text(root: Path, inroot: str) -> str | None:
     """A small text file below the root, or None if it cannot be read. Undecodable bytes
-    are kept (surrogateescape) so that paths made from them still resolve."""
-    try:
-        return _host(root, inroot).read_bytes().decode("utf-8", "surrogateescape")
-    except (OSError, ValueError):
-        return None
+    are kept (surrogateescape) so that paths made from them still resolve.
+
+    Raises ObservationError for a file that is not a regular file (never opened) or is
+    larger than MAX_OBSERVATION_BYTES.
+    """
+    raw = read_optional_input(_host(root, inroot), limit=MAX_OBSERVATION_BYTES,
+                              what="system information", error=ObservationError,
+                              shown=_printable(inroot), skip_unreadable=True)
+    return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
 def _scandir(path: Path) -> list[os.DirEntry[str]]:

@@ -38,6 +38,7 @@ from pydantic import (
 )
 
 from .errors import PolicyError
+from .inputs import MAX_CONFIG_BYTES, MAX_QUOTED_CHARS, is_masked, quote_input, read_input
 from .names import module_name_from_path, normalize
 from .presets import DEFAULT_PRESETS, PRESET_DESCRIPTIONS, PRESETS
 
@@ -199,7 +200,7 @@ def parse_rule(text: str, *, source: str, line: int | None = None) -> Rule:
         exclude, kind, pattern = _split_rule(text)
     except ValueError as e:
         where = source if line is None else f"{source}:{line}"
-        raise PolicyError(f"{where}: rule {text!r}: {e}", hint=_HINT) from None
+        raise PolicyError(f"{where}: rule {quote_input(text)}: {e}", hint=_HINT) from None
     return Rule(pattern=pattern, exclude=exclude, kind=kind, source=source, line=line, text=text)
 
 
@@ -401,10 +402,12 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
     """
     files: list[_PolicyFile] = []
     if explicit is not None:
-        if not explicit.is_file():
+        if not explicit.exists():
             raise PolicyError(
                 f"{explicit}: policy file not found", hint="Check the path given to --policy."
             )
+        # Anything else that is not a regular file (/dev/null, a FIFO, a directory) is
+        # refused by name when it is read.
         files.append(_PolicyFile(str(explicit), explicit, dropin=False))
     else:
         main = root / MAIN_POLICY
@@ -416,7 +419,8 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
     merged: dict[str, Any] = Policy().model_dump()
     user_rules: list[Rule] = []
     for f in files:
-        text = _read_text(f.path)
+        # The main file or a drop-in symlinked to /dev/null is masked: read as empty.
+        text = "" if f.path != explicit and is_masked(f.path) else _read_text(f.path)
         data = _parse_toml(text, f.path)
         validated = _validate(data, merged, f, text)
         for key, value in data.items():
@@ -444,23 +448,22 @@ def _dropin_files(root: Path) -> list[_PolicyFile]:
         raise PolicyError(f"{directory}: not a directory", hint=_HINT) from None
     except OSError as e:
         raise PolicyError(f"{directory}: cannot list drop-ins: {e.strerror or e}") from None
-    # Hidden files are editor/packaging leftovers; only regular files count, so a drop-in
-    # symlinked to /dev/null is masked (and a directory named *.toml ignored).
+    # Hidden files are editor/packaging leftovers; a drop-in symlinked to /dev/null is
+    # masked and a directory named *.toml ignored. Any other file that is not regular (a
+    # FIFO, a device) is kept so that reading it refuses it by name.
     return [
         _PolicyFile(f"/{DROPIN_DIR}/{p.name}", p, dropin=True)
         for p in entries
-        if p.name.endswith(".toml") and not p.name.startswith(".") and p.is_file()
+        if p.name.endswith(".toml") and not p.name.startswith(".")
+        and not p.is_dir() and not is_masked(p)
     ]
 
 
 def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise PolicyError(
-            f"{path}: cannot read policy file: {e.strerror or e}",
-            hint="Check that the file exists and is readable.",
-        ) from None
+    """A policy file's text. Raises PolicyError for a missing, unreadable or non-UTF-8
+    file, one that is not a regular file (never opened), or one over MAX_CONFIG_BYTES."""
+    raw = read_input(path, limit=MAX_CONFIG_BYTES, what="policy file", error=PolicyError,
+                     hint="Check that the file exists and is a readable regular file.")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -471,9 +474,22 @@ def _read_text(path: Path) -> str:
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 
 
+# No policy key nests deeper than 2 (a table holding arrays); deeper data is refused
+# before validation, whose error messages walk it recursively.
+_MAX_NESTING = 16
+
+
 def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    """The TOML document in ``text``. Raises PolicyError for a syntax error and for
+    arrays or tables nested deeper than _MAX_NESTING (tomllib recurses once per level:
+    thousands of levels exhaust the recursion limit)."""
     try:
-        return tomllib.loads(text)
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise PolicyError(
+            f"{path}: TOML nested too deeply to parse (more than {_MAX_NESTING} levels); "
+            "a policy nests at most 2", hint=_HINT,
+        ) from None
     except tomllib.TOMLDecodeError as e:
         message = str(e)
         m = _TOML_POSITION.search(message)
@@ -486,6 +502,31 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
         else:
             where = str(path)
         raise PolicyError(f"{where}: TOML syntax error: {message}", hint=_HINT) from None
+    if _nesting(data) > _MAX_NESTING:
+        raise PolicyError(
+            f"{path}: TOML nested more than {_MAX_NESTING} levels deep; a policy nests "
+            "at most 2", hint=_HINT,
+        )
+    return data
+
+
+def _nesting(data: object) -> int:
+    """How deep tables and arrays nest in parsed TOML (walked without recursion)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[object] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > _MAX_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def _overlay(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
@@ -598,7 +639,10 @@ def _describe_error(err: Any, path: Path, text: str) -> tuple[int | None, str]:
         explanation = str(ctx.get("error", err["msg"]))
     else:
         explanation = str(err["msg"])
-    return line, f"{where}: {key} = {_toml_value(err.get('input'))}: {explanation}"
+    value = _toml_value(err.get("input"))
+    if len(value) > MAX_QUOTED_CHARS:  # a huge value is not echoed whole
+        value = value[:MAX_QUOTED_CHARS] + "…"
+    return line, f"{where}: {key} = {value}: {explanation}"
 
 
 # -- locating keys and array items in TOML text (best effort, for messages) --------------
