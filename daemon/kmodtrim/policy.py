@@ -23,7 +23,7 @@ import functools
 import json
 import re
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -266,33 +266,125 @@ _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
 # -- matching ----------------------------------------------------------------------------
 
 
-class _KindMatcher:
-    """All rules of one kind: literals in a dict, globs in one regex whose alternatives are
-    ordered by descending rule index, so the first alternative that matches is the last
-    matching rule (Python's alternation is ordered)."""
+def _literal_runs(pattern: str) -> list[str]:
+    """The literal runs of an fnmatch pattern between its wildcards (``*``, ``?`` and
+    ``[...]`` sets, parsed as fnmatch does: an unterminated ``[`` is literal). One run
+    means no wildcard; the first run is the prefix every match starts with, the last
+    the suffix every match ends with: ``"a*b?c"`` → ``["a", "b", "c"]``."""
+    runs: list[list[str]] = [[]]
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        i += 1
+        if c in "*?":
+            runs.append([])
+        elif c == "[":
+            j = i
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 1
+            if j >= n:
+                runs[-1].append(c)
+            else:
+                runs.append([])
+                i = j + 1
+        else:
+            runs[-1].append(c)
+    return ["".join(run) for run in runs]
 
-    __slots__ = ("combined", "literals")
+
+# (rule index, pattern) in descending index order
+_Bucket = list[tuple[int, str]]
+
+
+class _KindMatcher:
+    """All rules of one kind, arranged so that finding the last rule matching a subject
+    costs about the subject's length rather than the number of rules (one regex of 10,000
+    alternatives tries every one of them on every subject).
+
+    Literal patterns are a dict. Each glob goes into one bucket, keyed by a literal part
+    that every match contains: its literal prefix or suffix, whichever is longer
+    (``virtio_`` of ``virtio_*``, ``_wmi`` of ``*_wmi``), else its longest literal run
+    (``usb`` of ``*usb*``), else (``*``, ``?*``) the catch-all bucket. A subject looks up
+    only the buckets named by its own prefixes, suffixes and substrings of the key lengths
+    in use, and tries their patterns from the highest rule index down, skipping those
+    below the best match so far: the result is the last matching rule.
+    """
+
+    __slots__ = ("infix", "lengths", "literals", "prefix", "regex", "suffix", "wild")
 
     def __init__(self, indexed: Sequence[tuple[int, str]]) -> None:
         self.literals: dict[str, int] = {}
-        globs: list[tuple[int, str]] = []
+        self.prefix: dict[str, _Bucket] = {}
+        self.suffix: dict[str, _Bucket] = {}
+        self.infix: dict[str, _Bucket] = {}
+        self.wild: _Bucket = []
+        self.regex: dict[str, Callable[[str], re.Match[str] | None]] = {}
+        latest: dict[str, int] = {}
         for index, pattern in indexed:
-            if _is_glob(pattern):
-                globs.append((index, pattern))
+            latest[pattern] = index  # a repeated pattern can only win at its last index
+        for pattern, index in sorted(latest.items(), key=lambda item: -item[1]):
+            runs = _literal_runs(pattern)
+            if len(runs) == 1:
+                self.literals[pattern] = index
+                continue
+            first, last = runs[0], runs[-1]
+            if first or last:
+                table, key = (self.prefix, first) if len(first) >= len(last) else (
+                    self.suffix, last)
+                table.setdefault(key, []).append((index, pattern))
+            elif longest := max(runs, key=len):
+                self.infix.setdefault(longest, []).append((index, pattern))
             else:
-                self.literals[pattern] = index  # later rules overwrite: last wins
-        alternatives = [
-            f"(?P<_r{index}>{fnmatch.translate(pattern)})" for index, pattern in reversed(globs)
-        ]
-        self.combined = re.compile("|".join(alternatives)) if alternatives else None
+                self.wild.append((index, pattern))
+        self.lengths = [sorted({len(key) for key in table})
+                        for table in (self.prefix, self.suffix, self.infix)]
 
     def best(self, subject: str) -> int:
+        """The highest index of a pattern matching all of ``subject``, or -1."""
         found = self.literals.get(subject, -1)
-        if self.combined is not None:
-            m = self.combined.match(subject)
-            if m is not None and m.lastgroup is not None:
-                found = max(found, int(m.lastgroup[2:]))
+        n = len(subject)
+        prefix_lengths, suffix_lengths, infix_lengths = self.lengths
+        for length in prefix_lengths:
+            if length > n:
+                break
+            bucket = self.prefix.get(subject[:length])
+            if bucket is not None:
+                found = self._try(bucket, subject, found)
+        for length in suffix_lengths:
+            if length > n:
+                break
+            bucket = self.suffix.get(subject[n - length :])
+            if bucket is not None:
+                found = self._try(bucket, subject, found)
+        for length in infix_lengths:
+            if length > n:
+                break
+            for key in {subject[i : i + length] for i in range(n - length + 1)}:
+                bucket = self.infix.get(key)
+                if bucket is not None:
+                    found = self._try(bucket, subject, found)
+        if self.wild:
+            found = self._try(self.wild, subject, found)
         return found
+
+    def _try(self, bucket: _Bucket, subject: str, found: int) -> int:
+        for index, pattern in bucket:
+            if index <= found:
+                break  # the rest are earlier rules than the best match so far
+            match = self.regex.get(pattern)
+            if match is None:  # compiled on first use: most buckets are never looked at
+                match = self.regex[pattern] = re.compile(fnmatch.translate(pattern)).match
+            if match(subject) is not None:
+                return index
+        return found
+
+    @property
+    def empty(self) -> bool:
+        return not (self.literals or self.prefix or self.suffix or self.infix or self.wild)
 
 
 class _Matcher:
@@ -308,7 +400,7 @@ class _Matcher:
 
     def best(self, name: str, relpath: str, aliases: Iterable[str]) -> int:
         best = max(self.name.best(normalize(name)), self.path.best(relpath))
-        if self.alias.literals or self.alias.combined is not None:
+        if not self.alias.empty:
             for alias in aliases:
                 best = max(best, self.alias.best(normalize(alias)))
         return best
