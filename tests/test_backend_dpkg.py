@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -353,9 +354,9 @@ def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
     assert backend.package_state(root, "extra-mods") == "not-installed"
     tree, ctl = tmp_path / "tree", tmp_path / "control"
     for entry in files:
-        stash.restore_to(entry, tree / entry.path.lstrip("/"))
+        stash.restore_to(entry, tree)
     for entry in scripts:
-        stash.restore_to(entry, ctl / (entry.module or ""))
+        stash.restore_to(replace(entry, path=f"/{entry.module}"), ctl)
     deb = backend.build_archive(record, tree, ctl, tmp_path)
     fields = ("Package", "Version", "Architecture", "Maintainer", "Depends", "Section",
               "Description")

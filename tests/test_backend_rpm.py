@@ -280,7 +280,7 @@ def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
     assert backend.package_state(root, pkg) == "not-installed"
     tree = tmp_path / "tree"
     for entry in files:
-        stash.restore_to(entry, tree / entry.path.lstrip("/"))
+        stash.restore_to(entry, tree)
     built = backend.build_archive(record, tree, tmp_path / "control", tmp_path / "out")
     for query in ("--requires", "--provides", "--docfiles"):
         assert sh("rpm", "-qp", query, built).stdout == sh("rpm", "-qp", query, extra).stdout

@@ -143,7 +143,8 @@ def test_malformed_module_is_reported_not_a_traceback(root: Path) -> None:
     broken.write_bytes(b"\x7fELF" + b"\0" * 20)
     proc = kmodtrim("index", "--root", str(root))
     assert proc.returncode == 1
-    assert "broken.ko: not a readable kernel module" in proc.stdout
+    assert "kmodtrim: warning:" in proc.stderr  # warnings go to stderr, prefixed
+    assert "broken.ko: not a readable kernel module" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

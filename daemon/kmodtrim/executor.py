@@ -767,7 +767,7 @@ def _journal_entries(journal: dict[str, Any]) -> list[StashedFile]:
     return [StashedFile.from_json(doc) for doc in journal.get("stashed_entries", [])]
 
 
-def _check_journal(doc: dict[str, Any]) -> dict[str, Any]:
+def _check_journal(root: Path, doc: dict[str, Any]) -> dict[str, Any]:
     """``doc`` if it is a journal recovery can act on; raises StoreError naming what is
     wrong. Every path in it is checked as a state record's would be."""
     def need(key: str, kinds: tuple[type, ...]) -> Any:
@@ -799,11 +799,13 @@ def _check_journal(doc: dict[str, Any]) -> dict[str, Any]:
     pending = doc.get("initramfs_pending") or {}
     if not isinstance(pending, dict):
         raise StoreError("journal: field 'initramfs_pending' must be an object")
+    boots = [os.path.normpath(root / d) + "/" for d in ("boot", "efi")]
     for item in pending.values():
-        if not isinstance(item, dict) or not isinstance(item.get("image"), str) \
-                or not str(item["image"]).startswith("/boot/"):
-            raise StoreError("journal: an initramfs entry is not an image under /boot")
-        managed_path(item["image"], "initramfs")
+        image = item.get("image") if isinstance(item, dict) else None
+        if not isinstance(image, str) or os.path.normpath(image) != image \
+                or not image.startswith(tuple(boots)):
+            raise StoreError("journal: an initramfs entry is not an image in the root's "
+                             "/boot or /efi")
     return doc
 
 
@@ -860,7 +862,7 @@ def recover(root: Path) -> str | None:
         journal = read_journal(root)
         damage: StoreError | None = None
         if journal is not None:
-            journal = _check_journal(journal)
+            journal = _check_journal(root, journal)
     except UntrustedStateError:
         raise  # planted, not damaged: never acted on
     except StoreError as exc:
