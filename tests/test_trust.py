@@ -402,15 +402,28 @@ def test_random_kills_of_apply_rollback_and_restore_lose_nothing_and_leave_nothi
     ]
     for _ in range(8):
         verb = rng.choice(commands)
-        proc = subprocess.Popen(
+        running = subprocess.Popen(
             [sys.executable, "-m", "kmodtrim.cli", *verb, "--root", str(root),
              "--kernel", KVER], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.05, 0.9))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        running.send_signal(signal.SIGKILL)
+        running.wait()
         status = _cli(root, "status", "--json")
         assert "Traceback" not in status.stderr, status.stderr
     proc = _cli(root, "rollback", "0", "--yes", "--initramfs", "skip")
     assert proc.returncode == 0, proc.stderr
     assert _snapshot(root) == before
     assert not list(root.rglob("*.kmodtrim-tmp")) and not list(root.rglob(".*.kmodtrim"))
+
+
+def test_package_manager_exclusions_never_follow_a_link_out_of_the_root(tmp_path: Path) -> None:
+    from kmodtrim.backends.dpkg import DpkgBackend
+
+    root, outside = tmp_path / "root", tmp_path / "host-etc-dpkg"
+    (outside / "dpkg.cfg.d").mkdir(parents=True)
+    (root / "etc").mkdir(parents=True)
+    (root / "etc/dpkg").symlink_to(outside)  # absolute: the host's, if followed as-is
+    DpkgBackend().write_exclusions(root, {"/lib/modules/6.1.0-test/kernel/x.ko"})
+    assert list((outside / "dpkg.cfg.d").iterdir()) == []
+    written = root / str(outside).lstrip("/") / "dpkg.cfg.d/kmodtrim"
+    assert "path-exclude=/lib/modules/6.1.0-test/kernel/x.ko" in written.read_text()

@@ -187,7 +187,7 @@ class DpkgBackend:
         cannot be written."""
         ordered = check_paths(paths)
         if not ordered:
-            write_config(root / EXCLUDE_FILE, None)
+            write_config(root, EXCLUDE_FILE, None)
             return
         given = set(ordered)
         lines = [f"path-exclude={escape_pattern(p)}" for p in ordered]
@@ -200,7 +200,7 @@ class DpkgBackend:
         text = _HEADER + "".join(ln + "\n" for ln in lines)
         if alias_lines:
             text += _ALIASES + "".join(ln + "\n" for ln in alias_lines)
-        write_config(root / EXCLUDE_FILE, text)
+        write_config(root, EXCLUDE_FILE, text)
 
     # -- package operations ------------------------------------------------------------
 

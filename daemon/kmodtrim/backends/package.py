@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..errors import CommandError, InputError
-from ..store import RemovedPackage, atomic_write_bytes, fsync_dir
+from .. import fsutil
+from ..errors import CommandError, InputError, StoreError
+from ..store import RemovedPackage
 
 # Package managers run with a fixed, system-only PATH: dpkg insists on finding ldconfig and
 # start-stop-daemon, and nothing from /usr/local should stand in for a system tool.
@@ -240,21 +241,22 @@ def check_paths(paths: Collection[str], *, forbidden: str = "\n") -> list[str]:
     return sorted(set(paths))
 
 
-def write_config(path: Path, text: str | None) -> None:
-    """Atomically replace ``path`` with ``text`` (temp file, fsync, rename); ``None`` removes
-    it. Raises CommandError when the file cannot be written."""
+def write_config(root: Path, name: str, text: str | None) -> None:
+    """Atomically replace ROOT/``name`` with ``text`` (temp file, fsync, rename); ``None``
+    removes it. Never follows a link out of the root (an image root's etc/dpkg may point
+    anywhere). Raises CommandError when the file cannot be written."""
+    inroot = "/" + name.lstrip("/")
     try:
         if text is None:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                fsync_dir(path.parent)
+            fsutil.unlink(root, inroot)
             return
-        if path.exists() and path.read_text(encoding="utf-8", errors="replace") == text:
-            return  # idempotent: don't touch a file that already says this
-        atomic_write_bytes(path, text.encode("utf-8"))
-        fsync_dir(path.parent)
-    except OSError as exc:
-        raise CommandError(f"cannot write {path}: {exc.strerror or exc}",
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            if fsutil.read_bytes(root, inroot).decode("utf-8", "replace") == text:
+                return  # idempotent: don't touch a file that already says this
+        fsutil.write_file(root, inroot, text.encode("utf-8"))
+    except (OSError, StoreError) as exc:
+        reason = exc.message if isinstance(exc, StoreError) else exc.strerror or str(exc)
+        raise CommandError(f"cannot write {root / name}: {reason}",
                            hint="check that the file system is writable and not full") from exc
 
 

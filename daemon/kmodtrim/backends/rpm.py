@@ -228,7 +228,7 @@ class RpmBackend:
         ordered = check_paths(paths, forbidden="\n\t :\\")
         file = root / MACRO_FILE
         if not ordered:
-            write_config(file, None)
+            write_config(root, MACRO_FILE, None)
             return
         given = set(ordered)
         aliases = sorted({alt for p in ordered
@@ -247,7 +247,7 @@ class RpmBackend:
                          "%{_kmodtrim_netsharedpath}")
         else:
             lines.append("%_netsharedpath %{_kmodtrim_netsharedpath}")
-        write_config(file, _HEADER + "".join(ln + "\n" for ln in lines))
+        write_config(root, MACRO_FILE, _HEADER + "".join(ln + "\n" for ln in lines))
         effective = set(effective_netsharedpath(root))
         lost = [p for p in ordered if p not in effective]
         if lost:
