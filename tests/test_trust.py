@@ -427,3 +427,13 @@ def test_package_manager_exclusions_never_follow_a_link_out_of_the_root(tmp_path
     assert list((outside / "dpkg.cfg.d").iterdir()) == []
     written = root / str(outside).lstrip("/") / "dpkg.cfg.d/kmodtrim"
     assert "path-exclude=/lib/modules/6.1.0-test/kernel/x.ko" in written.read_text()
+
+
+def test_an_image_boot_link_never_sends_the_initramfs_to_the_hosts_boot(tmp_path: Path) -> None:
+    from kmodtrim.regen import initramfs_path
+
+    root = tmp_path / "root"
+    (root / "bootfs").mkdir(parents=True)
+    (root / "boot").symlink_to("/bootfs")  # absolute: inside the root, read as chroot would
+    image = initramfs_path(root, "6.1.0-test", "update-initramfs")
+    assert image == (root / "bootfs/initrd.img-6.1.0-test").resolve()

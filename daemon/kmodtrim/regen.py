@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
+from . import fsutil
 from .errors import CommandError, InputError, KernelNotFoundError
 from .names import module_name_from_path, normalize
 from .run import run
@@ -205,6 +206,16 @@ def detect_initramfs_method(root: Path, kernel: str) -> DetectedMethod:
     return _detect(root, kernel)[0]
 
 
+def boot_dir(root: Path) -> Path:
+    """ROOT/boot as it really is: a link there is resolved inside the root (an image root's
+    /boot link must not make kmodtrim write the host's /boot). Raises StoreError for a
+    link that loops."""
+    try:
+        return fsutil.resolve(root, "/boot/initrd").parent
+    except (FileNotFoundError, NotADirectoryError):
+        return root / "boot"
+
+
 def initramfs_path(root: Path, kernel: str, method: str) -> Path:
     """Where the initramfs of kernel lives under root for method.
 
@@ -214,7 +225,7 @@ def initramfs_path(root: Path, kernel: str, method: str) -> Path:
     ``initrd``.  Raises InputError for an unknown method, InitramfsError when a
     kernel-install root has neither an entry directory nor an entry token.
     """
-    boot = root / "boot"
+    boot = boot_dir(root)
     if method == "update-initramfs":
         return boot / f"initrd.img-{kernel}"
     if method == "dracut":
