@@ -151,7 +151,7 @@ def test_a_decompression_bomb_never_allocates_more_than_the_cap() -> None:
         compression = kind.removesuffix("-unsized")
         tracemalloc.start()
         try:
-            with pytest.raises(InputError, match="decompresses to more than 2097152 bytes"):
+            with pytest.raises(InputError, match="decompresses to more than the 2 MiB limit"):
                 decompress_bounded(stream, compression, limit=limit, what="test", shown="b")
             _, peak = tracemalloc.get_traced_memory()
         finally:
@@ -171,6 +171,20 @@ def test_truncated_and_corrupt_streams_are_one_line_errors(compression: str) -> 
                            what="t", shown="f")
     with pytest.raises(InputError, match=r"^f: cannot read t: corrupt "):
         decompress_bounded(b"\x00garbage" * 20, compression, limit=MIB, what="t", shown="f")
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip", "zstd"])
+def test_streams_larger_than_one_piece_round_trip(compression: str) -> None:
+    # Incompressible data: several input pieces and several output pieces per stream.
+    data = os.urandom(3 * MIB) + bytes(2 * MIB)
+    stream = {"xz": lambda: lzma.compress(data, preset=0),
+              "gzip": lambda: gzip.compress(data, compresslevel=1),
+              "zstd": lambda: zstandard.ZstdCompressor(level=1).compress(data)}[compression]()
+    assert decompress_bounded(stream, compression, limit=len(data), what="t", shown="f") == data
+    with pytest.raises(InputError, match="decompresses to more than"):
+        decompress_bounded(stream, compression, limit=len(data) - 1, what="t", shown="f")
+    with pytest.raises(InputError, match=r"^f: cannot read t: (truncated|corrupt) "):
+        decompress_bounded(stream[:-100], compression, limit=len(data), what="t", shown="f")
 
 
 # -- observations ------------------------------------------------------------------------
@@ -330,7 +344,7 @@ def test_symvers_decompression_bomb_is_refused(tree: Path) -> None:
     stream = b"".join(compressor.compress(chunk) for _ in range(65)) + compressor.flush()
     (moddir(tree) / "symvers.xz").write_bytes(stream)
     with pytest.raises(InputError, match=r"symvers\.xz: cannot read kernel symbol list: "
-                                         r"decompresses to more than 67108864 bytes"):
+                                         r"decompresses to more than the 64 MiB limit"):
         build_index(tree, KVER, use_cache=False)
 
 
@@ -370,6 +384,6 @@ def test_modprobe_d_fifo_is_refused_and_dev_null_masks(tmp_path: Path) -> None:
 def test_module_reads_go_through_the_bounded_helper(monkeypatch: pytest.MonkeyPatch) -> None:
     # The cap a test lowers in elf is the one decompression honours.
     monkeypatch.setattr(elf, "MAX_MODULE_BYTES", MIB)
-    with pytest.raises(InputError, match="decompresses to more than 1048576 bytes"):
+    with pytest.raises(InputError, match="decompresses to more than the 1 MiB limit"):
         elf.decompress(bombs(2 * MIB)["zstd"], "zstd", "m.ko.zst")
     assert inputs.MAX_MODULE_BYTES == 256 * MIB

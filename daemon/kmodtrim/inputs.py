@@ -37,6 +37,7 @@ MAX_QUOTED_CHARS = 80
 
 _READ_CHUNK = MIB
 _FIRST_READ = 64 << 10
+_INPUT_PIECE = 256 << 10
 # /dev/null: what systemd and kmod take a symlink to as "this file is masked".
 _DEV_NULL = os.makedev(1, 3)
 
@@ -123,6 +124,10 @@ def _check(st: os.stat_result, limit: int | None) -> None:
 
 def _over(limit: int) -> str:
     return f"larger than the {human_size(limit)} limit"
+
+
+def _bigger(limit: int) -> str:
+    return f"decompresses to more than the {human_size(limit)} limit"
 
 
 def _read(path: str | os.PathLike[str], limit: int) -> bytes:
@@ -232,7 +237,7 @@ def decompress_bounded(
 
     Raises ``error`` (see read_input) for an unknown compression, a corrupt or truncated
     stream (``"truncated xz data"``, ``"corrupt gzip data: …"``), or one that decompresses
-    to more than ``limit`` bytes (``"decompresses to more than N bytes"``).
+    to more than ``limit`` bytes (``"decompresses to more than the 256 MiB limit"``).
     """
     try:
         if compression == "xz":
@@ -252,28 +257,35 @@ def decompress_bounded(
 
 def _stream(decompressor: Any, data: bytes, limit: int, compression: str) -> bytes:
     """Run an lzma or zlib decompressor (``Any``: their types share no base) over
-    ``data`` one output piece of at most _READ_CHUNK bytes at a time (``max_length``).
-    Raises _Refused, or the decompressor's error for corrupt data."""
+    ``data``, taking at most _READ_CHUNK bytes of output (``max_length``) and giving at
+    most _INPUT_PIECE bytes of input per call: zlib hands back the input it did not take
+    as a copy, which must stay small. Raises _Refused, or the decompressor's error for
+    corrupt data."""
     is_zlib = not isinstance(decompressor, lzma.LZMADecompressor)
+    view = memoryview(data)
+    position = 0
+    pending: bytes | memoryview = b""
     chunks: list[bytes] = []
     total = 0
-    pending = data
     while True:
+        if not pending and position < len(view) and (is_zlib or decompressor.needs_input):
+            pending = view[position : position + _INPUT_PIECE]
+            position += len(pending)
         want = min(_READ_CHUNK, limit + 1 - total)
         piece = decompressor.decompress(pending, want)
         chunks.append(piece)
         total += len(piece)
         if total > limit:
-            raise _Refused(f"decompresses to more than {limit} bytes")
+            raise _Refused(_bigger(limit))
         if decompressor.eof:
             return b"".join(chunks)
-        if is_zlib:  # zlib hands back the input it did not take
+        if is_zlib:  # zlib hands back what it did not take; a full piece may have more
             pending = decompressor.unconsumed_tail
-            more = bool(pending) or len(piece) == want
-        else:  # lzma keeps it, and says whether it can go on without more
+            stuck = not pending and len(piece) < want
+        else:  # lzma keeps what it did not take, and says whether it needs more
             pending = b""
-            more = not decompressor.needs_input
-        if not more:
+            stuck = decompressor.needs_input
+        if stuck and position >= len(view):
             raise _Refused(f"truncated {compression} data")
 
 
@@ -293,7 +305,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
 
     declared = zstandard.get_frame_parameters(data).content_size
     if declared != zstandard.CONTENTSIZE_UNKNOWN and declared > limit:
-        raise _Refused(f"decompresses to more than {limit} bytes")
+        raise _Refused(_bigger(limit))
     decompressor = zstandard.ZstdDecompressor()
     try:
         out: bytes = decompressor.decompress(data, max_output_size=limit + 1)
@@ -306,7 +318,7 @@ def _zstd(data: bytes, limit: int) -> bytes:
             if not chunk:
                 raise _Refused("truncated zstd data") from None
             produced += len(chunk)
-        raise _Refused(f"decompresses to more than {limit} bytes") from None
+        raise _Refused(_bigger(limit)) from None
 
 
 def read_compressed_input(
