@@ -125,6 +125,22 @@ def test_read_methods_and_properties_answer_as_the_cli_would(
     assert client.show_generation(0)["action"] == "untrimmed"
 
 
+def test_cached_read_answers_follow_the_policy_they_depend_on(
+    daemon_on: PrivateBus, root: Path
+) -> None:
+    """Read answers are cached and shared (kmodtrim/dbus/limits.py), never across a change
+    of the files they depend on: here a policy drop-in keeping a module."""
+    first = client.plan({})
+    assert "unused_c" in {m["name"] for m in first["remove"]}
+    assert client.plan({}) == first
+    assert client.explain("unused_c", {})["status"] == "removed"
+    dropins = root / "etc/kmodtrim/policy.d"
+    dropins.mkdir(parents=True, exist_ok=True)
+    (dropins / "50-keep.toml").write_text('rules = ["unused_c"]\n')
+    assert "unused_c" in {m["name"] for m in client.plan({})["keep"]}
+    assert client.explain("unused_c", {})["status"] == "kept"
+
+
 def test_trim_then_rollback_over_dbus_moves_real_files(
     daemon_on: PrivateBus, root: Path, observed: Path
 ) -> None:

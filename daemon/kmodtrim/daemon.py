@@ -53,6 +53,7 @@ from .index import ModuleIndex, default_kernel
 from .names import is_valid_kernel_version, normalize
 from .observe import read_proc_modules
 from .operations import (
+    PlanResult,
     Target,
     boot_id,
     explain,
@@ -265,6 +266,7 @@ class Daemon:
         self.loading = True
         self.loaded = asyncio.Event()  # set when start-up (recovery, snapshot) is done
         self._next_job_id = 1
+        self.revision = 0  # counts kernel uevents: devices and modules come and go
         self._generation = 0
         self._observed_since = 0
         self._trimmed: frozenset[str] = frozenset()  # stashed modules of the default kernel
@@ -349,13 +351,14 @@ class Daemon:
 
     # -- read-only operations (run in a worker thread) -------------------------------
 
-    def plan(self, request: Request) -> dict[str, Any]:
-        """The plan for ``request`` as JSON (``kmodtrim plan --json``)."""
-        return make_plan_for(request.target(self.root)).plan.to_json()
+    def plan(self, request: Request, made: PlanResult | None = None) -> dict[str, Any]:
+        """The plan for ``request`` (``made`` if made already) as ``kmodtrim plan --json``."""
+        return (made or make_plan_for(request.target(self.root))).plan.to_json()
 
-    def explain(self, name: str, request: Request) -> dict[str, Any]:
+    def explain(self, name: str, request: Request,
+                made: PlanResult | None = None) -> dict[str, Any]:
         """Why ``name`` is kept or removed. Raises UnknownModuleError."""
-        return explanation_json(explain(make_plan_for(request.target(self.root)), name))
+        return explanation_json(explain(made or make_plan_for(request.target(self.root)), name))
 
     def list_generations(self) -> list[dict[str, Any]]:
         return generation_summary(self.root)
@@ -535,6 +538,7 @@ class Daemon:
         event = parse_uevent(payload)
         if event is None:
             return
+        self.revision += 1
         module = event.module_loaded
         if module is not None:
             self._pending_modules.add(module)
@@ -853,9 +857,9 @@ def open_uevent_socket() -> socket.socket:
 # Main
 
 
-def _release_startup_memory() -> None:
-    """Give the heap start-up used (recovery, the /proc/modules snapshot, the policy and
-    generation reads) back to the system: the daemon then idles for days."""
+def release_memory() -> None:
+    """Give freed heap back to the system: what start-up used (recovery, the snapshot, the
+    policy and generation reads), or a burst of read calls: the daemon idles for days."""
     import gc
 
     gc.collect()
@@ -923,7 +927,7 @@ async def serve(root: Path, bus: str, observe: bool) -> int:
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    _release_startup_memory()
+    release_memory()
     sd_notify("READY=1", f"STATUS=idle (generation {daemon.current_generation})")
     log.info("kmodtrimd %s ready on the %s bus (root %s, generation %d)",
              __version__, bus, root, daemon.current_generation)

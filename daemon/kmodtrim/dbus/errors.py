@@ -9,6 +9,7 @@ from ..errors import DBUS_PREFIX, BusyError, InputError, KmodtrimError
 
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+LIMITS_EXCEEDED = "org.freedesktop.DBus.Error.LimitsExceeded"
 FAILED = DBUS_PREFIX + "Failed"
 
 
@@ -16,6 +17,15 @@ class AccessDeniedError(KmodtrimError):
     """The caller may not do this (not uid 0 and polkit did not authorise it)."""
 
     dbus_name = ACCESS_DENIED
+    exit_code = 1
+
+
+class LimitsExceededError(KmodtrimError):
+    """Too many read calls in flight from one unprivileged caller (or from all of them):
+    refused at once, nothing done; the same call may be made again once earlier ones are
+    answered."""
+
+    dbus_name = LIMITS_EXCEEDED
     exit_code = 1
 
 

@@ -5,21 +5,24 @@ dbus-next hands ``@method`` handlers no sender, so every method call to these in
 taken by a message handler that runs before dbus-next's dispatch: it authorises the caller
 (see auth.py), validates the arguments and calls the implementation here, then replies.
 The ``@method`` definitions describe the interface (introspection); reaching one directly
-would bypass authorisation, so they refuse.
+would bypass authorisation, so they refuse. The read-only methods, open to everyone, are
+bounded per caller, computed off the daemon's own worker threads and cached (limits.py,
+reads.py).
 
-Options are ``a{sv}``; unknown keys and wrong types are ``InvalidArgs``. Options naming
-files (``observed``, ``policy``) make the daemon read those files as root, so they need uid
-0 or the ``org.kmodtrim.configure`` action even on read-only methods.
+Options are ``a{sv}`` (options.py); unknown keys and wrong types are ``InvalidArgs``.
+Options naming files (``observed``, ``policy``) make the daemon read those files as root,
+so they need uid 0 or the ``org.kmodtrim.configure`` action even on read-only methods.
 """
 
 # No `from __future__ import annotations`: dbus-next reads the annotations at runtime.
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from dbus_next.aio.message_bus import MessageBus
@@ -34,11 +37,10 @@ from dbus_next.constants import (
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
 from dbus_next.service import ServiceInterface, dbus_property, method, signal
-from dbus_next.signature import Variant
 
-from ..daemon import BACKENDS, INITRAMFS_METHODS, Daemon, Job, Request
+from ..daemon import Daemon, Job, Request, release_memory
 from ..errors import InputError, KmodtrimError
-from ..names import is_valid_kernel_version, is_valid_module_name
+from ..names import is_valid_module_name
 from . import (
     ACTION_CONFIGURE,
     ACTION_RESTORE,
@@ -51,8 +53,20 @@ from . import (
     OBJECT_PATH,
     job_path,
 )
-from .auth import authorize, caller_uid
+from .auth import authorize
 from .errors import ACCESS_DENIED, to_dbus_error
+from .limits import ReadLimiter
+from .options import parse_options
+from .reads import (
+    CallerUids,
+    explain_text,
+    generation_text,
+    generations_text,
+    generations_token,
+    plan_text,
+    plan_token,
+)
+from .writer import tolerate_full_socket
 
 log = logging.getLogger("kmodtrim.dbus")
 UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
@@ -91,68 +105,6 @@ def dbus_readonly_property(sig: str) -> Callable[[F], F]:
 def _not_dispatched() -> DBusError:
     return DBusError(ACCESS_DENIED,  # type: ignore[no-untyped-call]
                      "this call did not pass kmodtrimd's authorisation")
-
-
-# ---------------------------------------------------------------------------------------
-# Options
-
-
-OPTION_TYPES = {
-    "kernel": "s", "observed": "as", "policy": "s", "force": "b", "dry_run": "b",
-    "initramfs": "s", "backend": "s", "latest": "b",
-}
-_TYPE_NAMES = {"s": "a string (s)", "as": "an array of strings (as)", "b": "a boolean (b)"}
-ALLOWED_OPTIONS = {
-    "Plan": ("kernel", "observed", "policy"),
-    "Explain": ("kernel", "observed", "policy"),
-    "Trim": ("kernel", "observed", "policy", "force", "dry_run", "initramfs", "backend"),
-    "Rollback": ("latest", "dry_run", "initramfs", "backend"),
-    "Restore": ("kernel", "dry_run", "initramfs", "backend"),
-    "KernelEvent": ("initramfs", "backend"),
-}
-
-
-def _absolute(member: str, key: str, value: str) -> Path:
-    path = Path(value)
-    if not value or not path.is_absolute():
-        raise InputError(f"{member}: option {key!r}: {value!r} is not an absolute path")
-    return path
-
-
-def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request, bool]:
-    """The Request (and the ``latest`` flag) for ``member``'s ``a{sv}`` options.
-
-    Raises InputError (InvalidArgs) naming the key for an unknown key, a wrong type or
-    a bad value.
-    """
-    allowed = ALLOWED_OPTIONS[member]
-    values: dict[str, Any] = {}
-    for key, variant in options.items():
-        if key not in allowed:
-            raise InputError(f"{member}: unknown option {key!r} "
-                             f"(allowed: {', '.join(allowed)})")
-        want = OPTION_TYPES[key]
-        if variant.signature != want:
-            raise InputError(f"{member}: option {key!r} must be {_TYPE_NAMES[want]}, "
-                             f"not of type {variant.signature}")
-        values[key] = variant.value
-    kernel = values.get("kernel")
-    if kernel is not None and not is_valid_kernel_version(kernel):
-        raise InputError(f"{member}: option 'kernel': {kernel!r} is not a kernel version")
-    for key, choices in (("initramfs", INITRAMFS_METHODS), ("backend", BACKENDS)):
-        if key in values and values[key] not in choices:
-            raise InputError(f"{member}: option {key!r}: {values[key]!r} is not one of "
-                             f"{', '.join(choices)}")
-    request = Request(
-        kernel=kernel or None,
-        observed=tuple(_absolute(member, "observed", v) for v in values.get("observed", ())),
-        policy=_absolute(member, "policy", values["policy"]) if "policy" in values else None,
-        force=bool(values.get("force", False)),
-        dry_run=bool(values.get("dry_run", False)),
-        initramfs=values.get("initramfs", "auto"),
-        backend=values.get("backend"),
-    )
-    return request, bool(values.get("latest", False))
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,7 +291,13 @@ class DBusEvents:
 # Dispatch with authorisation
 
 
-Impl = Callable[[Message], Awaitable[list[Any]]]
+# Every implementation gets the message and the caller's uid (None: the bus did not say).
+Impl = Callable[[Message, int | None], Awaitable[list[Any]]]
+
+
+def _error_reply(msg: Message, exc: Exception) -> Message:
+    error = to_dbus_error(exc)
+    return Message.new_error(msg, error.type, error.text)
 
 
 @dataclass(frozen=True)
@@ -347,6 +305,7 @@ class _Member:
     in_signature: str
     out_signature: str
     impl: Impl
+    read: bool = False  # read-only, open to everyone: bounded by ReadLimiter
 
 
 class Dispatcher:
@@ -356,12 +315,14 @@ class Dispatcher:
         self.bus = bus
         self.daemon = daemon
         self.events = events
+        self.uids = CallerUids(bus)
+        self.reads = ReadLimiter(release_memory)
         self._tasks: set[asyncio.Task[None]] = set()
         self.manager_members: dict[str, _Member] = {
-            "Plan": _Member("a{sv}", "s", self._plan),
-            "Explain": _Member("sa{sv}", "s", self._explain),
-            "ListGenerations": _Member("", "s", self._list_generations),
-            "ShowGeneration": _Member("u", "s", self._show_generation),
+            "Plan": _Member("a{sv}", "s", self._plan, read=True),
+            "Explain": _Member("sa{sv}", "s", self._explain, read=True),
+            "ListGenerations": _Member("", "s", self._list_generations, read=True),
+            "ShowGeneration": _Member("u", "s", self._show_generation, read=True),
             "Trim": _Member("a{sv}", "uo", self._trim),
             "Rollback": _Member("ua{sv}", "uo", self._rollback),
             "Restore": _Member("asa{sv}", "uo", self._restore),
@@ -388,57 +349,75 @@ class Dispatcher:
 
     async def _dispatch(self, msg: Message, member: _Member) -> None:
         try:
-            body = await member.impl(msg)
-            reply = Message.new_method_return(msg, member.out_signature, body)
+            uid = await self.uids.get(msg.sender)
+            with self.reads.admit(uid) if member.read else contextlib.nullcontext():
+                # A read call counts until its answer is written: a caller that does not
+                # read its answers cannot pile them up in the daemon.
+                await self._send(msg, Message.new_method_return(
+                    msg, member.out_signature, await member.impl(msg, uid)))
         except Exception as exc:  # every error becomes a D-Bus error reply
             if not isinstance(exc, (KmodtrimError, DBusError)):
                 log.exception("%s.%s failed", msg.interface, msg.member)
-            error = to_dbus_error(exc)
-            reply = Message.new_error(msg, error.type, error.text)
-        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
-            self.bus.send(reply)
+            await self._send(msg, _error_reply(msg, exc))
 
-    async def _authorize_files(self, msg: Message, request: Request) -> None:
+    async def _send(self, msg: Message, reply: Message) -> None:
+        if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
+            # An error here means the connection is gone, which the daemon handles.
+            with contextlib.suppress(Exception):
+                await self.bus.send(reply)
+
+    async def _authorize_files(self, msg: Message, uid: int | None,
+                               request: Request) -> None:
         # Reading files the caller names happens as root: only for root or `configure`.
-        if (request.observed or request.policy) and await caller_uid(self.bus, msg.sender) != 0:
+        if (request.observed or request.policy) and uid != 0:
             await authorize(self.bus, msg.sender, ACTION_CONFIGURE)
 
-    async def _plan(self, msg: Message) -> list[Any]:
+    async def _plan(self, msg: Message, uid: int | None) -> list[Any]:
         request, _ = parse_options("Plan", msg.body[0])
-        await self._authorize_files(msg, request)
-        doc = await asyncio.to_thread(self.daemon.plan, request)
-        return [json.dumps(doc)]
+        await self._authorize_files(msg, uid, request)
+        token = plan_token(self.daemon, request)
+        return [await self.reads.answer(
+            ("Plan", request), token, partial(plan_text, self.daemon, request, token),
+            privileged=uid == 0, expensive=True)]
 
-    async def _explain(self, msg: Message) -> list[Any]:
+    async def _explain(self, msg: Message, uid: int | None) -> list[Any]:
         name: str = msg.body[0]
         if not name or len(name) > 4096:
             raise InputError("Explain: give a module name or alias")
         request, _ = parse_options("Explain", msg.body[1])
-        await self._authorize_files(msg, request)
-        doc = await asyncio.to_thread(self.daemon.explain, name, request)
-        return [json.dumps(doc)]
+        await self._authorize_files(msg, uid, request)
+        token = plan_token(self.daemon, request)
+        return [await self.reads.answer(
+            ("Explain", name, request), token,
+            partial(explain_text, self.daemon, name, request, token),
+            privileged=uid == 0, expensive=True)]
 
-    async def _list_generations(self, msg: Message) -> list[Any]:
-        return [json.dumps(await asyncio.to_thread(self.daemon.list_generations))]
+    async def _list_generations(self, msg: Message, uid: int | None) -> list[Any]:
+        return [await self.reads.answer(
+            ("ListGenerations",), generations_token(self.daemon),
+            partial(generations_text, self.daemon), privileged=uid == 0, expensive=False)]
 
-    async def _show_generation(self, msg: Message) -> list[Any]:
-        doc = await asyncio.to_thread(self.daemon.show_generation, int(msg.body[0]))
-        return [json.dumps(doc)]
+    async def _show_generation(self, msg: Message, uid: int | None) -> list[Any]:
+        number = int(msg.body[0])
+        return [await self.reads.answer(
+            ("ShowGeneration", number), generations_token(self.daemon),
+            partial(generation_text, self.daemon, number), privileged=uid == 0,
+            expensive=False)]
 
-    async def _trim(self, msg: Message) -> list[Any]:
+    async def _trim(self, msg: Message, uid: int | None) -> list[Any]:
         await authorize(self.bus, msg.sender, ACTION_TRIM)
         request, _ = parse_options("Trim", msg.body[0])
-        await self._authorize_files(msg, request)
+        await self._authorize_files(msg, uid, request)
         job, _started = self.daemon.trim(request)
         return [job.id, job_path(job.id)]
 
-    async def _rollback(self, msg: Message) -> list[Any]:
+    async def _rollback(self, msg: Message, uid: int | None) -> list[Any]:
         await authorize(self.bus, msg.sender, ACTION_ROLLBACK)
         request, latest = parse_options("Rollback", msg.body[1])
         job, _started = self.daemon.rollback(None if latest else int(msg.body[0]), request)
         return [job.id, job_path(job.id)]
 
-    async def _restore(self, msg: Message) -> list[Any]:
+    async def _restore(self, msg: Message, uid: int | None) -> list[Any]:
         await authorize(self.bus, msg.sender, ACTION_RESTORE)
         names: list[str] = msg.body[0]
         if not names:
@@ -450,7 +429,7 @@ class Dispatcher:
         job, _started = self.daemon.restore(names, request)
         return [job.id, job_path(job.id)]
 
-    async def _kernel_event(self, msg: Message) -> list[Any]:
+    async def _kernel_event(self, msg: Message, uid: int | None) -> list[Any]:
         # Installing a kernel's trim (or forgetting a removed kernel's stash) is a trim.
         await authorize(self.bus, msg.sender, ACTION_TRIM)
         action: str = msg.body[0]
@@ -459,7 +438,7 @@ class Dispatcher:
         # In the loop's thread: it queues (one small file write) and starts no work here.
         return [self.daemon.kernel_event(action, kernel, request)]
 
-    async def _cancel(self, msg: Message) -> list[Any]:
+    async def _cancel(self, msg: Message, uid: int | None) -> list[Any]:
         iface = self.events.jobs.get(msg.path)
         kind = iface.job.type if iface is not None else "trim"
         action = {"rollback": ACTION_ROLLBACK, "restore": ACTION_RESTORE}.get(kind, ACTION_TRIM)
@@ -479,15 +458,17 @@ class Dispatcher:
 class DaemonConnection:
     """The daemon's bus connection, interfaces and event publisher."""
 
-    def __init__(self, bus: Any, events: DBusEvents) -> None:
+    def __init__(self, bus: Any, events: DBusEvents, dispatcher: Dispatcher) -> None:
         self.bus = bus
         self.events = events
+        self.dispatcher = dispatcher
 
     async def wait_for_disconnect(self) -> None:
         await self.bus.wait_for_disconnect()
 
     def disconnect(self) -> None:
         self.bus.disconnect()
+        self.dispatcher.reads.close()
 
 
 async def connect(daemon: Daemon, which: str) -> DaemonConnection:
@@ -501,6 +482,7 @@ async def connect(daemon: Daemon, which: str) -> DaemonConnection:
         bus: Any = await MessageBus(bus_type=bus_type).connect()
     except Exception as exc:  # dbus-next raises OSError, AuthError, ValueError…
         raise KmodtrimError(f"cannot connect to the {which} bus: {exc}") from exc
+    tolerate_full_socket(bus)
     manager = ManagerInterface(daemon)
     events = DBusEvents(bus, manager)
     daemon.events = events
@@ -519,4 +501,4 @@ async def connect(daemon: Daemon, which: str) -> DaemonConnection:
         bus.disconnect()
         raise KmodtrimError(f"{BUS_NAME} is already owned on the {which} bus "
                             "(is another kmodtrimd running?)")
-    return DaemonConnection(bus, events)
+    return DaemonConnection(bus, events, dispatcher)
