@@ -16,10 +16,9 @@ from kmodtrim.backends.package import (
     NoPackageBackend,
     PackageManagerBusy,
     VerifyProblem,
-    backend_by_name,
-    detect_backend,
     parse_verify,
 )
+from kmodtrim.backends.select import backend_by_name, detect_backend
 from kmodtrim.errors import InputError
 from pkgbuild import (
     KVER,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kmodtrim.backends.package import PackageManagerBusy, VerifyProblem, detect_backend
+from kmodtrim.backends.package import PackageManagerBusy, VerifyProblem
 from kmodtrim.backends.rpm import (
     MACRO_FILE,
     RpmBackend,
@@ -16,6 +16,7 @@ from kmodtrim.backends.rpm import (
     rpm_command,
     system_netsharedpath,
 )
+from kmodtrim.backends.select import detect_backend
 from kmodtrim.errors import CommandError, InputError
 from pkgbuild import (
     KVER,

@@ -507,3 +507,20 @@ def test_readers_tolerate_the_real_running_system() -> None:
     assert all(a.startswith("fs-") for a in aliases)
     drivers = root_device_drivers(root)
     assert all(isinstance(d, RootDriver) and d.mountpoint in ("/", "/usr") for d in drivers)
+
+
+def test_observe_counts_a_file_supplied_again_once(tmp_path: Path) -> None:
+    from kmodtrim.operations import Target, gather_evidence
+    from kmodtrim.store import record_observation, record_supplied
+
+    seen = tmp_path / "seen.txt"
+    seen.write_text("virtio_net\next4\n")
+    root = tmp_path / "root"
+    root.mkdir()
+    record_supplied(root, {"virtio_net": str(seen), "ext4": str(seen)})
+    record_observation(root, "boot-1", ["virtio_net", "loop"])
+    evidence = gather_evidence(Target(root=root, observed_files=(seen,)))
+    assert [(o.name, o.source, o.line) for o in evidence.observed] == [
+        ("virtio_net", str(seen), 1), ("ext4", str(seen), 2),
+        ("loop", "recorded on 1 boot(s)", None),
+    ]

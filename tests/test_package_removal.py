@@ -18,8 +18,9 @@ import pytest
 from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
 from kmodtrim.backends.package import PackageManagerBusy, VerifyProblem
 from kmodtrim.backends.rpm import RpmBackend, rpm_command
+from kmodtrim.engine.packages import gone
 from kmodtrim.errors import StashError
-from kmodtrim.executor import _gone, recover
+from kmodtrim.executor import recover
 from kmodtrim.store import current_generation, read_journal
 from modbuild import ModSpec, module_bytes
 from pkgbuild import (
@@ -368,7 +369,7 @@ def test_dpkg_killed_while_reinstalling_is_undone(scripted_root: Path, script: s
     kill_dpkg_in(root, script)
     proc = kmodtrim(root, "restore", "s_one", "--yes")
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
-    assert _gone(state(root, SCRIPTED))
+    assert gone(state(root, SCRIPTED))
     assert audit(root) == ""
     assert snapshot(root) == trimmed
     assert current_generation(root).number == 1 and read_journal(root) is None
@@ -391,7 +392,7 @@ def test_kmodtrim_and_dpkg_killed_while_reinstalling_recovers(scripted_root: Pat
     assert dpkg(root, "--install", str(archive)).returncode != 0  # dpkg dies part-way
     assert state(root, SCRIPTED) in ("half-installed", "half-configured")
     assert recover(root) is not None
-    assert _gone(state(root, SCRIPTED))
+    assert gone(state(root, SCRIPTED))
     assert audit(root) == ""
     assert snapshot(root) == trimmed
     assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
@@ -605,10 +606,11 @@ def _release(holder: subprocess.Popen[str]) -> None:
 def test_busy_package_manager_means_file_by_file_or_a_clean_failure(
         root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from kmodtrim import executor
+    from kmodtrim.engine import packages
     from kmodtrim.operations import Target, load_index, make_plan_for
 
-    monkeypatch.setattr(executor, "PM_CHECK_TIMEOUT", 0.3)
-    monkeypatch.setattr(executor, "PM_LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr(packages, "PM_CHECK_TIMEOUT", 0.3)
+    monkeypatch.setattr(packages, "PM_LOCK_TIMEOUT", 0.3)
     target = Target(root=root, kernel=KVER, observed_files=(root / "observed",))
     holder = hold_lock(root / "var/lib/dpkg/lock-frontend")
     try:

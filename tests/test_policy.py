@@ -507,3 +507,9 @@ def test_presets_name_real_modules_of_a_debian_kernel(generic_kernel: KernelTree
     default = default_policy()
     kept_by_default = [n for n, (r, a) in modules.items() if default.decide(n, r, a)]
     assert 100 <= len(kept_by_default) <= 300, len(kept_by_default)
+
+
+def test_a_stash_compression_kmodtrim_does_not_implement_is_refused(tmp_path: Path) -> None:
+    for value in ("xz", "none"):
+        main_file(tmp_path, f'stash_compression = "{value}"\n')
+        assert "stash_compression" in policy_error(tmp_path)

@@ -738,7 +738,8 @@ class Daemon:
 
     def _package_manager_busy(self) -> str | None:
         """Why the root's package manager is busy (its lock is held), or None."""
-        from .backends.package import PackageManagerBusy, detect_backend
+        from .backends.package import PackageManagerBusy
+        from .backends.select import detect_backend
 
         try:
             detect_backend(self.root).wait_for_lock(self.root, 0)

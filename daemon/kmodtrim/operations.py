@@ -27,6 +27,7 @@ from .index import (
 from .names import normalize
 from .observe import (
     ObservedName,
+    merge_observed,
     read_filesystems,
     read_modaliases,
     read_observed_file,
@@ -101,17 +102,18 @@ def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, I
 def gather_evidence(target: Target) -> Evidence:
     """What the root shows (loaded modules, devices, filesystems, root device chain) plus
     the ``--observed`` files. On an image root most of these are simply empty."""
-    observed: list[ObservedName] = []
+    given: list[ObservedName] = []
     for path in target.observed_files:
-        observed.extend(read_observed_file(path))
+        given.extend(read_observed_file(path))
     root = target.root
-    for name, source in sorted(read_supplied(root).items()):
-        observed.append(ObservedName(name, f"supplied earlier ({source})", None))
+    supplied = [ObservedName(name, f"supplied earlier ({source})", None)
+                for name, source in sorted(read_supplied(root).items())]
     recorded = read_observations(root)
-    if recorded:
-        source = f"recorded on {len(recorded)} boot(s)"
-        names = sorted({n for boot in recorded.values() for n in boot.get("modules", ())})
-        observed.extend(ObservedName(name, source, None) for name in names)
+    source = f"recorded on {len(recorded)} boot(s)"
+    names = sorted({n for boot in recorded.values() for n in boot.get("modules", ())})
+    # A file supplied again (or a module also recorded) names a module once, from the
+    # first source: the --observed file, then what was supplied, then what was recorded.
+    observed = merge_observed(given, supplied, (ObservedName(n, source, None) for n in names))
     return Evidence(
         restored=tuple(ObservedName(name, source, None)
                        for name, source in sorted(read_restored(root).items())),

@@ -175,32 +175,6 @@ def rpm_db_dir(root: Path) -> str | None:
     return None
 
 
-def detect_backend(root: Path) -> PackageBackend:
-    """dpkg if ROOT/var/lib/dpkg/status exists, else rpm if ROOT has an rpm database, else
-    a backend whose operations do nothing."""
-    if (root / "var/lib/dpkg/status").is_file():
-        return backend_by_name("dpkg")
-    if rpm_db_dir(root) is not None:
-        return backend_by_name("rpm")
-    return NoPackageBackend()
-
-
-def backend_by_name(name: str) -> PackageBackend:
-    """The backend called ``name`` ("dpkg", "rpm" or "none"); raises InputError otherwise."""
-    if name == "dpkg":
-        from .dpkg import DpkgBackend
-
-        return DpkgBackend()
-    if name == "rpm":
-        from .rpm import RpmBackend
-
-        return RpmBackend()
-    if name == "none":
-        return NoPackageBackend()
-    raise InputError(f"unknown package backend {name!r}",
-                     hint="use one of: auto, dpkg, rpm, none")
-
-
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 
