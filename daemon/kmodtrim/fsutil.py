@@ -137,16 +137,23 @@ def lstat(root: Path, path: str) -> os.stat_result:
         return os.lstat(name, dir_fd=fd)
 
 
-def read_bytes(root: Path, path: str) -> bytes:
+def read_bytes(root: Path, path: str, limit: int | None = None) -> bytes:
     """The bytes of the regular file at in-root ``path`` (a link or special file there is
-    refused, never followed). Raises OSError, UnsafePathError."""
+    refused, never followed), at most ``limit`` of them. Raises OSError (EFBIG past the
+    limit), UnsafePathError."""
     with open_parent(root, path) as (dfd, name):
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      dir_fd=dfd)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "not a regular file", path)
-            return f.read()
+            if limit is not None and st.st_size > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", path)
+            data = f.read() if limit is None else f.read(limit + 1)
+            if limit is not None and len(data) > limit:
+                raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", path)
+            return data
 
 
 def readlink(root: Path, path: str) -> str:

@@ -24,6 +24,7 @@ from .index import (
     default_kernel,
     module_dir,
 )
+from .inputs import read_optional_input
 from .names import normalize
 from .observe import (
     ObservedName,
@@ -269,7 +270,9 @@ def kernel_event(target: Target, action: str, kernel: str, options: Options) -> 
 def boot_id(root: Path) -> str:
     """This boot's id (ROOT/proc/sys/kernel/random/boot_id), or "offline" for an image."""
     try:
-        return (root / "proc/sys/kernel/random/boot_id").read_text().strip() or "offline"
+        data = read_optional_input(root / "proc/sys/kernel/random/boot_id", limit=4096,
+                                   what="boot id", skip_unreadable=True)
+        return (data or b"").decode("ascii", "replace").strip() or "offline"
     except OSError:
         return "offline"
 

@@ -61,6 +61,7 @@ from typing import Literal, Protocol, get_args
 
 from . import fsutil
 from .errors import CommandError, InputError, KernelNotFoundError
+from .inputs import read_optional_input
 from .names import module_name_from_path, normalize
 from .run import run
 
@@ -158,8 +159,10 @@ def _generator(root: Path) -> Literal["dracut", "update-initramfs"] | None:
 def _entry_token(root: Path) -> str | None:
     """kernel-install's entry token: etc/kernel/entry-token, else the machine id."""
     for rel in ("etc/kernel/entry-token", "etc/machine-id"):
-        with contextlib.suppress(OSError):
-            token = (root / rel).read_text().strip()
+        with contextlib.suppress(InputError):
+            data = read_optional_input(root / rel, limit=4096, what="entry token",
+                                       skip_unreadable=True)
+            token = (data or b"").decode("utf-8", "replace").strip()
             if token:
                 return token
     return None

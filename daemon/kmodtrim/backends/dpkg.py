@@ -27,6 +27,7 @@ from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from ..errors import CommandError, InputError
+from ..inputs import MAX_KERNEL_METADATA_BYTES, read_input
 from ..run import run
 from ..store import RemovedPackage
 from .package import (
@@ -87,11 +88,17 @@ def config_path_filters(root: Path) -> list[str]:
     return options
 
 
+def _text(file: Path) -> str:
+    """A dpkg database or configuration file's text (bounded; a FIFO is refused)."""
+    return read_input(file, limit=MAX_KERNEL_METADATA_BYTES, what="dpkg file").decode(
+        "utf-8", "surrogateescape")
+
+
 def _read_dpkg_cfg(file: Path) -> list[tuple[str, str]]:
     # Mirrors dpkg's parser: a name of [A-Za-z0-9-], one separator character (and an "="
     # after it), blanks, then the value with surrounding quotes stripped; '#' comments.
     out = []
-    for raw in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+    for raw in _text(file).splitlines():
         line = raw.rstrip()
         if not line or line.startswith("#"):
             continue
@@ -152,7 +159,7 @@ class DpkgBackend:
         info = root / ADMIN_DIR / "info"
         for listing in sorted(info.glob("*.list")) if info.is_dir() else []:
             package = listing.name[: -len(".list")]
-            for line in listing.read_text(encoding="utf-8", errors="surrogateescape").split("\n"):
+            for line in _text(listing).split("\n"):
                 table.record(line, package)
         return table.result
 
@@ -160,7 +167,7 @@ class DpkgBackend:
         """Every path (files and directories) dpkg lists for ``package``; raises InputError
         when the package is not installed."""
         listing = self._list_file(root, package)
-        text = listing.read_text(encoding="utf-8", errors="surrogateescape")
+        text = _text(listing)
         return [line for line in text.split("\n") if line]
 
     # -- exclusions --------------------------------------------------------------------
@@ -172,7 +179,7 @@ class DpkgBackend:
         if not file.is_file():
             return set()
         paths = set()
-        for line in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        for line in _text(file).splitlines():
             if line == _ALIASES.rstrip("\n"):
                 break
             if line.startswith("path-exclude="):

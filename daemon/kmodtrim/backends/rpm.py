@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CommandError, InputError
+from ..inputs import MAX_CONFIG_BYTES, read_input
 from ..run import run
 from ..store import RemovedPackage
 from .package import (
@@ -210,7 +211,8 @@ class RpmBackend:
         if not file.is_file():
             return set()
         paths: set[str] = set()
-        for line in file.read_text(encoding="utf-8", errors="surrogateescape").splitlines():
+        for line in read_input(file, limit=MAX_CONFIG_BYTES, what="rpm macro file").decode(
+                "utf-8", "surrogateescape").splitlines():
             name, _, value = line.partition(" ")
             if name == "%_kmodtrim_excluded" or name.startswith("%_kmodtrim_excluded_"):
                 paths |= {p.replace("%%", "%") for p in _split(value)
@@ -533,7 +535,7 @@ def _dnf_lock_holder(root: Path) -> int | None:
     # dnf writes its pid into this file while it holds the rpmdb and unlinks it after;
     # a file left by a dead process does not count (dnf itself ignores those).
     try:
-        pid = int((root / DNF_LOCK).read_text().strip())
-    except (OSError, ValueError):
+        pid = int(read_input(root / DNF_LOCK, limit=64, what="dnf pid file").strip())
+    except (InputError, ValueError):
         return None
     return pid if pid != os.getpid() and os.path.exists(f"/proc/{pid}") else None

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import fsutil
 from ..errors import DamagedCopyError, StashError, StoreError
+from ..inputs import MAX_MODULE_BYTES
 from ..records import StashedFile
 from ..store import check_trusted, replace_file, state_dir
 from .packfile import (
@@ -201,7 +202,7 @@ class Stash:
                     module=request.module, kernel=request.kernel, package=request.package,
                     link=target,
                 ), None
-            data = fsutil.read_bytes(self.root, request.path)
+            data = fsutil.read_bytes(self.root, request.path, MAX_MODULE_BYTES)
         except OSError as exc:
             raise StashError(f"cannot read {request.path}: {exc.strerror or exc}") from None
         return StashedFile(
@@ -303,7 +304,7 @@ class Stash:
                 return fsutil.readlink(self.root, entry.path) == entry.link
             if fsutil.lstat(self.root, entry.path).st_size != entry.size:
                 return False
-            data = fsutil.read_bytes(self.root, entry.path)
+            data = fsutil.read_bytes(self.root, entry.path, MAX_MODULE_BYTES)
             return hashlib.sha256(data).hexdigest() == entry.sha256
         except (OSError, StoreError):
             return False
