@@ -437,3 +437,15 @@ def test_an_image_boot_link_never_sends_the_initramfs_to_the_hosts_boot(tmp_path
     (root / "boot").symlink_to("/bootfs")  # absolute: inside the root, read as chroot would
     image = initramfs_path(root, "6.1.0-test", "update-initramfs")
     assert image == (root / "bootfs/initrd.img-6.1.0-test").resolve()
+
+
+def test_an_index_cache_others_could_write_is_neither_read_nor_written(root: Path) -> None:
+    cache = root / "var/cache/kmodtrim"
+    assert _cli(root, "index").returncode == 0
+    (cache_file,) = cache.glob("index-*")
+    cache.chmod(0o777)  # anyone could have planted what is in there
+    before = cache_file.stat().st_mtime_ns
+    proc = _cli(root, "index", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["cached"] == 0  # every module read from its file
+    assert cache_file.stat().st_mtime_ns == before  # and nothing written there

@@ -25,7 +25,7 @@ from typing import Any
 
 from . import __version__
 from .elf import ModuleInfo, decompress, parse_module, parse_softdep, read_module
-from .errors import InputError, KernelNotFoundError, ModuleParseError
+from .errors import InputError, KernelNotFoundError, ModuleParseError, StoreError
 from .inputs import (
     MAX_KERNEL_METADATA_BYTES,
     open_input,
@@ -40,7 +40,7 @@ from .names import (
     module_name_from_path,
     normalize,
 )
-from .store import replace_file
+from .store import check_trusted, replace_file
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 _CACHE_FORMAT = 4
@@ -613,7 +613,10 @@ _set_row = _CachedInfo.__dict__["_row"].__set__
 
 def _load_cache(path: Path, moddir: Path,
                 stashed: Mapping[str, StashedModule]) -> _LoadedCache | None:
-    """The cache at ``path`` for ``moddir``; None if missing, damaged or of another kind."""
+    """The cache at ``path`` for ``moddir``; None if missing, damaged, of another kind, or
+    where someone other than root could have planted it."""
+    if not _cache_trusted(path):
+        return None
     try:
         fd = open_input(path, limit=MAX_KERNEL_METADATA_BYTES, what="index cache")
     except InputError:  # not there, or not a regular file: rebuilt (and replaced)
@@ -703,9 +706,21 @@ def _save_cache(path: Path, moddir: Path, files: list[tuple[str, Any, ModuleInfo
         exports, derived, offset,
     ))
     header = _HEADER.pack(_MAGIC, _CACHE_FORMAT, len(head), zlib.crc32(head))
+    if not _cache_trusted(path):
+        return  # a directory others can write is no place for what root reads back
     with contextlib.suppress(OSError):  # a read-only root or full disk only costs speed
         # A lost cache is rebuilt, not wrong: no fsync.
         replace_file(path, b"".join([header, head, *blobs]), durable=False)
+
+
+def _cache_trusted(path: Path) -> bool:
+    """True unless the cache or its directory is a link, someone else's, or writable by
+    others (a planted cache would steer the plan)."""
+    try:
+        check_trusted(path.parent.parent, path)
+    except StoreError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
