@@ -21,7 +21,7 @@ from pathlib import Path
 from common import OBSERVED, timed  # first: it puts tests/ on the path
 
 from kernels import copy_kernel_tree, prepare_kernel
-from kmodtrim.backends.stash import Stash
+from kmodtrim.state.stash import Stash
 from kmodtrim.store import current_generation
 
 RESTORED = "virtio_gpu"  # not in the recorded VM: trimmed, then asked back

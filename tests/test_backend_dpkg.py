@@ -318,7 +318,7 @@ def test_verify_output_of_both_tools_parses() -> None:
 
 def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
                                                   debs: dict[str, Path]) -> None:
-    from kmodtrim.backends.stash import Stash
+    from kmodtrim.state.stash import Stash
     from kmodtrim.store import RemovedPackage
 
     backend = DpkgBackend()

@@ -254,7 +254,7 @@ def test_detected_as_rpm_and_host_rpmdb_untouched(root: Path) -> None:
 
 def test_describe_refuse_remove_rebuild_reinstall(root: Path, tmp_path: Path,
                                                   rpms: dict[str, Path]) -> None:
-    from kmodtrim.backends.stash import Stash
+    from kmodtrim.state.stash import Stash
     from kmodtrim.store import RemovedPackage
 
     backend = RpmBackend()

@@ -156,7 +156,7 @@ def test_a_damaged_blob_costs_only_its_own_file(root: Path, observed: Path) -> N
     entries = [f for f in current_generation(root).removed if f.link is None]
     victim = max(entries, key=lambda f: f.size)
     # Garbage in the middle of one blob's frame (found by its record in the index).
-    from kmodtrim.backends.packfile import read_index
+    from kmodtrim.state.packfile import read_index
     pack = _pack(root)
     offset, length = next((o, n) for sha, o, n in read_index(pack) if sha == victim.sha256)
     with open(pack, "r+b") as f:

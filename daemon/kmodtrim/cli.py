@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
 from . import __version__, salvage
-from .backends.stash import Stash
 from .errors import InputError, KmodtrimError
 from .executor import (
     Options,
@@ -43,6 +42,7 @@ from .operations import (
 )
 from .policy import LoadedPolicy
 from .salvage import StateView
+from .state.stash import Stash
 from .store import (
     forget_restored,
     load_generation,

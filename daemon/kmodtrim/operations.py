@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from . import salvage
-from .backends.stash import Stash
 from .closure import Reason
 from .errors import InputError, ModuleParseError, StashError, UnknownModuleError
 from .executor import Options, Outcome, apply_plan, forget_kernel
@@ -38,6 +37,7 @@ from .observe import (
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
 from .records import StashedFile
+from .state.stash import Stash
 from .store import (
     current_generation,
     generation_numbers,

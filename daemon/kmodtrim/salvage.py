@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from . import fsutil
-from .backends.stash import PackRecord, Stash
 from .errors import StoreError, UntrustedStateError
 from .records import MODULE_TREES, Generation, RemovedPackage, StashedFile
+from .state.stash import PackRecord, Stash
 from .store import (
     GENERATION_ZERO,
     generation_numbers,

@@ -8,7 +8,7 @@ Layout::
       journal.json          write-ahead journal of the running operation (absent when idle)
       generations/N.json    one manifest per generation (0 is implicit: nothing trimmed)
       observations.json     modules seen loaded, per boot
-      stash/packs/, objects/ content-addressed copies of removed files (backends/stash.py)
+      stash/packs/, objects/ content-addressed copies of removed files (state/stash.py)
       rebuild/              packages being rebuilt from the stash (only during an operation)
 """
 

@@ -17,10 +17,10 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from ..backends.stash import PutRequest
 from ..errors import StoreError
 from ..names import is_valid_kernel_version
 from ..records import RemovedPackage, StashedFile, managed_path
+from ..state.stash import PutRequest
 from ..store import write_journal
 
 VERSION = 2

@@ -11,7 +11,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import fsutil
-from ..backends.stash import PutRequest
 from ..closure import Reason, closure_of
 from ..errors import PolicyViolation, UnknownModuleError
 from ..index import ModuleIndex
@@ -20,6 +19,7 @@ from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
 from ..planner import Evidence, Plan
 from ..policy import LoadedPolicy
+from ..state.stash import PutRequest
 from ..store import (
     current_generation,
     generation_numbers,

@@ -24,9 +24,9 @@ from ..backends.package import (
     other_spelling,
 )
 from ..backends.select import backend_by_name
-from ..backends.stash import PutRequest, Stash
 from ..errors import InputError, StashError
 from ..records import Generation, RemovedPackage, StashedFile
+from ..state.stash import PutRequest, Stash
 from ..store import state_dir
 from .exclusions import has_package_manager
 from .journal import Journal

@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 from .. import fsutil, regen, salvage
-from ..backends.stash import Stash
 from ..errors import StoreError, UntrustedStateError
 from ..names import is_valid_kernel_version
 from ..paths import MODULE_DIR_BASES
 from ..records import StashedFile
 from ..salvage import set_journal_aside
+from ..state.stash import Stash
 from ..store import (
     generation_numbers,
     journal_path,

@@ -28,10 +28,10 @@ from typing import Any
 
 from .. import fsutil
 from ..backends.package import PackageBackend
-from ..backends.stash import PutRequest, Stash
 from ..errors import DamagedCopyError, StashError
 from ..paths import kernel_installed
 from ..records import Generation, RemovedPackage, StashedFile
+from ..state.stash import PutRequest, Stash
 from ..store import clear_journal, generation_numbers, write_generation
 from . import packages as pkg
 from .exclusions import (
