@@ -1,0 +1,1 @@
+"""The unit tier: decisions tested in memory (``pytest -m unit``), milliseconds each."""
