@@ -40,9 +40,11 @@ from .names import (
     module_name_from_path,
     normalize,
 )
+from .paths import MODULE_DIR_BASES as MODULE_DIR_BASES  # re-exported: defined in paths
+from .paths import default_kernel as default_kernel
+from .paths import installed_kernels as installed_kernels
 from .store import check_trusted, replace_file
 
-MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 _CACHE_FORMAT = 4
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Directories in a module tree that are never module trees themselves.
@@ -214,21 +216,6 @@ def alias_normalize(alias: str) -> str:
 # Locating a kernel
 
 
-def installed_kernels(root: Path) -> list[str]:
-    """Kernel versions with a module tree under ``root``, oldest first (version order)."""
-    found: set[str] = set()
-    for base in MODULE_DIR_BASES:
-        with contextlib.suppress(OSError):
-            for entry in os.scandir(root / base):
-                if entry.is_dir() and not entry.name.startswith("."):
-                    found.add(entry.name)
-    return sorted(found, key=_version_key)
-
-
-def _version_key(kver: str) -> list[tuple[int, str]]:
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~_]", kver)]
-
-
 def module_dir(root: Path, kernel: str) -> Path:
     """ROOT/lib/modules/KVER (or ROOT/usr/lib/modules/KVER). Raises KernelNotFoundError."""
     if not is_valid_kernel_version(kernel):
@@ -243,21 +230,6 @@ def module_dir(root: Path, kernel: str) -> Path:
         f"{', '.join('/' + b for b in MODULE_DIR_BASES)}); installed: {available}",
         hint="pass --kernel with one of the installed versions",
     )
-
-
-def default_kernel(root: Path) -> str:
-    """The running kernel for the live root if installed, else the newest installed one.
-
-    Raises KernelNotFoundError when no kernel is installed under ``root``.
-    """
-    kernels = installed_kernels(root)
-    if root.resolve() == Path("/"):
-        running = os.uname().release
-        if running in kernels:
-            return running
-    if not kernels:
-        raise KernelNotFoundError(f"no kernel module trees under {root}/lib/modules")
-    return kernels[-1]
 
 
 # ---------------------------------------------------------------------------------------

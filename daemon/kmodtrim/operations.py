@@ -42,6 +42,7 @@ from .store import (
     current_generation,
     generation_numbers,
     load_generation,
+    module_history,
     read_observations,
     read_restored,
     read_supplied,
@@ -161,6 +162,8 @@ class Explanation:
     chains: list[list[tuple[str, Reason]]] = field(default_factory=list)
     policy_rule: str | None = None  # the last policy rule matching it, if any
     aliases: tuple[str, ...] = ()
+    now: str = ""  # what is true of it now: in the tree, trimmed in N, restored in M
+
 
     def lines(self) -> list[str]:
         """Human-readable explanation."""
@@ -179,6 +182,8 @@ class Explanation:
             out.append("  and no policy rule keeps it.")
         if self.policy_rule:
             out.append(f"  last matching policy rule: {self.policy_rule}")
+        if self.now:
+            out.append(f"  now: {self.now}")
         return out
 
 
@@ -196,6 +201,7 @@ def explanation_json(e: Explanation) -> dict[str, Any]:
             for chain in e.chains
         ],
         "policy_rule": e.policy_rule,
+        "now": e.now,
         "lines": e.lines(),
     }
 
@@ -232,15 +238,30 @@ def explain(result: PlanResult, name: str) -> Explanation:
         )
     rule = result.policy.decide(entry.name, entry.relpath, entry.info.aliases)
     kept = module in plan.closure.kept
+    path = f"{inroot_moddir(index)}/{entry.relpath}"
     return Explanation(
+        now=_now_state(index.root, path, kept=kept, out=entry.stashed),
         name=module,
         status="kept" if kept else "removed",
-        path=f"{inroot_moddir(index)}/{entry.relpath}",
+        path=path,
         size=entry.size,
         chains=plan.closure.why(module) if kept else [],
         policy_rule=rule.describe() if rule is not None else None,
         aliases=entry.info.aliases,
     )
+
+
+def _now_state(root: Path, path: str, *, kept: bool, out: bool) -> str:
+    """What is true of a module file now, from the generations that moved it."""
+    moved = module_history(root, path)
+    trimmed, restored = moved["trimmed_in"], moved["restored_in"]
+    if out:
+        when = f"trimmed in generation {trimmed}" if trimmed is not None else "trimmed"
+        return f"{when}; the next apply puts it back" if kept else when
+    state = "in the tree"
+    if restored is not None:
+        state += f" (restored in generation {restored})"
+    return state if kept else f"{state}; the next apply removes it"
 
 
 def kernel_event(target: Target, action: str, kernel: str, options: Options) -> Outcome:

@@ -1,11 +1,16 @@
-"""Facts about paths under a root, defined once: where a root's module trees are, whether
-a kernel is installed there, whether a root is the running system, an in-root path's
-place on this machine."""
+"""Facts about paths under a root, defined once: where a root's module trees are, which
+kernels are installed there and which one is meant by default, whether a root is the
+running system, an in-root path's place on this machine. Cheap: the standard library only,
+so the CLI's quick verbs can use them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
+
+from .errors import KernelNotFoundError
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 
@@ -27,3 +32,33 @@ def is_live_root(root: Path) -> bool:
 def kernel_installed(root: Path, kernel: str) -> bool:
     """True when ``kernel`` has a module tree under ``root``."""
     return any((root / base / kernel).is_dir() for base in MODULE_DIR_BASES)
+
+
+def installed_kernels(root: Path) -> list[str]:
+    """Kernel versions with a module tree under ``root``, oldest first (version order)."""
+    found: set[str] = set()
+    for base in MODULE_DIR_BASES:
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(root / base):
+                if entry.is_dir() and not entry.name.startswith("."):
+                    found.add(entry.name)
+    return sorted(found, key=_version_key)
+
+
+def _version_key(kver: str) -> list[tuple[int, str]]:
+    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"[.\-+~_]", kver)]
+
+
+def default_kernel(root: Path) -> str:
+    """The running kernel for the live root if installed, else the newest installed one.
+
+    Raises KernelNotFoundError when no kernel is installed under ``root``.
+    """
+    kernels = installed_kernels(root)
+    if is_live_root(root):
+        running = os.uname().release
+        if running in kernels:
+            return running
+    if not kernels:
+        raise KernelNotFoundError(f"no kernel module trees under {root}/lib/modules")
+    return kernels[-1]

@@ -1,13 +1,14 @@
 """(index, evidence, policy) → Plan: what to keep and why, what to remove and what it saves.
 
-Pure: reads nothing but what it is given, except the firmware directory listing, which it
-takes from ``firmware_files`` (a mapping the caller builds with ``scan_firmware``).
+Pure: reads nothing but what it is given; the firmware tree (sizes and link targets) comes
+in ``firmware_files``, which the caller builds with ``scan_firmware``.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -221,7 +222,7 @@ def make_plan(
     index: ModuleIndex,
     evidence: Evidence,
     policy: LoadedPolicy,
-    firmware_files: Mapping[str, int] | None = None,
+    firmware_files: FirmwareFiles | None = None,
 ) -> Plan:
     """Decide every module of ``index``. ``firmware_files`` maps in-root firmware paths to
     sizes (see scan_firmware); None means firmware is not considered."""
@@ -270,10 +271,14 @@ def make_plan(
 # Firmware
 
 
-def scan_firmware(root: Path) -> dict[str, int]:
+FirmwareFiles = Mapping[str, "int | str"]
+
+
+def scan_firmware(root: Path) -> dict[str, int | str]:
     """Every firmware file and symlink under ROOT/lib/firmware and ROOT/usr/lib/firmware,
-    as in-root path → size (a symlink maps to -1 and is resolved by the planner)."""
-    files: dict[str, int] = {}
+    as in-root path → size, or, for a symlink, the in-root path it points to (read here,
+    so the planner decides on data alone)."""
+    files: dict[str, int | str] = {}
     for base in FIRMWARE_BASES:
         top = root / base
         if not top.is_dir() or (top.is_symlink() and base == "lib/firmware"):
@@ -286,12 +291,23 @@ def scan_firmware(root: Path) -> dict[str, int]:
                     st = os.lstat(full)
                 except OSError:
                     continue
-                files[f"{rel_dir}/{name}"] = -1 if os.path.islink(full) else st.st_size
+                path = f"{rel_dir}/{name}"
+                if not stat.S_ISLNK(st.st_mode):
+                    files[path] = st.st_size
+                    continue
+                try:
+                    target = os.readlink(full)
+                except OSError:
+                    continue
+                files[path] = os.path.normpath(
+                    target if target.startswith("/")
+                    else os.path.join(os.path.dirname(path), target))
     return files
 
 
 def _firmware_matches(
-    wanted: str, kernel: str, firmware_files: Mapping[str, int], by_suffix: Mapping[str, list[str]]
+    wanted: str, kernel: str, firmware_files: FirmwareFiles,
+    by_suffix: Mapping[str, list[str]]
 ) -> list[str]:
     """In-root firmware paths a request for ``wanted`` could load (search path, compressed
     variants, globs in modinfo)."""
@@ -314,22 +330,11 @@ def _firmware_matches(
     return found
 
 
-def _link_target(root: Path, path: str) -> str | None:
-    """The in-root path a firmware symlink points to (relative or absolute links)."""
-    try:
-        target = os.readlink(root / path.lstrip("/"))
-    except OSError:
-        return None
-    resolved = os.path.normpath(os.path.join(os.path.dirname(path), target)) if not \
-        target.startswith("/") else os.path.normpath(target)
-    return resolved
-
-
 def firmware_to_remove(
     index: ModuleIndex,
     kept: Iterable[str],
     removed: Iterable[str],
-    firmware_files: Mapping[str, int],
+    firmware_files: FirmwareFiles,
 ) -> list[FirmwareFile]:
     """Firmware named only by removed modules. Everything a kept module may request —
     including symlink targets — stays."""
@@ -350,10 +355,9 @@ def firmware_to_remove(
             if path in result:
                 continue
             result.add(path)
-            if firmware_files.get(path) == -1:
-                target = _link_target(index.root, path)
-                if target is not None:
-                    stack.append(target)
+            target = firmware_files.get(path)
+            if isinstance(target, str):
+                stack.append(target)
         return result
 
     def requested_by(names: Iterable[str]) -> dict[str, set[str]]:
@@ -376,7 +380,7 @@ def firmware_to_remove(
     while changed:
         changed = False
         for path, size in firmware_files.items():
-            if size != -1 or (path in candidates and path not in protected):
+            if not isinstance(size, str) or (path in candidates and path not in protected):
                 continue
             for target in closure_of_paths([path]) - {path}:
                 if target in candidates and target not in protected:
@@ -387,5 +391,6 @@ def firmware_to_remove(
         if path in protected or path not in firmware_files:
             continue
         size = firmware_files[path]
-        result.append(FirmwareFile(path, max(size, 0), tuple(sorted(candidates[path]))))
+        result.append(FirmwareFile(path, size if isinstance(size, int) else 0,
+                                   tuple(sorted(candidates[path]))))
     return result

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -124,6 +123,8 @@ def replace_file(
     the old file or the new one, never a part. ``durable`` fsyncs the file and directory
     (callers writing thousands of files sync once instead). Missing directories are made
     with DIR_MODE. Raises OSError, leaving no temporary file behind."""
+    import tempfile
+
     make_dirs(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".kmodtrim")
     try:
@@ -242,12 +243,24 @@ def operation_lock(root: Path, description: str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         with contextlib.suppress(OSError):  # only informs BusyError; a full disk may refuse
             os.pwrite(fd, f"{description} (pid {os.getpid()}, since {_now()})\n".encode(), 0)
+        _sweep_temporaries(directory)
         try:
             yield
         finally:
             os.ftruncate(fd, 0)
     finally:
         os.close(fd)
+
+
+def _sweep_temporaries(directory: Path) -> None:
+    """Remove what a killed writer of the journal or a manifest left (only the lock
+    holder writes those, so nothing in flight is touched)."""
+    for folder, prefix in ((directory, ".journal.json."), (directory / "generations", ".")):
+        with contextlib.suppress(OSError):
+            for name in os.listdir(folder):
+                if name.startswith(prefix) and name.endswith(".kmodtrim"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(folder / name)
 
 
 def _now() -> str:
@@ -300,6 +313,22 @@ def current_generation(root: Path) -> Generation:
 
 def write_generation(root: Path, generation: Generation) -> None:
     atomic_write_json(generations_dir(root) / f"{generation.number}.json", generation.to_json())
+
+
+def module_history(root: Path, path: str) -> dict[str, int | None]:
+    """The generation that last took ``path`` out and the one that last put it back."""
+    taken: int | None = None
+    back: int | None = None
+    for number in generation_numbers(root)[1:]:
+        try:
+            g = load_generation(root, number)
+        except StoreError:
+            continue
+        if path in g.stashed:
+            taken = number
+        if path in g.restored:
+            back = number
+    return {"trimmed_in": taken, "restored_in": back}
 
 
 # ---------------------------------------------------------------------------------------

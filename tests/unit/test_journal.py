@@ -227,8 +227,6 @@ def test_reading_does_not_change_the_document() -> None:
     assert doc == before
 
 
-@pytest.mark.xfail(strict=True, reason="finding: Journal.from_json takes any kind string for "
-                   "a stash item, where StashedFile.from_json refuses an unknown kind")
 def test_stash_item_of_an_unknown_kind_is_refused() -> None:
     doc = full_journal()
     doc["stash"][0] |= {"kind": "bogus", "path": "/etc/shadow"}

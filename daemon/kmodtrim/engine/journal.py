@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..names import is_valid_kernel_version
-from ..records import RemovedPackage, StashedFile, managed_path
+from ..records import KINDS, RemovedPackage, StashedFile, managed_path
 from ..state.stash import PutRequest
 from ..store import write_journal
 
@@ -125,6 +125,8 @@ class Journal:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):
                 raise StoreError("journal: a stash item is not an object with a path")
             kind = str(item.get("kind", "module"))
+            if kind not in KINDS:
+                raise StoreError(f"journal: a stash item has an unknown kind {kind[:40]!r}")
             stash.append(PutRequest(managed_path(item["path"], kind), kind,
                                     _opt_str(item.get("module")), _opt_str(item.get("kernel")),
                                     _opt_str(item.get("package"))))

@@ -32,8 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
-import zstandard
-
 from ..errors import StashError
 from ..store import fsync_dir, make_dirs
 
@@ -68,6 +66,8 @@ def read_manifest(pack: Path, index: list[tuple[str, int, int]]) -> dict[str, An
             with open(pack, "rb") as f:
                 f.seek(offset)
                 frame = f.read(length)
+            import zstandard  # only when a pack is read: status and plan need not load it
+
             reader = zstandard.ZstdDecompressor().decompressobj()
             data = reader.decompress(frame)
             if len(data) > MANIFEST_LIMIT:
@@ -170,6 +170,8 @@ class PackWriter:
         None if nothing was added (and there is no manifest)."""
         if manifest is not None:
             self._open()
+            import zstandard
+
             frame = zstandard.ZstdCompressor(level=3).compress(
                 json.dumps(manifest, separators=(",", ":")).encode())
             self._write(_RECORD.pack(MANIFEST_KEY, len(frame)))

@@ -23,7 +23,6 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,6 +152,8 @@ class Stash:
         the pack is written by the caller's thread, in order, and is durable on return.
         Raises StashError (e.g. disk full) leaving no partial pack behind.
         """
+        from concurrent.futures import ThreadPoolExecutor  # only a change stashes
+
         import zstandard
 
         known = self._pack_index()

@@ -1,0 +1,158 @@
+"""The verbs that change the tree: apply, rollback, restore, kernel-event. Each finishes or
+undoes an interrupted operation first (a dry run only says it would), shows one summary
+line and asks before it changes anything (naming its target), and prints the outcome
+document through the one renderer, whether it ran here or in kmodtrimd."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .. import usecases
+from . import remote, render
+from .read import target, warn_state
+from .term import Console
+
+
+def _recover(args: argparse.Namespace, console: Console) -> None:
+    if getattr(args, "dry_run", False):
+        state = warn_state(args, console)
+        if state.interrupted or state.salvaged:
+            console.warn("--dry-run: that recovery is not done now; what follows is from "
+                         "the state as it will be after it")
+        return
+    done = usecases.recover(args.root)
+    if done:
+        console.note(done)
+
+
+def _options(args: argparse.Namespace, console: Console, default_backend: str) -> Any:
+    from ..executor import Options
+
+    return Options(dry_run=args.dry_run, force=getattr(args, "force", False),
+                   initramfs=args.initramfs, backend=args.backend or default_backend,
+                   progress=console.progress)
+
+
+def _finish(doc: dict[str, Any], args: argparse.Namespace, console: Console) -> int:
+    if args.json:
+        render.dump(doc, console.out)
+    else:
+        for warning in render.outcome(doc, console.out, quiet=console.quiet):
+            console.warn(warning)
+    return 1 if doc.get("damaged") else 0
+
+
+def _declined(console: Console) -> int:
+    print("nothing changed", file=console.out)
+    return 1
+
+
+def apply(args: argparse.Namespace, console: Console) -> int:
+    if remote.via_daemon(args):
+        bus = remote.client()
+        doc = bus.plan(remote.options(args, "Plan"))
+        if not args.json:
+            for warning in render.plan(doc, console.out, False):
+                console.warn(warning)
+            print(file=console.out)
+        if not console.confirm(render.plan_summary(doc) + "?", yes=args.yes,
+                               dry_run=args.dry_run):
+            return _declined(console)
+        outcome = bus.trim(remote.options(args, "Trim"), console.fraction)
+        return _finish(remote.complete_outcome(outcome, args.root), args, console)
+    from ..executor import apply_plan
+    from ..operations import make_plan_for
+
+    _recover(args, console)
+    result = make_plan_for(target(args))
+    doc = {"schema": usecases.SCHEMA, **result.plan.to_json()}
+    if not args.json:
+        for warning in render.plan(doc, console.out, False):
+            console.warn(warning)
+        print(file=console.out)
+    if not console.confirm(render.plan_summary(doc) + "?", yes=args.yes, dry_run=args.dry_run):
+        return _declined(console)
+    outcome = apply_plan(args.root, result.plan, result.index, result.evidence, result.policy,
+                         _options(args, console, result.policy.settings.backend))
+    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+
+
+def _rollback_question(args: argparse.Namespace) -> str:
+    """'roll back to generation 1 (apply, 2026-12-01T11:06)?' — naming the target."""
+    from ..store import current_generation, load_generation
+
+    to = args.generation
+    if to is None:
+        current = current_generation(args.root)
+        to = max(current.number - 1, 0)
+    target_generation = load_generation(args.root, to)  # fail early on a bad number
+    when = f"{target_generation.action}, {target_generation.created}" if to else "as installed"
+    return (f"roll back to generation {to} ({when}): {len(target_generation.removed)} files "
+            "out of the tree afterwards?")
+
+
+def rollback(args: argparse.Namespace, console: Console) -> int:
+    if remote.via_daemon(args):  # the daemon recovers, as for every verb it runs
+        if not console.confirm(_rollback_question(args), yes=args.yes, dry_run=args.dry_run):
+            return _declined(console)
+        doc = remote.client().rollback(args.generation, remote.options(args, "Rollback"),
+                                       console.fraction)
+        return _finish(remote.complete_outcome(doc, args.root), args, console)
+    from ..executor import rollback as engine_rollback
+
+    _recover(args, console)
+    if not console.confirm(_rollback_question(args), yes=args.yes, dry_run=args.dry_run):
+        return _declined(console)
+
+    outcome = engine_rollback(args.root, args.generation, _options(args, console, "auto"))
+    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+
+
+def restore(args: argparse.Namespace, console: Console) -> int:
+    from ..names import normalize
+
+    names = ", ".join(normalize(n) for n in args.names)
+    question = f"restore {names} (with the modules they need) into the tree?"
+    if remote.via_daemon(args):
+        if not console.confirm(question, yes=args.yes, dry_run=args.dry_run):
+            return _declined(console)
+        doc = remote.client().restore(args.names, remote.options(args, "Restore"),
+                                      console.fraction)
+        return _finish(remote.complete_outcome(doc, args.root), args, console)
+    from ..executor import restore_modules
+    from ..operations import load_index
+
+    _recover(args, console)
+    if not console.confirm(question, yes=args.yes, dry_run=args.dry_run):
+        return _declined(console)
+    index, _ = load_index(target(args))
+    outcome = restore_modules(args.root, args.names, index, _options(args, console, "auto"))
+    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+
+
+def kernel_event(args: argparse.Namespace, console: Console) -> int:
+    """A kernel was installed or removed. With kmodtrimd serving this root the event is
+    handed to it and this returns at once (the daemon handles it after the package
+    manager's transaction, which is running the hook that called us); without a daemon
+    (image builds) it runs here."""
+    if remote.via_daemon(args):
+        pending = remote.client().kernel_event(args.action, args.kver,
+                                               remote.options(args, "KernelEvent"))
+        if args.json:
+            render.dump({"schema": usecases.SCHEMA, "queued": True, "action": args.action,
+                         "kernel": args.kver, "pending": pending}, console.out)
+        else:
+            what = "trims" if args.action == "add" else "forgets the stash of"
+            print(f"kmodtrimd {what} kernel {args.kver} once the package manager has "
+                  f"finished ({pending} kernel event(s) queued)", file=console.out)
+        return 0
+    from ..operations import kernel_event as run_kernel_event
+    from ..operations import load_target_policy
+
+    _recover(args, console)
+    tgt = target(args)
+    policy = load_target_policy(tgt)
+    outcome = run_kernel_event(tgt, args.action, args.kver,
+                               _options(args, console, policy.settings.backend))
+    return _finish(usecases.outcome_document(outcome, args.root), args, console)

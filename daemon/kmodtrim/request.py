@@ -1,0 +1,92 @@
+"""Every option and choice of a request, declared once.
+
+The CLI's parser (cli/parser.py), the D-Bus option parsing and the D-Bus client derive
+their flags, choices, types and help from ``OPTIONS``; the choices are StrEnums. Nothing
+here imports more than the standard library: the CLI parses arguments before it loads
+anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Initramfs(StrEnum):
+    """Which initramfs generator runs after a change."""
+
+    AUTO = "auto"
+    SKIP = "skip"
+    DRACUT = "dracut"
+    UPDATE_INITRAMFS = "update-initramfs"
+    KERNEL_INSTALL = "kernel-install"
+
+
+class Backend(StrEnum):
+    """Which package manager is kept truthful (``stash``: none)."""
+
+    AUTO = "auto"
+    STASH = "stash"
+    DPKG = "dpkg"
+    RPM = "rpm"
+
+
+class KernelAction(StrEnum):
+    ADD = "add"
+    REMOVE = "remove"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its key (the D-Bus ``a{sv}`` key and the argparse dest), D-Bus
+    signature, CLI flag, help, choices and the verbs / D-Bus members that take it."""
+
+    key: str
+    signature: str  # "s", "as" or "b"
+    flag: str  # "" for a D-Bus-only option
+    help: str
+    verbs: frozenset[str]  # CLI verbs
+    members: frozenset[str] = frozenset()  # D-Bus Manager methods
+    choices: tuple[str, ...] = ()
+    metavar: str | None = None
+    short: str | None = None
+
+
+_CHANGE = frozenset({"apply", "rollback", "restore", "kernel-event"})
+_PLANNING = frozenset({"plan", "explain", "apply", "kernel-event", "index", "observe",
+                       "status", "restore"})
+
+OPTIONS: tuple[Option, ...] = (
+    Option("kernel", "s", "--kernel",
+           "kernel version (default: the running kernel, else the newest installed)",
+           _PLANNING, frozenset({"Plan", "Explain", "Trim", "Restore"}), metavar="KVER"),
+    Option("observed", "as", "--observed",
+           "modules seen loaded: names one per line, '#' comments, /proc/modules or lsmod "
+           "lines (repeatable)", frozenset({"plan", "explain", "apply", "observe"}),
+           frozenset({"Plan", "Explain", "Trim"}), metavar="FILE"),
+    Option("policy", "s", "--policy",
+           "policy file to use instead of ROOT/etc/kmodtrim/policy.toml",
+           frozenset({"plan", "explain", "apply", "kernel-event", "status"}),
+           frozenset({"Plan", "Explain", "Trim"}), metavar="FILE"),
+    Option("force", "b", "--force", "trim even before the minimum observation is met",
+           frozenset({"apply"}), frozenset({"Trim"})),
+    Option("dry_run", "b", "--dry-run", "show what would happen, change nothing",
+           _CHANGE - {"kernel-event"}, frozenset({"Trim", "Rollback", "Restore"})),
+    Option("initramfs", "s", "--initramfs",
+           "initramfs generator (default: the policy's, else detected)", _CHANGE,
+           frozenset({"Trim", "Rollback", "Restore", "KernelEvent"}),
+           choices=tuple(Initramfs)),
+    Option("backend", "s", "--backend",
+           "package-manager backend (default: the policy's)", _CHANGE,
+           frozenset({"Trim", "Rollback", "Restore", "KernelEvent"}),
+           choices=tuple(Backend)),
+    Option("latest", "b", "", "roll back the latest generation (no GEN given)",
+           frozenset(), frozenset({"Rollback"})),
+)
+
+OPTION_BY_KEY = {option.key: option for option in OPTIONS}
+
+
+def options_of(member: str) -> tuple[Option, ...]:
+    """The options the D-Bus method ``member`` takes."""
+    return tuple(o for o in OPTIONS if member in o.members)

@@ -1,0 +1,243 @@
+"""What both faces call: the documents of the read verbs (status, history, show, explain)
+and the change operations (trim, rollback, restore, kernel event) with recovery, planning,
+applying and the outcome document in one place. The CLI renders these documents
+(cli/render.py) whether it computed them itself or kmodtrimd did.
+
+Every document carries ``"schema": SCHEMA`` and uses one key per concept in every verb:
+``generation`` for a generation's number, ``removed_files`` / ``removed_bytes`` for what
+is out of the tree, ``taken_out`` / ``put_back`` for the paths an operation moved.
+Heavy modules (the index, the policy, the planner, the engine) are imported only by the
+use cases that need them, so ``status`` and ``history`` answer quickly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import salvage
+from .errors import KmodtrimError
+from .paths import default_kernel, is_live_root
+from .records import Generation
+from .state.stash import Stash
+from .store import generation_numbers, load_generation, read_observations, read_restored
+
+if TYPE_CHECKING:
+    from .engine.transition import Options, Outcome
+    from .operations import Target
+
+SCHEMA = 1
+Progress = Callable[[str, int, int], None]
+
+
+# ---------------------------------------------------------------------------------------
+# Read verbs
+
+
+def _declared(root: Path, explicit: Path | None) -> dict[str, Any]:
+    """The policy's mode and minimum observation as the files say (no validation: status
+    must answer even when the policy is broken; plan says what is wrong with it)."""
+    found: dict[str, Any] = {"mode": "manual", "boots": 3, "days": 7.0}
+    files = [explicit] if explicit is not None else [root / "etc/kmodtrim/policy.toml"]
+    dropins = root / "etc/kmodtrim/policy.d"
+    if explicit is None and dropins.is_dir():
+        files += sorted(p for p in dropins.iterdir() if p.suffix == ".toml")
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.loads(f.read(1 << 20).decode("utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(doc.get("mode"), str):
+            found["mode"] = doc["mode"]
+        need = doc.get("min_observation")
+        if isinstance(need, dict):
+            for key in ("boots", "days"):
+                if isinstance(need.get(key), int | float):
+                    found[key] = need[key]
+    return found
+
+
+def _daemon_running(root: Path) -> bool | None:
+    """Whether kmodtrimd runs (None: unknowable for an image root)."""
+    if not is_live_root(root):
+        return None
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmdline = f.read(4096)
+            except OSError:
+                continue
+            if b"kmodtrimd" in cmdline or b"kmodtrim.daemon" in cmdline:
+                return True
+    return False
+
+
+def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
+           verify: bool = False) -> dict[str, Any]:
+    """The ``status`` document. Raises StoreError for untrusted state."""
+    state = salvage.view(root)
+    g = state.generation
+    boots = read_observations(root)
+    stash = Stash(root)
+    if verify:
+        damaged = [why for _entry, why in stash.verify(g.removed)]
+    else:
+        damaged = [f"stash copy of {f.path} is missing" for f in g.removed
+                   if not stash.has_copy(f)]
+    if state.interrupted:
+        pending: str | None = (f"an interrupted {state.interrupted}: the tree is part-way; the "
+                               "next change command (apply, rollback, restore) first finishes "
+                               "or undoes it")
+    elif state.salvaged:
+        pending = (f"the state was rebuilt from the stash's own records as generation "
+                   f"{g.number}; the next change command writes it")
+    else:
+        pending = None
+    declared = _declared(root, policy)
+    now = time.time()
+    first = min((float(b.get("first_seen", now)) for b in boots.values()), default=now)
+    days = round((now - first) / 86400, 1)
+    try:
+        shown_kernel: str | None = kernel or default_kernel(root)
+    except KmodtrimError:
+        shown_kernel = None
+    return {
+        "schema": SCHEMA,
+        "root": str(root),
+        "kernel": shown_kernel,
+        "mode": declared["mode"],
+        "daemon_running": _daemon_running(root),
+        "generation": g.number,
+        "description": g.description,
+        "removed_files": len(g.removed),
+        "removed_bytes": g.removed_bytes,
+        "stash_bytes_on_disk": stash.size_on_disk(),
+        "observed_boots": len(boots),
+        "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
+                        "days_needed": declared["days"],
+                        "met": len(boots) >= declared["boots"] and days >= declared["days"]},
+        "restored_modules": sorted(read_restored(root)),
+        "interrupted_operation": state.interrupted is not None,
+        "pending": pending,
+        "problems": list(state.problems),
+        "damaged": damaged,
+        "verified": verify,
+    }
+
+
+def generation_row(g: Generation, current: int) -> dict[str, Any]:
+    return {"generation": g.number, "created": g.created, "action": g.action,
+            "description": g.description, "removed_files": len(g.removed),
+            "removed_bytes": g.removed_bytes, "current": g.number == current}
+
+
+def history(root: Path) -> dict[str, Any]:
+    """The ``history`` document: every generation, oldest first."""
+    gens = [load_generation(root, n) for n in generation_numbers(root)]
+    current = gens[-1].number
+    return {"schema": SCHEMA, "generations": [generation_row(g, current) for g in gens]}
+
+
+def show(root: Path, number: int) -> dict[str, Any]:
+    """The ``show`` document: what generation ``number`` took out and put back, by module,
+    firmware and package. Raises NoSuchGenerationError, StoreError."""
+    g = load_generation(root, number)
+    by_path = {f.path: f for f in g.removed}
+    if number > 0:
+        with_previous = {f.path: f for n in generation_numbers(root) if n < number
+                         for f in load_generation(root, n).removed}
+    else:
+        with_previous = {}
+
+    def describe(paths: tuple[str, ...], known: dict[str, Any]) -> list[dict[str, Any]]:
+        out = []
+        for path in paths:
+            entry = known.get(path) or with_previous.get(path)
+            out.append({"path": path, "kind": entry.kind if entry else None,
+                        "module": entry.module if entry else None,
+                        "size": entry.size if entry else None})
+        return out
+
+    return {
+        "schema": SCHEMA, "generation": g.number, "created": g.created, "action": g.action,
+        "description": g.description, "rollback_to": g.rollback_to,
+        "removed_files": len(g.removed), "removed_bytes": g.removed_bytes,
+        "taken_out": describe(g.stashed, by_path), "put_back": describe(g.restored, {}),
+        "packages_out": [{"name": p.name, "version": p.version, "files": len(p.files)}
+                         for p in g.packages],
+        "packages_removed": list(g.packages_removed),
+        "packages_reinstalled": list(g.packages_reinstalled),
+        "kernels": list(g.kernels), "regen": dict(g.regen),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Change verbs (each recovers first, then runs one operation)
+
+
+def outcome_document(outcome: Outcome, root: Path) -> dict[str, Any]:
+    """The document every change verb answers with, whichever face ran it."""
+    doc = outcome.to_json()
+    doc["taken_out"] = doc.pop("stash")
+    doc["put_back"] = doc.pop("restore")
+    g = outcome.generation
+    doc.update({
+        "schema": SCHEMA,
+        "description": g.description if g else None,
+        "removed_files": len(g.removed) if g else None,
+        "removed_bytes": g.removed_bytes if g else None,
+        "stash_bytes_on_disk": Stash(root).size_on_disk(),
+    })
+    return doc
+
+
+def recover(root: Path) -> str | None:
+    """Finish or undo an interrupted operation (or write rebuilt state). Returns what was
+    done, or None."""
+    from .executor import recover as engine_recover
+
+    return engine_recover(root)
+
+
+def trim(target: Target, options: Options) -> dict[str, Any]:
+    """Plan and apply for the target's kernel. Raises PolicyViolation, BusyError, …"""
+    from .executor import apply_plan
+    from .operations import make_plan_for
+
+    recover(target.root)
+    result = make_plan_for(target)
+    outcome = apply_plan(target.root, result.plan, result.index, result.evidence,
+                         result.policy, options)
+    return outcome_document(outcome, target.root)
+
+
+def rollback(root: Path, to: int | None, options: Options) -> dict[str, Any]:
+    from .executor import rollback as engine_rollback
+
+    recover(root)
+    return outcome_document(engine_rollback(root, to, options), root)
+
+
+def restore(target: Target, names: list[str], options: Options,
+            how: str = "restored by hand") -> dict[str, Any]:
+    from .executor import restore_modules
+    from .operations import load_index
+
+    recover(target.root)
+    index, _ = load_index(target)
+    return outcome_document(restore_modules(target.root, names, index, options, how),
+                            target.root)
+
+
+def kernel_event(target: Target, action: str, kernel: str, options: Options) -> dict[str, Any]:
+    from .operations import kernel_event as operations_kernel_event
+
+    recover(target.root)
+    return outcome_document(operations_kernel_event(target, action, kernel, options),
+                            target.root)
