@@ -398,7 +398,7 @@ def test_cli_goes_through_the_daemon_and_gets_the_same_answers(
     history = [_kmodtrim_cli(daemon_on, "history", "--root", str(root), "--json", *extra)
                for extra in ((), ("--offline",))]
     assert json.loads(history[0].stdout) == json.loads(history[1].stdout)
-    assert [g["generation"] for g in json.loads(history[0].stdout)] == [0, 1]
+    assert [g["generation"] for g in json.loads(history[0].stdout)["generations"]] == [0, 1]
 
     # A usage error is the same error (and exit status) both ways.
     errors = [_kmodtrim_cli(daemon_on, "explain", "no_such", *common, *extra)

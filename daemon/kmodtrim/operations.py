@@ -9,12 +9,11 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import salvage
 from .closure import Reason
 from .errors import InputError, ModuleParseError, StashError, UnknownModuleError
-from .executor import Options, Outcome, apply_plan, forget_kernel
 from .index import (
     IndexStats,
     ModuleIndex,
@@ -48,6 +47,8 @@ from .store import (
     read_supplied,
 )
 
+if TYPE_CHECKING:  # the engine loads only when a change runs
+    from .executor import Options, Outcome
 
 @dataclass(frozen=True)
 class Target:
@@ -272,6 +273,8 @@ def kernel_event(target: Target, action: str, kernel: str, options: Options) -> 
     manual mode on a never-trimmed machine it is left as installed. A removed kernel's
     stash is forgotten. Idempotent: a second call for the same kernel changes nothing.
     """
+    from .executor import Outcome, apply_plan, forget_kernel
+
     if action == "remove":
         return forget_kernel(target.root, kernel)
     if action != "add":

@@ -288,11 +288,25 @@ def generation_numbers(root: Path) -> list[int]:
     return sorted(numbers)
 
 
+# Manifests never change once written: each is read once per process (keyed by its inode,
+# size and mtime, so a file replaced meanwhile is read again).
+_GENERATIONS: dict[str, tuple[tuple[int, int, int], Generation]] = {}
+
+
 def load_generation(root: Path, number: int) -> Generation:
     """Generation ``number``. Raises NoSuchGenerationError or StoreError."""
     if number == 0:
         return GENERATION_ZERO
     path = generations_dir(root) / f"{number}.json"
+    try:
+        st = os.stat(path)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = _GENERATIONS.get(str(path))
+        if cached is not None and cached[0] == key:
+            check_trusted(root, path)
+            return cached[1]
+    except OSError:
+        key = None
     try:
         doc = read_json(path, root)
     except FileNotFoundError:
@@ -301,10 +315,13 @@ def load_generation(root: Path, number: int) -> Generation:
             f"no generation {number} (known: {known})", hint="kmodtrim history lists them"
         ) from None
     try:
-        return Generation.from_json(doc)
+        generation = Generation.from_json(doc)
     except StoreError as exc:
         raise StoreError(f"{path}: not a valid generation manifest: {exc.message}",
                          hint=_DAMAGED_HINT) from None
+    if key is not None:
+        _GENERATIONS[str(path)] = (key, generation)
+    return generation
 
 
 def current_generation(root: Path) -> Generation:

@@ -66,8 +66,7 @@ def complete_outcome(doc: dict[str, Any], root: Path) -> dict[str, Any]:
     from ..state.stash import Stash
     from ..store import load_generation
 
-    full = dict(doc)
-    full.pop("job", None)
+    full = dict(doc)  # "job" stays: which kmodtrimd job did it
     full["schema"] = usecases.SCHEMA
     if "taken_out" not in full:
         full["taken_out"] = full.pop("stash", [])
