@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from . import salvage
+from .documents import SCHEMA
 from .errors import KmodtrimError
 from .paths import default_kernel, is_live_root
 from .records import Generation
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from .engine.transition import Options, Outcome
     from .operations import Target
 
-SCHEMA = 1
 Progress = Callable[[str, int, int], None]
 
 
@@ -118,7 +118,6 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
         "removed_files": len(g.removed),
         "removed_bytes": g.removed_bytes,
         "stash_bytes_on_disk": stash.size_on_disk(),
-        "observed_boots": len(boots),
         "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
                         "days_needed": declared["days"],
                         "met": len(boots) >= declared["boots"] and days >= declared["days"]},

@@ -9,6 +9,7 @@ import argparse
 from typing import Any
 
 from .. import usecases
+from ..documents import SCHEMA
 from . import remote, render
 from .read import target, warn_state
 from .term import Console
@@ -66,7 +67,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
 
     _recover(args, console)
     result = make_plan_for(target(args))
-    doc = {"schema": usecases.SCHEMA, **result.plan.to_json()}
+    doc = {"schema": SCHEMA, **result.plan.to_json()}
     if not args.json:
         for warning in render.plan(doc, console.out, False):
             console.warn(warning)
@@ -140,7 +141,7 @@ def kernel_event(args: argparse.Namespace, console: Console) -> int:
         pending = remote.client().kernel_event(args.action, args.kver,
                                                remote.options(args, "KernelEvent"))
         if args.json:
-            render.dump({"schema": usecases.SCHEMA, "queued": True, "action": args.action,
+            render.dump({"schema": SCHEMA, "queued": True, "action": args.action,
                          "kernel": args.kver, "pending": pending}, console.out)
         else:
             what = "trims" if args.action == "add" else "forgets the stash of"

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .. import usecases
+from ..documents import SCHEMA
 from ..errors import InputError
 from . import remote, render
 from .term import Console
@@ -44,7 +45,7 @@ def status(args: argparse.Namespace, console: Console) -> int:
 def history(args: argparse.Namespace, console: Console) -> int:
     warn_state(args, console)
     if remote.via_daemon(args):
-        doc = {"schema": usecases.SCHEMA, "generations": remote.client().list_generations()}
+        doc = {"schema": SCHEMA, "generations": remote.client().list_generations()}
     else:
         doc = usecases.history(args.root)
     if args.json:
@@ -71,7 +72,7 @@ def plan(args: argparse.Namespace, console: Console) -> int:
         from ..operations import make_plan_for
 
         doc = make_plan_for(target(args)).plan.to_json()
-    doc = {"schema": usecases.SCHEMA, **doc}
+    doc = {"schema": SCHEMA, **doc}
     if args.json:
         render.dump(doc, console.out)
     else:
@@ -90,7 +91,7 @@ def explain(args: argparse.Namespace, console: Console) -> int:
 
         doc = explanation_json(explain_module(make_plan_for(target(args)), args.name))
     if args.json:
-        render.dump({"schema": usecases.SCHEMA,
+        render.dump({"schema": SCHEMA,
                      **{k: v for k, v in doc.items() if k != "lines"}}, console.out)
     else:
         print("\n".join(doc["lines"]), file=console.out)
@@ -120,7 +121,7 @@ def observe(args: argparse.Namespace, console: Console) -> int:
                 "drivers": index.match_alias(d.modalias) if index is not None else []}
                for d in evidence.devices]
     doc = {
-        "schema": usecases.SCHEMA,
+        "schema": SCHEMA,
         "root": str(args.root),
         "kernel": index.kernel if index is not None else None,
         "loaded": [o.name for o in evidence.loaded],
@@ -166,7 +167,7 @@ def index(args: argparse.Namespace, console: Console) -> int:
     elapsed = time.perf_counter() - started
     aliases = sum(len(e.info.aliases) for e in idx.modules.values())
     doc = {
-        "schema": usecases.SCHEMA, "kernel": idx.kernel, "module_dir": str(idx.moddir),
+        "schema": SCHEMA, "kernel": idx.kernel, "module_dir": str(idx.moddir),
         "modules": len(idx.modules), "builtins": len(idx.builtins), "aliases": aliases,
         "total_bytes": idx.total_bytes(), "kernel_exports": len(idx.kernel_exports),
         "kernel_exports_source": idx.kernel_exports_source, "files": stats.files,

@@ -62,12 +62,12 @@ def options(args: argparse.Namespace, member: str) -> dict[str, Any]:
 def complete_outcome(doc: dict[str, Any], root: Path) -> dict[str, Any]:
     """A daemon job's outcome as the in-process document: the generation's description,
     files out and the stash on disk are read from the same root."""
-    from .. import usecases
+    from ..documents import SCHEMA
     from ..state.stash import Stash
     from ..store import load_generation
 
     full = dict(doc)  # "job" stays: which kmodtrimd job did it
-    full["schema"] = usecases.SCHEMA
+    full["schema"] = SCHEMA
     if "taken_out" not in full:
         full["taken_out"] = full.pop("stash", [])
         full["put_back"] = full.pop("restore", [])

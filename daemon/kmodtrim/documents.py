@@ -1,0 +1,142 @@
+"""The JSON documents ``kmodtrim --json`` prints, described in one place.
+
+Every document carries ``"schema": SCHEMA`` (bumped when a key changes meaning or goes;
+keys may be added). One concept has one key in every verb: ``generation`` is a
+generation's number, ``removed_files`` / ``removed_bytes`` what is out of the tree,
+``taken_out`` / ``put_back`` the paths an operation moved. A test runs every verb with
+``--json`` and validates its document against this description.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SCHEMA = 1
+
+Field = tuple[tuple[type, ...], str]  # accepted JSON types, meaning
+
+_N = type(None)
+_OUTCOME: dict[str, Field] = {
+    "schema": ((int,), "document schema"),
+    "generation": ((int, _N), "the generation made (none for a dry run or a no-op)"),
+    "dry_run": ((bool,), "nothing was changed"),
+    "taken_out": ((list,), "in-root paths taken out of the tree"),
+    "put_back": ((list,), "in-root paths put back"),
+    "notes": ((list,), "what else to know (packages, busy package manager, …)"),
+    "damaged": ((list,), "files not put back: their stash copy is damaged"),
+    "regen": ((dict,), "per kernel: depmod and initramfs results"),
+    "packages_removed": ((list,), "packages removed whole"),
+    "packages_reinstalled": ((list,), "packages reinstalled from the stash"),
+    "description": ((str, _N), "the new generation's description"),
+    "removed_files": ((int, _N), "files out of the tree afterwards"),
+    "removed_bytes": ((int, _N), "their bytes"),
+    "stash_bytes_on_disk": ((int,), "what the stash takes on disk afterwards"),
+    "job": ((int,), "the kmodtrimd job that ran it (only through the daemon)"),
+}
+
+DOCUMENTS: dict[str, dict[str, Field]] = {
+    "status": {
+        "schema": ((int,), "document schema"),
+        "root": ((str,), "the root"),
+        "kernel": ((str, _N), "the kernel meant by default (none installed: null)"),
+        "mode": ((str,), "the policy's mode (manual or auto)"),
+        "daemon_running": ((bool, _N), "whether kmodtrimd runs (null: an image root)"),
+        "generation": ((int,), "the current generation"),
+        "description": ((str,), "what it did"),
+        "removed_files": ((int,), "files out of the tree"),
+        "removed_bytes": ((int,), "their bytes"),
+        "stash_bytes_on_disk": ((int,), "what the stash takes on disk"),
+        "observation": ((dict,), "boots and days observed, what the policy asks, met"),
+        "restored_modules": ((list,), "modules kept for having been restored"),
+        "interrupted_operation": ((bool,), "an operation is to be finished or undone"),
+        "pending": ((str, _N), "what the next change command does first"),
+        "problems": ((list,), "damaged or lost records (the state was rebuilt)"),
+        "damaged": ((list,), "stash copies that cannot be restored"),
+        "verified": ((bool,), "every copy was read and hashed (--verify)"),
+    },
+    "history": {
+        "schema": ((int,), "document schema"),
+        "generations": ((list,), "generation, created, action, description, "
+                                 "removed_files, removed_bytes, current — oldest first"),
+    },
+    "show": {
+        "schema": ((int,), "document schema"),
+        "generation": ((int,), "the generation"),
+        "created": ((str,), "when"),
+        "action": ((str,), "apply, rollback, restore, forget, salvage"),
+        "description": ((str,), "what it did"),
+        "rollback_to": ((int, _N), "the generation a rollback returned to"),
+        "removed_files": ((int,), "files out of the tree in this state"),
+        "removed_bytes": ((int,), "their bytes"),
+        "taken_out": ((list,), "path, kind, module, size of each file it took out"),
+        "put_back": ((list,), "the same for each file it put back"),
+        "packages_out": ((list,), "packages out of the system in this state"),
+        "packages_removed": ((list,), "packages it removed whole"),
+        "packages_reinstalled": ((list,), "packages it reinstalled"),
+        "kernels": ((list,), "kernels whose trees changed"),
+        "regen": ((dict,), "per kernel: depmod and initramfs results"),
+    },
+    "plan": {
+        "schema": ((int,), "document schema"),
+        "root": ((str,), "the root"), "kernel": ((str,), "the kernel"),
+        "totals": ((dict,), "counts and bytes kept, removed, firmware"),
+        "keep_bytes": ((int,), "bytes kept"), "remove_bytes": ((int,), "bytes removed"),
+        "total_bytes": ((int,), "all module bytes"),
+        "keep": ((list,), "kept modules with their reasons"),
+        "remove": ((list,), "removed modules"),
+        "builtin_needed": ((list,), "builtins the closure reached"),
+        "firmware_remove": ((list,), "firmware files removed"),
+        "unresolved_symbols": ((list,), "symbols no kept module or the kernel provides"),
+        "warnings": ((list,), "what to look at"),
+        "kernel_exports_source": ((str,), "where the kernel's exports came from"),
+    },
+    "explain": {
+        "schema": ((int,), "document schema"),
+        "name": ((str,), "the module"), "status": ((str,), "kept, removed or builtin"),
+        "path": ((str, _N), "its in-root path"), "size": ((int,), "its bytes"),
+        "chains": ((list,), "each chain of reasons that keeps it"),
+        "policy_rule": ((str, _N), "the last policy rule matching it"),
+        "now": ((str,), "what is true of it now"),
+    },
+    "observe": {
+        "schema": ((int,), "document schema"), "root": ((str,), "the root"),
+        "kernel": ((str, _N), "the kernel"),
+        "loaded": ((list,), "modules loaded now"),
+        "observed": ((list,), "observations on record and from --observed files"),
+        "restored": ((list,), "modules restored by hand or on demand"),
+        "devices": ((list,), "devices with a modalias and their drivers"),
+        "filesystems": ((list,), "mounted filesystems"),
+        "root_drivers": ((list,), "the boot storage chain"),
+    },
+    "index": {
+        "schema": ((int,), "document schema"), "kernel": ((str,), "the kernel"),
+        "module_dir": ((str,), "its module tree"), "modules": ((int,), "loadable modules"),
+        "builtins": ((int,), "builtin modules"), "aliases": ((int,), "aliases"),
+        "total_bytes": ((int,), "module bytes"), "kernel_exports": ((int,), "exports"),
+        "kernel_exports_source": ((str,), "where they came from"),
+        "files": ((int,), "module files"), "parsed": ((int,), "read from their files"),
+        "cached": ((int,), "taken from the cache"), "seconds": ((float, int), "time"),
+        "parse_errors": ((list,), "unreadable modules"),
+    },
+    "apply": _OUTCOME, "rollback": _OUTCOME, "restore": _OUTCOME, "kernel-event": _OUTCOME,
+}
+OPTIONAL = frozenset({"job"})  # keys a document may lack
+
+
+def problems(verb: str, doc: Any) -> list[str]:
+    """What in ``doc`` does not match the description of ``verb``'s document."""
+    described = DOCUMENTS[verb]
+    if not isinstance(doc, dict):
+        return [f"{verb}: not an object"]
+    found = []
+    if doc.get("schema") != SCHEMA:
+        found.append(f"{verb}: schema is {doc.get('schema')!r}, not {SCHEMA}")
+    for key, value in doc.items():
+        if key not in described:
+            found.append(f"{verb}: undescribed key {key!r}")
+        elif not isinstance(value, described[key][0]) or (
+                isinstance(value, bool) and bool not in described[key][0]):
+            found.append(f"{verb}: {key!r} is {type(value).__name__}")
+    found += [f"{verb}: missing key {key!r}" for key in described
+              if key not in doc and key not in OPTIONAL]
+    return found
