@@ -23,12 +23,14 @@ from dbus_next.aio.message_bus import MessageBus
 from dbus_next.message import Message
 
 from dbusfixture import PrivateBus, private_bus, running_daemon
-from kmodtrim.daemon import Daemon, open_uevent_socket, start
+from kmodtrim.daemon import start
 from kmodtrim.dbus import BUS_NAME, MANAGER_INTERFACE
 from kmodtrim.dbus.client import daemon_running
 from kmodtrim.dbus.service import DaemonConnection
 from kmodtrim.executor import Options, apply_plan
 from kmodtrim.operations import Target, make_plan_for
+from kmodtrim.resident.core import Daemon
+from kmodtrim.resident.watch import open_uevent_socket
 from kmodtrim.store import current_generation, read_observations, record_observation
 from modbuild import ModSpec, scratch_root
 
@@ -171,13 +173,13 @@ def test_live_uevent_socket_is_read_by_the_event_loop(tmp_path: Path) -> None:
     async def scenario() -> None:
         daemon = Daemon(tmp_path)
         assert daemon.start_uevent_listener()
-        sock = daemon._uevent_socket
+        sock = daemon.watch.socket
         assert sock is not None and sock.family == socket.AF_NETLINK
         assert sock.getsockname()[1] == 1  # the kernel's multicast group
         # The loop watches the socket (the only thing that wakes an idle daemon).
         loop = asyncio.get_running_loop()
         assert loop.remove_reader(sock.fileno())
-        loop.add_reader(sock.fileno(), daemon._read_uevents, sock)
+        loop.add_reader(sock.fileno(), daemon.watch.read, sock)
         daemon.close()
 
     asyncio.run(scenario())

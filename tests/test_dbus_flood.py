@@ -160,7 +160,7 @@ async def _root_calls(address: str, until: float) -> dict[str, list[float]]:
         while True:
             took, reply = await _timed_call(bus, "ListGenerations")
             assert reply.message_type == MessageType.METHOD_RETURN, reply.body
-            assert json.loads(reply.body[0])[0]["generation"] == 0
+            assert reply.body[0][0]["generation"].value == 0
             latencies["ListGenerations"].append(took)
             if not latencies["Plan"]:
                 took, reply = await _timed_call(bus, "Plan", "a{sv}", [{}])

@@ -228,6 +228,7 @@ def _unit_dir(root: Path) -> Path:
 def test_deb_places_every_file_where_its_consumer_looks(unpacked: Path) -> None:
     same_as_source = {
         "usr/share/dbus-1/system.d/org.kmodtrim.KmodTrim1.conf": "org.kmodtrim.KmodTrim1.conf",
+        "usr/share/dbus-1/interfaces/org.kmodtrim.KmodTrim1.xml": "org.kmodtrim.KmodTrim1.xml",
         "usr/share/dbus-1/system-services/org.kmodtrim.KmodTrim1.service":
             "org.kmodtrim.KmodTrim1.service",
         "usr/share/polkit-1/actions/org.kmodtrim.policy": "org.kmodtrim.policy",

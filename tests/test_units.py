@@ -1,6 +1,7 @@
-"""The files that install kmodtrimd into a system: the systemd unit, the D-Bus bus policy
-and activation file, the polkit actions and the tmpfiles.d entry -- checked with the real
-tools that consume them (systemd-analyze, dbus-daemon, systemd-tmpfiles, xmllint)."""
+"""The files that install kmodtrimd into a system: the systemd unit, the D-Bus bus policy,
+activation file and interface description, the polkit actions and the tmpfiles.d entry --
+checked with the real tools that consume them (systemd-analyze, dbus-daemon,
+systemd-tmpfiles, xmllint)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from dbusfixture import bus_config
+from kmodtrim.dbus import api
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
@@ -27,13 +29,15 @@ BUS_POLICY = UNITS / "org.kmodtrim.KmodTrim1.conf"
 ACTIVATION = UNITS / "org.kmodtrim.KmodTrim1.service"
 POLKIT = UNITS / "org.kmodtrim.policy"
 TMPFILES = UNITS / "kmodtrim.tmpfiles"
+CONTRACT = UNITS / "org.kmodtrim.KmodTrim1.xml"
 
 BUS_NAME = "org.kmodtrim.KmodTrim1"
 OBJECT_PATH = "/org/kmodtrim/KmodTrim1"
 MANAGER = "org.kmodtrim.KmodTrim1.Manager"
 JOB = "org.kmodtrim.KmodTrim1.Job"
-READ_ONLY_METHODS = {"Plan", "Explain", "ListGenerations", "ShowGeneration"}
-MUTATING_METHODS = {"Trim", "Rollback", "Restore", "KernelEvent"}
+# The D-Bus contract's table says which methods are open to everyone.
+READ_ONLY_METHODS = {m.name for m in api.MANAGER.methods if m.read_only}
+MUTATING_METHODS = {m.name for m in api.MANAGER.methods if not m.read_only}
 NOBODY = 65534
 
 # Measured with systemd 252: 3.0 ("OK"). A change that loosens the sandbox fails here;
@@ -353,7 +357,7 @@ def _policy_members(context: str) -> dict[str, set[str]]:
 def test_bus_policy_lists_exactly_the_methods_the_daemon_exports() -> None:
     # A method added to the daemon but not to the policy is unreachable for non-root
     # callers (polkit never gets asked); one removed from the daemon leaves a stale rule.
-    service = pytest.importorskip("kmodtrim.dbus.service")
+    service = pytest.importorskip("kmodtrim.dbus.interfaces")
     from dbus_next.service import ServiceInterface
 
     def exported(cls: Any, name: str) -> set[str]:
@@ -366,6 +370,7 @@ def test_bus_policy_lists_exactly_the_methods_the_daemon_exports() -> None:
     assert exported(service.ManagerInterface, MANAGER) == allowed[MANAGER]
     assert exported(service.JobInterface, JOB) == allowed[JOB]
     assert allowed[MANAGER] == READ_ONLY_METHODS | MUTATING_METHODS
+    assert allowed[JOB] == {m.name for m in api.JOB.methods}
     assert allowed["org.freedesktop.DBus.Properties"] == {"Get", "GetAll"}
 
 
@@ -417,8 +422,38 @@ def test_polkit_declares_the_four_actions_admin_only() -> None:
 
 
 def test_xml_files_are_well_formed() -> None:
-    for path in (POLKIT, BUS_POLICY):
+    for path in (POLKIT, BUS_POLICY, CONTRACT):
         ET.parse(path)  # raises ParseError
+
+
+# The D-Bus specification's introspect.dtd (with annotations on arguments, as GDBus reads).
+INTROSPECT_DTD = """<!ELEMENT node (node|interface|annotation)*>
+<!ATTLIST node name CDATA #IMPLIED>
+<!ELEMENT interface (method|signal|property|annotation)*>
+<!ATTLIST interface name CDATA #REQUIRED>
+<!ELEMENT method (arg|annotation)*>
+<!ATTLIST method name CDATA #REQUIRED>
+<!ELEMENT signal (arg|annotation)*>
+<!ATTLIST signal name CDATA #REQUIRED>
+<!ELEMENT arg (annotation)*>
+<!ATTLIST arg name CDATA #IMPLIED type CDATA #REQUIRED direction (in|out) #IMPLIED>
+<!ELEMENT property (annotation)*>
+<!ATTLIST property name CDATA #REQUIRED type CDATA #REQUIRED
+                   access (read|write|readwrite) #REQUIRED>
+<!ELEMENT annotation EMPTY>
+<!ATTLIST annotation name CDATA #REQUIRED value CDATA #REQUIRED>
+"""
+
+
+def test_dbus_interface_file_is_valid_introspection_xml(tmp_path: Path) -> None:
+    need("xmllint")
+    dtd = tmp_path / "introspect.dtd"
+    dtd.write_text(INTROSPECT_DTD)
+    proc = subprocess.run(["xmllint", "--noout", "--nonet", "--dtdvalid", str(dtd),
+                           str(CONTRACT)], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    interfaces = {i.get("name") for i in ET.parse(CONTRACT).getroot().iter("interface")}
+    assert interfaces == {MANAGER, JOB}
 
 
 # --- tmpfiles.d ----------------------------------------------------------------------

@@ -82,6 +82,12 @@ class NoSuchGenerationError(InputError):
     dbus_name = DBUS_PREFIX + "NoSuchGeneration"
 
 
+class Canceled(KmodtrimError):
+    """A job was canceled; nothing changed (the engine undid any partial work)."""
+
+    dbus_name = DBUS_PREFIX + "Canceled"
+
+
 class PolicyViolation(KmodtrimError):
     """The operation would break a safety rule (loaded, boot-critical, policy-kept, or the
     minimum observation is not met)."""

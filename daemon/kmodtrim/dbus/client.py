@@ -6,8 +6,13 @@ KmodtrimError subclass (errors.from_dbus_error), so the CLI reports them and pic
 status exactly as for a local call.
 
 Options are plain Python values: ``kernel`` (str), ``observed`` (paths), ``policy`` (path),
-``force``/``dry_run``/``latest`` (bool), ``initramfs``/``backend`` (str). Paths are made
-absolute here, because the daemon does not share the caller's working directory.
+``force``/``dry_run``/``latest`` (bool), ``initramfs``/``backend`` (str); their D-Bus types
+are kmodtrim.request's. Paths are made absolute here, because the daemon does not share
+the caller's working directory.
+
+What the helpers return is the JSON document the CLI prints: typed D-Bus results
+(ListGenerations, ShowGeneration, a job's Outcome) are turned back into it (typed.py), and
+the ``schema`` of Plan and Explain documents is checked and taken off.
 """
 
 from __future__ import annotations
@@ -24,15 +29,11 @@ from dbus_next.message import Message
 from dbus_next.signature import Variant
 
 from ..errors import InputError, KmodtrimError
-from . import BUS_NAME, JOB_INTERFACE, MANAGER_INTERFACE, OBJECT_PATH
+from ..request import OPTION_BY_KEY
+from . import BUS_NAME, JOB_INTERFACE, MANAGER_INTERFACE, OBJECT_PATH, api, typed
 from .errors import from_dbus_error
 
 ProgressCallback = Callable[[str, float], None]  # (phase, 0..1)
-
-_OPTION_SIGNATURES = {
-    "kernel": "s", "observed": "as", "policy": "s", "force": "b", "dry_run": "b",
-    "initramfs": "s", "backend": "s", "latest": "b",
-}
 
 
 def to_variants(options: Mapping[str, Any]) -> dict[str, Variant]:
@@ -44,9 +45,10 @@ def to_variants(options: Mapping[str, Any]) -> dict[str, Variant]:
     for key, value in options.items():
         if value is None:
             continue
-        sig = _OPTION_SIGNATURES.get(key)
-        if sig is None:
+        option = OPTION_BY_KEY.get(key)
+        if option is None or not option.members:
             raise InputError(f"unknown option {key!r} for kmodtrimd")
+        sig = option.signature
         if key == "observed":
             value = [os.path.abspath(str(v)) for v in value]
         elif key == "policy":
@@ -75,12 +77,11 @@ def _check(reply: Message) -> Message:
     return reply
 
 
-async def _call(bus: Any, member: str, signature: str = "",
-                body: Sequence[Any] = (), *, path: str = OBJECT_PATH,
-                interface: str = MANAGER_INTERFACE) -> list[Any]:
+async def _call(bus: Any, member: str, body: Sequence[Any] = (), *,
+                path: str = OBJECT_PATH, interface: api.Interface = api.MANAGER) -> list[Any]:
     reply = await bus.call(Message(
-        destination=BUS_NAME, path=path, interface=interface, member=member,
-        signature=signature, body=list(body)))
+        destination=BUS_NAME, path=path, interface=interface.name, member=member,
+        signature=interface.method(member).in_signature, body=list(body)))
     result: list[Any] = _check(reply).body
     return result
 
@@ -120,39 +121,49 @@ def daemon_running(bus_address: str | None = None) -> bool:
     return result
 
 
-async def _query(bus_address: str | None, member: str, signature: str = "",
-                 body: Sequence[Any] = ()) -> Any:
+async def _query(bus_address: str | None, member: str, body: Sequence[Any] = ()) -> Any:
     bus = await _connect(bus_address)
     try:
-        (text,) = await _call(bus, member, signature, body)
-        return json.loads(text)
+        (answer,) = await _call(bus, member, body)
+        return answer
     finally:
         bus.disconnect()
 
 
+def _document(text: str) -> dict[str, Any]:
+    """A Plan or Explain document without its ``schema`` (checked). Raises
+    KmodtrimError for a schema this client does not know."""
+    doc: dict[str, Any] = json.loads(text)
+    schema = doc.pop("schema", api.DOCUMENT_SCHEMA)
+    if schema != api.DOCUMENT_SCHEMA:
+        raise KmodtrimError(f"kmodtrimd answered with document schema {schema!r}; this "
+                            f"kmodtrim reads schema {api.DOCUMENT_SCHEMA}",
+                            hint="install the same version of kmodtrim and kmodtrimd")
+    return doc
+
+
 def plan(options: Mapping[str, Any], *, bus_address: str | None = None) -> dict[str, Any]:
     """The daemon's plan (the document ``kmodtrim plan --json`` prints)."""
-    doc: dict[str, Any] = _run(_query(bus_address, "Plan", "a{sv}", [to_variants(options)]))
-    return doc
+    return _document(_run(_query(bus_address, "Plan", [to_variants(options)])))
 
 
 def explain(name: str, options: Mapping[str, Any], *,
             bus_address: str | None = None) -> dict[str, Any]:
     """Why ``name`` is kept or removed (with ``lines`` for humans)."""
-    doc: dict[str, Any] = _run(_query(bus_address, "Explain", "sa{sv}",
-                                      [name, to_variants(options)]))
-    return doc
+    return _document(_run(_query(bus_address, "Explain", [name, to_variants(options)])))
 
 
 def list_generations(*, bus_address: str | None = None) -> list[dict[str, Any]]:
     """Every generation (the document ``kmodtrim history --json`` prints)."""
-    doc: list[dict[str, Any]] = _run(_query(bus_address, "ListGenerations"))
-    return doc
+    docs: list[dict[str, Any]] = typed.from_dbus(
+        _run(_query(bus_address, "ListGenerations")), typed.SUMMARY)
+    return docs
 
 
 def show_generation(number: int, *, bus_address: str | None = None) -> dict[str, Any]:
     """One generation's manifest. Raises NoSuchGenerationError."""
-    doc: dict[str, Any] = _run(_query(bus_address, "ShowGeneration", "u", [number]))
+    doc: dict[str, Any] = typed.from_dbus(
+        _run(_query(bus_address, "ShowGeneration", [number])), typed.GENERATION)
     return doc
 
 
@@ -161,9 +172,11 @@ def manager_properties(*, bus_address: str | None = None) -> dict[str, Any]:
     async def get() -> dict[str, Any]:
         bus = await _connect(bus_address)
         try:
-            (props,) = await _call(bus, "GetAll", "s", [MANAGER_INTERFACE],
-                                   interface="org.freedesktop.DBus.Properties")
-            return {k: v.value for k, v in props.items()}
+            reply = _check(await bus.call(Message(
+                destination=BUS_NAME, path=OBJECT_PATH,
+                interface="org.freedesktop.DBus.Properties", member="GetAll",
+                signature="s", body=[MANAGER_INTERFACE])))
+            return {k: v.value for k, v in reply.body[0].items()}
         finally:
             bus.disconnect()
 
@@ -175,7 +188,7 @@ def manager_properties(*, bus_address: str | None = None) -> dict[str, Any]:
 # Jobs
 
 
-async def _job(bus_address: str | None, member: str, signature: str, body: Sequence[Any],
+async def _job(bus_address: str | None, member: str, body: Sequence[Any],
                progress: ProgressCallback | None) -> dict[str, Any]:
     bus = await _connect(bus_address)
     try:
@@ -195,7 +208,7 @@ async def _job(bus_address: str | None, member: str, signature: str, body: Seque
             return False
 
         bus.add_message_handler(on_message)
-        job_id, path = await _call(bus, member, signature, body)
+        job_id, path = await _call(bus, member, body)
         props: dict[str, Any] = {}
         result = ""
         while not result:
@@ -214,8 +227,7 @@ async def _job(bus_address: str | None, member: str, signature: str, body: Seque
         if result != "done":
             name = props.get("Error") or "org.kmodtrim.KmodTrim1.Error.Failed"
             raise from_dbus_error(name, props.get("ErrorMessage") or f"job {job_id} {result}")
-        outcome = props.get("Outcome") or "{}"
-        doc: dict[str, Any] = json.loads(outcome)
+        doc: dict[str, Any] = typed.from_dbus(props.get("Outcome") or {}, typed.OUTCOME)
         doc["job"] = job_id
         return doc
     finally:
@@ -225,7 +237,7 @@ async def _job(bus_address: str | None, member: str, signature: str, body: Seque
 def trim(options: Mapping[str, Any], progress_cb: ProgressCallback | None = None, *,
          bus_address: str | None = None) -> dict[str, Any]:
     """Trim as a daemon job and wait for it; returns the outcome (``apply --json``)."""
-    doc: dict[str, Any] = _run(_job(bus_address, "Trim", "a{sv}", [to_variants(options)],
+    doc: dict[str, Any] = _run(_job(bus_address, "Trim", [to_variants(options)],
                                     progress_cb))
     return doc
 
@@ -237,7 +249,7 @@ def rollback(generation: int | None, options: Mapping[str, Any],
     opts = dict(options)
     if generation is None:
         opts["latest"] = True
-    doc: dict[str, Any] = _run(_job(bus_address, "Rollback", "ua{sv}",
+    doc: dict[str, Any] = _run(_job(bus_address, "Rollback",
                                     [generation or 0, to_variants(opts)], progress_cb))
     return doc
 
@@ -246,7 +258,7 @@ def restore(names: Sequence[str], options: Mapping[str, Any],
             progress_cb: ProgressCallback | None = None, *,
             bus_address: str | None = None) -> dict[str, Any]:
     """Restore modules (with dependencies and firmware) and wait for it."""
-    doc: dict[str, Any] = _run(_job(bus_address, "Restore", "asa{sv}",
+    doc: dict[str, Any] = _run(_job(bus_address, "Restore",
                                     [list(names), to_variants(options)], progress_cb))
     return doc
 
@@ -259,7 +271,7 @@ def kernel_event(action: str, kernel: str, options: Mapping[str, Any], *,
     async def call() -> int:
         bus = await _connect(bus_address)
         try:
-            (pending,) = await _call(bus, "KernelEvent", "ssa{sv}",
+            (pending,) = await _call(bus, "KernelEvent",
                                      [action, kernel, to_variants(options)])
             return int(pending)
         finally:
@@ -274,7 +286,7 @@ def cancel(job_path: str, *, bus_address: str | None = None) -> None:
     async def call() -> None:
         bus = await _connect(bus_address)
         try:
-            await _call(bus, "Cancel", path=job_path, interface=JOB_INTERFACE)
+            await _call(bus, "Cancel", path=job_path, interface=api.JOB)
         finally:
             bus.disconnect()
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dbus_next.errors import DBusError
 
-from ..daemon import Canceled
-from ..errors import DBUS_PREFIX, BusyError, InputError, KmodtrimError
+from ..errors import DBUS_PREFIX, BusyError, Canceled, InputError, KmodtrimError
 
 ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"

@@ -97,15 +97,30 @@ class Memo:
 
 
 @dataclass(frozen=True)
+class Typed:
+    """A typed D-Bus answer and the size of its JSON form (what the cache counts)."""
+
+    value: Any
+    size: int
+
+
+Answer = str | Typed  # JSON text, or a typed value
+
+
+def answer_size(answer: Answer) -> int:
+    return len(answer) if isinstance(answer, str) else answer.size
+
+
+@dataclass(frozen=True)
 class _Entry:
     token: Hashable
-    text: str
+    answer: Answer
     expires: float
 
 
 class AnswerCache:
-    """Answers (JSON text) by call key, each valid for its state token and ``ttl`` seconds;
-    at most ``entries`` answers and ``max_bytes`` of text, the oldest dropped first."""
+    """Answers by call key, each valid for its state token and ``ttl`` seconds; at most
+    ``entries`` answers and ``max_bytes`` (of JSON text), the oldest dropped first."""
 
     def __init__(self, ttl: float = CACHE_TTL, entries: int = CACHE_ENTRIES,
                  max_bytes: int = CACHE_BYTES) -> None:
@@ -118,19 +133,20 @@ class AnswerCache:
     def __len__(self) -> int:
         return len(self._answers)
 
-    def get(self, key: Hashable, token: Hashable, now: float) -> str | None:
+    def get(self, key: Hashable, token: Hashable, now: float) -> Answer | None:
         entry = self._answers.get(key)
         if entry is None or entry.token != token or entry.expires <= now:
             return None
-        return entry.text
+        return entry.answer
 
-    def put(self, key: Hashable, token: Hashable, text: str, now: float) -> None:
+    def put(self, key: Hashable, token: Hashable, answer: Answer, now: float) -> None:
         self._drop(key)
-        if len(text) > self.max_bytes // 4:
+        size = answer_size(answer)
+        if size > self.max_bytes // 4:
             return
         self.expire(now)
-        self._answers[key] = _Entry(token, text, now + self.ttl)
-        self.size += len(text)
+        self._answers[key] = _Entry(token, answer, now + self.ttl)
+        self.size += size
         while len(self._answers) > self.entries or self.size > self.max_bytes:
             self._drop(next(iter(self._answers)))
 
@@ -150,7 +166,7 @@ class AnswerCache:
     def _drop(self, key: Hashable) -> None:
         entry = self._answers.pop(key, None)
         if entry is not None:
-            self.size -= len(entry.text)
+            self.size -= answer_size(entry.answer)
 
 
 class ReadLimiter:
@@ -168,7 +184,7 @@ class ReadLimiter:
         self._calls: Counter[int | None] = Counter()  # unprivileged uid → calls in flight
         self._active = 0  # read calls in flight, root's included
         self._refused: set[int | None] = set()  # logged once per burst
-        self._running: dict[tuple[Lane, Hashable, Hashable], asyncio.Future[str]] = {}
+        self._running: dict[tuple[Lane, Hashable, Hashable], asyncio.Future[Any]] = {}
         self._queued = 0  # computations queued or running, all lanes
         self._executors: dict[Lane, ThreadPoolExecutor] = {}
         self._memo = Memo()
@@ -215,14 +231,14 @@ class ReadLimiter:
         raise LimitsExceededError(f"too many calls: {why}",
                                   hint="wait for the answers before calling again")
 
-    async def answer(self, key: Hashable, token: Hashable, compute: Callable[[Memo], str],
-                     *, privileged: bool, expensive: bool) -> str:
+    async def answer(self, key: Hashable, token: Hashable, compute: Callable[[Memo], Answer],
+                     *, privileged: bool, expensive: bool) -> Answer:
         """The cached answer for ``key`` while ``token`` (the state it depends on) is
         unchanged, else ``compute(memo)`` in the caller's lane, shared with identical calls
         already computing there. Raises what ``compute`` raises."""
-        text = self.cache.get(key, token, time.monotonic())
-        if text is not None:
-            return text
+        cached = self.cache.get(key, token, time.monotonic())
+        if cached is not None:
+            return cached
         lane = Lane.ROOT if privileged else Lane.EXPENSIVE if expensive else Lane.CHEAP
         slot = (lane, key, token)
         future = self._running.get(slot)
@@ -237,10 +253,11 @@ class ReadLimiter:
             self._queued += 1
             future.add_done_callback(partial(self._computed, slot))
         # Shielded: a caller that goes away must not cancel the others' computation.
-        return await asyncio.shield(future)
+        answer: Answer = await asyncio.shield(future)
+        return answer
 
     def _computed(self, slot: tuple[Lane, Hashable, Hashable],
-                  future: asyncio.Future[str]) -> None:
+                  future: asyncio.Future[Any]) -> None:
         _lane, key, token = slot
         del self._running[slot]
         self._queued -= 1

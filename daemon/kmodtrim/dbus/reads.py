@@ -1,5 +1,7 @@
-"""What the read-only Manager methods compute, the state their answers depend on (the
-tokens limits.AnswerCache checks), and who is calling (uids, asked of the bus once).
+"""What the read-only Manager methods compute (Plan and Explain: JSON documents with their
+schema version; ListGenerations and ShowGeneration: typed values), the state their answers
+depend on (the tokens limits.AnswerCache checks), and who is calling (uids, asked of the
+bus once).
 
 A token is cheap to take (a few ``stat`` calls, in the event loop's thread) and changes
 whenever an input the daemon can see changes: the generation, the policy files, the
@@ -18,13 +20,14 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from ..daemon import Daemon, Request
-from ..index import MODULE_DIR_BASES
-from ..operations import make_plan_for
-from ..policy import DROPIN_DIR, MAIN_POLICY
+from ..paths import MODULE_DIR_BASES
+from ..resident.core import Daemon
+from ..resident.jobs import Request
 from ..store import generations_dir, observations_path
+from . import typed
+from .api import DOCUMENT_SCHEMA
 from .auth import caller_uid
-from .limits import Memo
+from .limits import Memo, Typed
 
 UID_CACHE = 1024  # bus names whose uid is remembered
 
@@ -46,6 +49,8 @@ def generations_token(daemon: Daemon) -> Hashable:
 def plan_token(daemon: Daemon, request: Request) -> Hashable:
     """The state Plan and Explain answers for ``request`` depend on (as far as a stat
     shows it; see the module docstring)."""
+    from ..policy import DROPIN_DIR, MAIN_POLICY  # with the first plan, not at start
+
     root = daemon.root
     kernel = request.kernel or daemon.kernel_release
     paths = [root / MAIN_POLICY, root / DROPIN_DIR, observations_path(root),
@@ -59,28 +64,36 @@ def plan_token(daemon: Daemon, request: Request) -> Hashable:
             tuple(_stamp(p) for p in paths))
 
 
+def document_text(doc: dict[str, Any]) -> str:
+    """A Plan or Explain document as sent: JSON with its schema version first."""
+    return json.dumps({"schema": DOCUMENT_SCHEMA, **doc})
+
+
 def plan_text(daemon: Daemon, request: Request, token: Hashable, memo: Memo) -> str:
     """Plan's answer. Runs in a lane's thread. Raises KmodtrimError on bad input."""
-    made = memo.get((request, token), lambda: make_plan_for(request.target(daemon.root)))
-    return json.dumps(daemon.plan(request, made))
+    made = memo.get((request, token), lambda: daemon.make_plan(request))
+    return document_text(daemon.plan(request, made))
 
 
 def explain_text(daemon: Daemon, name: str, request: Request, token: Hashable,
                  memo: Memo) -> str:
     """Explain's answer (sharing the lane's plan with Explain calls for other names).
     Runs in a lane's thread. Raises UnknownModuleError, KmodtrimError on bad input."""
-    made = memo.get((request, token), lambda: make_plan_for(request.target(daemon.root)))
-    return json.dumps(daemon.explain(name, request, made))
+    made = memo.get((request, token), lambda: daemon.make_plan(request))
+    return document_text(daemon.explain(name, request, made))
 
 
-def generations_text(daemon: Daemon, _memo: Memo) -> str:
-    """ListGenerations' answer. Runs in a lane's thread. Raises StoreError."""
-    return json.dumps(daemon.list_generations())
+def generations_answer(daemon: Daemon, _memo: Memo) -> Typed:
+    """ListGenerations' answer (``aa{sv}``). Runs in a lane's thread. Raises StoreError."""
+    docs = daemon.list_generations()
+    return Typed([typed.to_dbus(d, typed.SUMMARY) for d in docs], len(json.dumps(docs)))
 
 
-def generation_text(daemon: Daemon, number: int, _memo: Memo) -> str:
-    """ShowGeneration's answer. Runs in a lane's thread. Raises NoSuchGenerationError."""
-    return json.dumps(daemon.show_generation(number))
+def generation_answer(daemon: Daemon, number: int, _memo: Memo) -> Typed:
+    """ShowGeneration's answer (``a{sv}``). Runs in a lane's thread. Raises
+    NoSuchGenerationError."""
+    doc = daemon.show_generation(number)
+    return Typed(typed.to_dbus(doc, typed.GENERATION), len(json.dumps(doc)))
 
 
 class CallerUids:

@@ -1,5 +1,8 @@
-"""The D-Bus interfaces of kmodtrimd: ``…Manager`` on /org/kmodtrim/KmodTrim1 and ``…Job``
-on /org/kmodtrim/KmodTrim1/job/N.
+"""kmodtrimd on D-Bus: the connection, the events published as signals and Job objects,
+and the dispatch of every method call to ``…Manager`` on /org/kmodtrim/KmodTrim1 and
+``…Job`` on /org/kmodtrim/KmodTrim1/job/N as the contract in api.py declares it (member
+names, signatures, polkit actions and options are declared there, once; the dbus-next
+interface objects are in interfaces.py).
 
 dbus-next hands ``@method`` handlers no sender, so every method call to these interfaces is
 taken by a message handler that runs before dbus-next's dispatch: it authorises the caller
@@ -14,16 +17,14 @@ Options naming files (``observed``, ``policy``) make the daemon read those files
 so they need uid 0 or the ``org.kmodtrim.configure`` action even on read-only methods.
 """
 
-# No `from __future__ import annotations`: dbus-next reads the annotations at runtime.
+from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar, cast
+from typing import Any
 
 from dbus_next.aio.message_bus import MessageBus
 from dbus_next.constants import (
@@ -31,37 +32,27 @@ from dbus_next.constants import (
     MessageFlag,
     MessageType,
     NameFlag,
-    PropertyAccess,
     RequestNameReply,
 )
 from dbus_next.errors import DBusError
 from dbus_next.message import Message
-from dbus_next.service import ServiceInterface, dbus_property, method, signal
 
-from ..daemon import Daemon, Job, Request, release_memory
 from ..errors import InputError, KmodtrimError
 from ..names import is_valid_module_name
-from . import (
-    ACTION_CONFIGURE,
-    ACTION_RESTORE,
-    ACTION_ROLLBACK,
-    ACTION_TRIM,
-    BUS_NAME,
-    JOB_INTERFACE,
-    JOB_PATH_PREFIX,
-    MANAGER_INTERFACE,
-    OBJECT_PATH,
-    job_path,
-)
+from ..resident.core import Daemon
+from ..resident.jobs import Job, Request
+from ..resident.systemd import release_memory
+from . import BUS_NAME, JOB_PATH_PREFIX, OBJECT_PATH, api, job_path
 from .auth import authorize
-from .errors import ACCESS_DENIED, to_dbus_error
-from .limits import ReadLimiter
+from .errors import to_dbus_error
+from .interfaces import JobInterface, ManagerInterface
+from .limits import ReadLimiter, Typed
 from .options import parse_options
 from .reads import (
     CallerUids,
     explain_text,
-    generation_text,
-    generations_text,
+    generation_answer,
+    generations_answer,
     generations_token,
     plan_text,
     plan_token,
@@ -69,184 +60,17 @@ from .reads import (
 from .writer import tolerate_full_socket
 
 log = logging.getLogger("kmodtrim.dbus")
+M = api.MANAGER
+J = api.JOB
 UNKNOWN_OBJECT = "org.freedesktop.DBus.Error.UnknownObject"
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _annotated(fn: F, ret: str, args: Mapping[str, str]) -> F:
-    annotations: dict[str, str] = dict(args)
-    if ret:
-        annotations["return"] = ret
-    fn.__annotations__ = annotations
-    return fn
-
-
-def dbus_method(ret: str = "", **args: str) -> Callable[[F], F]:
-    """``@method()`` with the D-Bus signature given as arguments (``ret`` and one keyword
-    per parameter), so the Python annotations stay checkable."""
-    def decorator(fn: F) -> F:
-        return cast(F, method()(_annotated(fn, ret, args)))
-    return decorator
-
-
-def dbus_signal(ret: str = "") -> Callable[[F], F]:
-    def decorator(fn: F) -> F:
-        return cast(F, signal()(_annotated(fn, ret, {})))
-    return decorator
-
-
-def dbus_readonly_property(sig: str) -> Callable[[F], F]:
-    def decorator(fn: F) -> F:
-        return cast(F, dbus_property(access=PropertyAccess.READ)(_annotated(fn, sig, {})))
-    return decorator
-
-
-def _not_dispatched() -> DBusError:
-    return DBusError(ACCESS_DENIED,  # type: ignore[no-untyped-call]
-                     "this call did not pass kmodtrimd's authorisation")
-
-
-# ---------------------------------------------------------------------------------------
-# Interfaces
-
-
-class ManagerInterface(ServiceInterface):
-    """org.kmodtrim.KmodTrim1.Manager (methods are dispatched by Dispatcher)."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        super().__init__(MANAGER_INTERFACE)
-        self.daemon = daemon
-
-    @dbus_readonly_property("s")
-    def Version(self) -> str:
-        return self.daemon.version
-
-    @dbus_readonly_property("s")
-    def KernelRelease(self) -> str:
-        return self.daemon.kernel_release
-
-    @dbus_readonly_property("s")
-    def Root(self) -> str:
-        """The root this daemon serves ("/" on a live system, else an image root)."""
-        return str(self.daemon.root)
-
-    @dbus_readonly_property("s")
-    def State(self) -> str:
-        return self.daemon.state
-
-    @dbus_readonly_property("u")
-    def CurrentGeneration(self) -> int:
-        return self.daemon.current_generation
-
-    @dbus_readonly_property("t")
-    def ObservedSince(self) -> int:
-        return self.daemon.observed_since
-
-    @dbus_readonly_property("as")
-    def PendingKernelEvents(self) -> list[str]:
-        """Kernel installs/removals handed over and not handled yet ("add 6.1.0-9-amd64")."""
-        return self.daemon.pending_kernel_events
-
-    @dbus_method("s", options="a{sv}")
-    def Plan(self, options: Any) -> str:
-        raise _not_dispatched()
-
-    @dbus_method("s", name="s", options="a{sv}")
-    def Explain(self, name: str, options: Any) -> str:
-        raise _not_dispatched()
-
-    @dbus_method("s")
-    def ListGenerations(self) -> str:
-        raise _not_dispatched()
-
-    @dbus_method("s", generation="u")
-    def ShowGeneration(self, generation: int) -> str:
-        raise _not_dispatched()
-
-    @dbus_method("uo", options="a{sv}")
-    def Trim(self, options: Any) -> list[Any]:
-        raise _not_dispatched()
-
-    @dbus_method("uo", generation="u", options="a{sv}")
-    def Rollback(self, generation: int, options: Any) -> list[Any]:
-        raise _not_dispatched()
-
-    @dbus_method("uo", names="as", options="a{sv}")
-    def Restore(self, names: list[str], options: Any) -> list[Any]:
-        raise _not_dispatched()
-
-    @dbus_method("u", action="s", kernel="s", options="a{sv}")
-    def KernelEvent(self, action: str, kernel: str, options: Any) -> int:
-        raise _not_dispatched()
-
-    @dbus_signal("uo")
-    def JobNew(self, job_id: int, path: str) -> list[Any]:
-        return [job_id, path]
-
-    @dbus_signal("uos")
-    def JobRemoved(self, job_id: int, path: str, result: str) -> list[Any]:
-        return [job_id, path, result]
-
-    @dbus_signal("u")
-    def GenerationNew(self, generation: int) -> int:
-        return generation
-
-    @dbus_signal("ssu")
-    def ModuleRestored(self, name: str, modalias: str, generation: int) -> list[Any]:
-        return [name, modalias, generation]
-
-
-class JobInterface(ServiceInterface):
-    """org.kmodtrim.KmodTrim1.Job: one running operation."""
-
-    def __init__(self, job: Job) -> None:
-        super().__init__(JOB_INTERFACE)
-        self.job = job
-
-    @dbus_readonly_property("u")
-    def Id(self) -> int:
-        return self.job.id
-
-    @dbus_readonly_property("s")
-    def Type(self) -> str:
-        return self.job.type
-
-    @dbus_readonly_property("s")
-    def Phase(self) -> str:
-        return self.job.phase
-
-    @dbus_readonly_property("d")
-    def Progress(self) -> float:
-        return self.job.progress
-
-    @dbus_readonly_property("s")
-    def Result(self) -> str:
-        return self.job.result
-
-    @dbus_readonly_property("s")
-    def Error(self) -> str:
-        return self.job.error
-
-    @dbus_readonly_property("s")
-    def ErrorMessage(self) -> str:
-        return self.job.error_message
-
-    @dbus_readonly_property("s")
-    def Outcome(self) -> str:
-        return json.dumps(self.job.outcome) if self.job.outcome else ""
-
-    @dbus_method()
-    def Cancel(self) -> None:
-        raise _not_dispatched()
-
 
 # ---------------------------------------------------------------------------------------
 # Events → signals
 
 
 class DBusEvents:
-    """Publishes the daemon's events (kmodtrim.daemon.Events) as signals and objects."""
+    """Publishes the daemon's events (kmodtrim.resident.jobs.Events) as signals and
+    objects."""
 
     def __init__(self, bus: Any, manager: ManagerInterface) -> None:
         self.bus = bus
@@ -266,7 +90,7 @@ class DBusEvents:
             return
         props = dict(changed)
         if job.result:
-            props["Outcome"] = json.dumps(job.outcome) if job.outcome else ""
+            props["Outcome"] = iface.outcome()
         iface.emit_properties_changed(props)
 
     def job_removed(self, job: Job) -> None:
@@ -291,8 +115,9 @@ class DBusEvents:
 # Dispatch with authorisation
 
 
-# Every implementation gets the message and the caller's uid (None: the bus did not say).
-Impl = Callable[[Message, int | None], Awaitable[list[Any]]]
+# An implementation gets the call, the caller's uid (None: the bus did not say) and its
+# parsed options (with the ``latest`` flag); it returns the reply's body.
+Impl = Callable[[Message, int | None, Request, bool], Awaitable[list[Any]]]
 
 
 def _error_reply(msg: Message, exc: Exception) -> Message:
@@ -300,16 +125,14 @@ def _error_reply(msg: Message, exc: Exception) -> Message:
     return Message.new_error(msg, error.type, error.text)
 
 
-@dataclass(frozen=True)
-class _Member:
-    in_signature: str
-    out_signature: str
-    impl: Impl
-    read: bool = False  # read-only, open to everyone: bounded by ReadLimiter
+def _body(answer: str | Typed) -> list[Any]:
+    return [answer.value if isinstance(answer, Typed) else answer]
 
 
 class Dispatcher:
-    """Takes every method call to the Manager and Job interfaces before dbus-next does."""
+    """Takes every method call to the Manager and Job interfaces before dbus-next does,
+    and handles it as kmodtrim.dbus.api declares: signature, polkit action (uid 0 needs
+    none), options and their actions, read-call bounds."""
 
     def __init__(self, bus: Any, daemon: Daemon, events: DBusEvents) -> None:
         self.bus = bus
@@ -318,47 +141,69 @@ class Dispatcher:
         self.uids = CallerUids(bus)
         self.reads = ReadLimiter(release_memory)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.manager_members: dict[str, _Member] = {
-            "Plan": _Member("a{sv}", "s", self._plan, read=True),
-            "Explain": _Member("sa{sv}", "s", self._explain, read=True),
-            "ListGenerations": _Member("", "s", self._list_generations, read=True),
-            "ShowGeneration": _Member("u", "s", self._show_generation, read=True),
-            "Trim": _Member("a{sv}", "uo", self._trim),
-            "Rollback": _Member("ua{sv}", "uo", self._rollback),
-            "Restore": _Member("asa{sv}", "uo", self._restore),
-            "KernelEvent": _Member("ssa{sv}", "u", self._kernel_event),
+        impls: dict[str, Impl] = {
+            "Plan": self._plan, "Explain": self._explain,
+            "ListGenerations": self._list_generations,
+            "ShowGeneration": self._show_generation, "Trim": self._trim,
+            "Rollback": self._rollback, "Restore": self._restore,
+            "KernelEvent": self._kernel_event, "Cancel": self._cancel,
         }
-        self.job_members: dict[str, _Member] = {"Cancel": _Member("", "", self._cancel)}
+        self.members: dict[tuple[str, str], tuple[api.Method, Impl]] = {
+            (iface.name, m.name): (m, impls[m.name])
+            for iface in api.INTERFACES for m in iface.methods}
+        missing = set(impls) ^ {name for _, name in self.members}
+        assert not missing, f"implementations and kmodtrim.dbus.api differ: {missing}"
 
     def on_message(self, msg: Message) -> bool:
         """dbus-next message handler: True when the call is ours (answered later)."""
         if msg.message_type != MessageType.METHOD_CALL:
             return False
-        member: _Member | None = None
-        if msg.interface == MANAGER_INTERFACE and msg.path == OBJECT_PATH:
-            member = self.manager_members.get(msg.member)
-        elif msg.interface == JOB_INTERFACE and msg.path.startswith(JOB_PATH_PREFIX):
-            # Also for finished jobs: the caller is authorised before it learns anything.
-            member = self.job_members.get(msg.member)
-        if member is None or member.in_signature != (msg.signature or ""):
+        if msg.interface == M.name and msg.path != OBJECT_PATH:
+            return False
+        if msg.interface == J.name and not msg.path.startswith(JOB_PATH_PREFIX):
+            return False
+        # Job calls are taken also for finished jobs: the caller is authorised before it
+        # learns anything.
+        found = self.members.get((msg.interface or "", msg.member or ""))
+        if found is None or found[0].in_signature != (msg.signature or ""):
             return False  # dbus-next answers UnknownMethod / UnknownObject
-        task = asyncio.ensure_future(self._dispatch(msg, member))
+        task = asyncio.ensure_future(self._dispatch(msg, *found))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
 
-    async def _dispatch(self, msg: Message, member: _Member) -> None:
+    async def _dispatch(self, msg: Message, member: api.Method, impl: Impl) -> None:
         try:
             uid = await self.uids.get(msg.sender)
-            with self.reads.admit(uid) if member.read else contextlib.nullcontext():
+            with self.reads.admit(uid) if member.read_only else contextlib.nullcontext():
                 # A read call counts until its answer is written: a caller that does not
                 # read its answers cannot pile them up in the daemon.
+                await self._authorize(msg, uid, self._action(msg, member))
+                request, latest = Request(), False
+                options = [i for i, a in enumerate(member.in_args) if a.name == "options"]
+                if options:
+                    raw = msg.body[options[0]]
+                    request, latest = parse_options(member.name, raw)
+                    for key in sorted(set(raw) & set(api.OPTION_ACTIONS)):
+                        await self._authorize(msg, uid, api.OPTION_ACTIONS[key])
+                body = await impl(msg, uid, request, latest)
                 await self._send(msg, Message.new_method_return(
-                    msg, member.out_signature, await member.impl(msg, uid)))
+                    msg, member.out_signature, body))
         except Exception as exc:  # every error becomes a D-Bus error reply
             if not isinstance(exc, (KmodtrimError, DBusError)):
                 log.exception("%s.%s failed", msg.interface, msg.member)
             await self._send(msg, _error_reply(msg, exc))
+
+    def _action(self, msg: Message, member: api.Method) -> str | None:
+        if member.action != api.JOB_ACTION:
+            return member.action
+        iface = self.events.jobs.get(msg.path)
+        kind = iface.job.type if iface is not None else "trim"
+        return api.JOB_TYPE_ACTIONS.get(kind, api.ACTION_TRIM)
+
+    async def _authorize(self, msg: Message, uid: int | None, action: str | None) -> None:
+        if action is not None and uid != 0:
+            await authorize(self.bus, msg.sender, action)
 
     async def _send(self, msg: Message, reply: Message) -> None:
         if not msg.flags & MessageFlag.NO_REPLY_EXPECTED:
@@ -366,83 +211,69 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self.bus.send(reply)
 
-    async def _authorize_files(self, msg: Message, uid: int | None,
-                               request: Request) -> None:
-        # Reading files the caller names happens as root: only for root or `configure`.
-        if (request.observed or request.policy) and uid != 0:
-            await authorize(self.bus, msg.sender, ACTION_CONFIGURE)
-
-    async def _plan(self, msg: Message, uid: int | None) -> list[Any]:
-        request, _ = parse_options("Plan", msg.body[0])
-        await self._authorize_files(msg, uid, request)
+    async def _plan(self, msg: Message, uid: int | None, request: Request,
+                    _latest: bool) -> list[Any]:
         token = plan_token(self.daemon, request)
-        return [await self.reads.answer(
+        return _body(await self.reads.answer(
             ("Plan", request), token, partial(plan_text, self.daemon, request, token),
-            privileged=uid == 0, expensive=True)]
+            privileged=uid == 0, expensive=True))
 
-    async def _explain(self, msg: Message, uid: int | None) -> list[Any]:
+    async def _explain(self, msg: Message, uid: int | None, request: Request,
+                       _latest: bool) -> list[Any]:
         name: str = msg.body[0]
         if not name or len(name) > 4096:
             raise InputError("Explain: give a module name or alias")
-        request, _ = parse_options("Explain", msg.body[1])
-        await self._authorize_files(msg, uid, request)
         token = plan_token(self.daemon, request)
-        return [await self.reads.answer(
+        return _body(await self.reads.answer(
             ("Explain", name, request), token,
             partial(explain_text, self.daemon, name, request, token),
-            privileged=uid == 0, expensive=True)]
+            privileged=uid == 0, expensive=True))
 
-    async def _list_generations(self, msg: Message, uid: int | None) -> list[Any]:
-        return [await self.reads.answer(
+    async def _list_generations(self, msg: Message, uid: int | None, _request: Request,
+                                _latest: bool) -> list[Any]:
+        return _body(await self.reads.answer(
             ("ListGenerations",), generations_token(self.daemon),
-            partial(generations_text, self.daemon), privileged=uid == 0, expensive=False)]
+            partial(generations_answer, self.daemon), privileged=uid == 0,
+            expensive=False))
 
-    async def _show_generation(self, msg: Message, uid: int | None) -> list[Any]:
+    async def _show_generation(self, msg: Message, uid: int | None, _request: Request,
+                               _latest: bool) -> list[Any]:
         number = int(msg.body[0])
-        return [await self.reads.answer(
+        return _body(await self.reads.answer(
             ("ShowGeneration", number), generations_token(self.daemon),
-            partial(generation_text, self.daemon, number), privileged=uid == 0,
-            expensive=False)]
+            partial(generation_answer, self.daemon, number), privileged=uid == 0,
+            expensive=False))
 
-    async def _trim(self, msg: Message, uid: int | None) -> list[Any]:
-        await authorize(self.bus, msg.sender, ACTION_TRIM)
-        request, _ = parse_options("Trim", msg.body[0])
-        await self._authorize_files(msg, uid, request)
+    async def _trim(self, msg: Message, uid: int | None, request: Request,
+                    _latest: bool) -> list[Any]:
         job, _started = self.daemon.trim(request)
         return [job.id, job_path(job.id)]
 
-    async def _rollback(self, msg: Message, uid: int | None) -> list[Any]:
-        await authorize(self.bus, msg.sender, ACTION_ROLLBACK)
-        request, latest = parse_options("Rollback", msg.body[1])
+    async def _rollback(self, msg: Message, uid: int | None, request: Request,
+                        latest: bool) -> list[Any]:
         job, _started = self.daemon.rollback(None if latest else int(msg.body[0]), request)
         return [job.id, job_path(job.id)]
 
-    async def _restore(self, msg: Message, uid: int | None) -> list[Any]:
-        await authorize(self.bus, msg.sender, ACTION_RESTORE)
+    async def _restore(self, msg: Message, uid: int | None, request: Request,
+                       _latest: bool) -> list[Any]:
         names: list[str] = msg.body[0]
         if not names:
             raise InputError("Restore: give at least one module name")
         bad = [n for n in names if not is_valid_module_name(n)]
         if bad:
             raise InputError(f"Restore: not module names: {', '.join(repr(n) for n in bad)}")
-        request, _ = parse_options("Restore", msg.body[1])
         job, _started = self.daemon.restore(names, request)
         return [job.id, job_path(job.id)]
 
-    async def _kernel_event(self, msg: Message, uid: int | None) -> list[Any]:
-        # Installing a kernel's trim (or forgetting a removed kernel's stash) is a trim.
-        await authorize(self.bus, msg.sender, ACTION_TRIM)
+    async def _kernel_event(self, msg: Message, uid: int | None, request: Request,
+                            _latest: bool) -> list[Any]:
         action: str = msg.body[0]
         kernel: str = msg.body[1]
-        request, _ = parse_options("KernelEvent", msg.body[2])
         # In the loop's thread: it queues (one small file write) and starts no work here.
         return [self.daemon.kernel_event(action, kernel, request)]
 
-    async def _cancel(self, msg: Message, uid: int | None) -> list[Any]:
-        iface = self.events.jobs.get(msg.path)
-        kind = iface.job.type if iface is not None else "trim"
-        action = {"rollback": ACTION_ROLLBACK, "restore": ACTION_RESTORE}.get(kind, ACTION_TRIM)
-        await authorize(self.bus, msg.sender, action)
+    async def _cancel(self, msg: Message, uid: int | None, _request: Request,
+                      _latest: bool) -> list[Any]:
         iface = self.events.jobs.get(msg.path)
         if iface is None:
             raise DBusError(UNKNOWN_OBJECT,  # type: ignore[no-untyped-call]
@@ -485,7 +316,7 @@ async def connect(daemon: Daemon, which: str) -> DaemonConnection:
     tolerate_full_socket(bus)
     manager = ManagerInterface(daemon)
     events = DBusEvents(bus, manager)
-    daemon.events = events
+    daemon.attach(events)
     dispatcher = Dispatcher(bus, daemon, events)
     bus.add_message_handler(dispatcher.on_message)
     bus.export(OBJECT_PATH, manager)
