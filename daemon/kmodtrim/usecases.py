@@ -73,7 +73,13 @@ def _daemon_running(root: Path) -> bool | None:
                     cmdline = f.read(4096)
             except OSError:
                 continue
-            if b"kmodtrimd" in cmdline or b"kmodtrim.daemon" in cmdline:
+            args = cmdline.split(b"\0")
+            if not any(a.endswith(b"kmodtrimd") or a == b"kmodtrim.daemon" for a in args):
+                continue
+            # One serving an image root (--root DIR) is not this system's daemon.
+            served = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == b"--root"),
+                          b"/")
+            if served in (b"/", b""):
                 return True
     return False
 
