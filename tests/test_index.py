@@ -17,9 +17,9 @@ import pytest
 
 from kernels import KernelTree
 from kmodtrim import __version__
-from kmodtrim import index as index_module
 from kmodtrim.elf import ModuleInfo
 from kmodtrim.index import ModuleIndex, StashedModule, build_index
+from kmodtrim.index import cache as index_module
 from modbuild import ModSpec, build_module, build_tree, write_symvers
 
 KVER = "6.1.0-test"

@@ -1,0 +1,221 @@
+"""Building a ModuleIndex: walk the tree, take unchanged modules from the cache and parse
+the rest, add the stashed modules, builtins, modprobe.d and the kernel's exports, and save
+the cache when anything changed."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..elf import ModuleInfo, decompress, parse_module, read_module
+from ..errors import ModuleParseError
+from ..modprobe import ModprobeConfig, read_modprobe_config
+from ..names import compression_of
+from ..paths import default_kernel
+from .cache import (
+    _cache_path,
+    _CachedInfo,
+    _FileRow,
+    _load_cache,
+    _new_cached_info,
+    _save_cache,
+    _set_cache,
+    _set_row,
+    default_cache_dir,
+)
+from .discover import _priority, _walk_modules, module_dir, read_builtins
+from .exports import _ExportsMemo, derived_kernel_exports, read_kernel_exports
+from .model import ModuleEntry, ModuleIndex, StashedModule
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    """How an index build went: files read vs taken from the cache."""
+
+    files: int
+    parsed: int
+    cached: int
+
+
+def build_index(
+    root: Path,
+    kernel: str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    use_cache: bool = True,
+    rebuild: bool = False,
+    symvers: Path | None = None,
+    stashed: Sequence[StashedModule] = (),
+) -> tuple[ModuleIndex, IndexStats]:
+    """Index the module tree of ``kernel`` (default: see default_kernel) under ``root``.
+
+    ``stashed`` are module files an earlier trim took out of the tree: they are indexed
+    too (marked ``stashed``), so plans, closures and the derived kernel exports see the
+    whole kernel. Malformed module files are collected in ``parse_errors`` rather than
+    aborting. Raises KernelNotFoundError.
+    """
+    # Tens of thousands of objects and no cycles: collecting while they are made only
+    # costs time (~10% of a warm build).
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_index(Path(root), kernel, cache_dir, use_cache, rebuild, symvers,
+                            stashed)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _build_index(
+    root: Path,
+    kernel: str | None,
+    cache_dir: Path | None,
+    use_cache: bool,
+    rebuild: bool,
+    symvers: Path | None,
+    stashed: Sequence[StashedModule],
+) -> tuple[ModuleIndex, IndexStats]:
+    kernel = kernel or default_kernel(root)
+    moddir = module_dir(root, kernel)
+    files = _walk_modules(moddir)
+    cache_file = _cache_path(cache_dir or default_cache_dir(root), kernel)
+    stash_by_relpath = {item.relpath: item for item in stashed}
+    cache = None if (rebuild or not use_cache) else _load_cache(cache_file, moddir,
+                                                                stash_by_relpath)
+    cached_files: list[_FileRow] = cache.files if cache is not None else []
+    names: list[str] = cache.columns[0] if cache is not None else []
+
+    # The cache row of each file, or -1 where the file is new or changed.
+    rows: Iterable[int]
+    if files == cached_files:
+        rows = range(len(files))
+    else:
+        row_of = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
+        rows = [
+            row if (row := row_of.get(relpath, -1)) >= 0 and cached_files[row][1] == stat
+            else -1
+            for relpath, stat in files
+        ]
+    new, set_cache, set_row = _new_cached_info, _set_cache, _set_row
+    fresh: list[tuple[str, Any, ModuleInfo]] = []  # what the cache will hold: (relpath, stat, info)
+    # By name, in the order names first appear (relpath order): the first file's entry,
+    # then for a name with several files, the best one (see _priority) shadowing the rest.
+    modules: dict[str, ModuleEntry] = {}
+    shadowing: dict[str, list[tuple[str, int, ModuleInfo]]] = {}
+    errors: list[ModuleParseError] = []
+    parsed = 0
+    for (relpath, stat), row in zip(files, rows, strict=True):
+        info: ModuleInfo
+        if row >= 0:
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, row)
+            name = names[row]
+        else:
+            try:
+                info = read_module(moddir / relpath)
+            except ModuleParseError as exc:
+                errors.append(exc)
+                continue
+            parsed += 1
+            name = info.name
+        fresh.append((relpath, stat, info))
+        entry = modules.get(name)
+        if entry is None:
+            modules[name] = ModuleEntry(name, relpath, stat[0], info)
+        else:
+            same_name = shadowing.get(name)
+            if same_name is None:
+                same_name = shadowing[name] = [(entry.relpath, entry.size, entry.info)]
+            same_name.append((relpath, stat[0], info))
+    for name, same_name in shadowing.items():
+        same_name.sort(key=lambda one: _priority(one[0]))
+        best = same_name[0]
+        modules[name] = ModuleEntry(name, best[0], best[1], best[2],
+                                    tuple(one[0] for one in same_name[1:]))
+    # Unchanged: every file a cache hit, and no cached file gone.
+    changed = parsed > 0 or len(fresh) != len(cached_files)
+
+    stash_rows: dict[str, tuple[int, Any]] = {}
+    tree_rows: dict[str, int] = {}
+    if cache is not None and stashed:
+        stash_rows = {relpath: (len(cached_files) + i, stat)
+                      for i, (relpath, stat) in enumerate(cache.stash)}
+        tree_rows = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
+    if cache is not None and len(stashed) != len(cache.stash):
+        changed = True
+    fresh_stash: list[tuple[str, Any, ModuleInfo]] = []
+    stashed_by_name: dict[str, tuple[StashedModule, ModuleInfo]] = {}
+    for item in stashed:
+        stash_stat = (item.size, 0, item.sha256)
+        hit = stash_rows.get(item.relpath)
+        before = tree_rows.get(item.relpath, -1)
+        if hit is not None and hit[1] == stash_stat:
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, hit[0])
+        elif before >= 0 and cached_files[before][1][0] == item.size:
+            # Trimmed since the last index: the plan that trimmed it had just validated this
+            # row against the file, so its modinfo carries over to the stashed copy.
+            info = new(_CachedInfo)
+            set_cache(info, cache)
+            set_row(info, before)
+            changed = True
+        else:
+            changed = True
+            try:
+                origin = f"stash:{item.relpath}"
+                info = parse_module(
+                    decompress(item.load(), compression_of(item.relpath), origin), origin
+                )
+            except ModuleParseError as exc:
+                errors.append(exc)
+                continue
+            parsed += 1
+        fresh_stash.append((item.relpath, stash_stat, info))
+        stashed_by_name.setdefault(info.name, (item, info))
+
+    for name, (item, info) in stashed_by_name.items():
+        if name not in modules:
+            modules[name] = ModuleEntry(name, item.relpath, item.size, info, stashed=True)
+    builtins, builtin_aliases, builtin_softdeps = read_builtins(moddir)
+    modprobe = read_modprobe_config(root)
+    if builtin_softdeps:
+        merged = dict(builtin_softdeps)
+        merged.update(modprobe.softdeps)
+        modprobe = ModprobeConfig(
+            softdeps=merged, weakdeps=modprobe.weakdeps, aliases=modprobe.aliases,
+            install_commands=modprobe.install_commands, blacklist=modprobe.blacklist,
+            files=modprobe.files,
+        )
+    # Export lists parsed before stay remembered, looked at this time or not.
+    memo: _ExportsMemo = dict(cache.exports) if cache is not None else {}
+    exports = read_kernel_exports(root, kernel, moddir, symvers, memo)
+    # The derived exports a cache holds were derived from exactly its rows.
+    derived = cache.derived if cache is not None and not changed else None
+    if exports is None:
+        if derived is None:
+            if cache is not None:
+                cache.read_region()  # every module's symbol lists are about to be read
+            derived = derived_kernel_exports(e.info for e in modules.values())
+            changed = True
+        exports = (derived, "derived from the tree")
+    if use_cache and (cache is None or changed or memo != cache.exports):
+        _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived)
+    index = ModuleIndex(
+        root=root,
+        kernel=kernel,
+        moddir=moddir,
+        modules=modules,
+        builtins=builtins - modules.keys(),
+        builtin_aliases=builtin_aliases,
+        modprobe=modprobe,
+        kernel_exports=exports[0],
+        kernel_exports_source=exports[1],
+        parse_errors=tuple(errors),
+    )
+    cached_count = len(files) + len(stashed) - parsed - len(errors)
+    return index, IndexStats(files=len(files), parsed=parsed, cached=cached_count)
