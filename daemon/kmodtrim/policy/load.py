@@ -1,0 +1,231 @@
+"""Loading the policy: the main file (or ``--policy``), then the drop-ins in lexical order,
+each read, parsed as TOML, validated on top of the earlier ones and merged; rules keep the
+file and line they were written on."""
+
+from __future__ import annotations
+
+import functools
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import PolicyError
+from ..inputs import MAX_CONFIG_BYTES, is_masked, read_input
+from ..presets import PRESETS
+from .matcher import LoadedPolicy
+from .messages import _array_item_lines, _describe_error
+from .model import Policy
+from .rules import _HINT, Rule, parse_rule
+
+MAIN_POLICY = "etc/kmodtrim/policy.toml"
+DROPIN_DIR = "etc/kmodtrim/policy.d"
+
+
+@dataclass(frozen=True)
+class _PolicyFile:
+    shown: str  # in-root path recorded in Rule.source / sources
+    path: Path  # where to read it (and what error messages name)
+    dropin: bool
+
+
+def _expand_presets(presets: Iterable[str]) -> list[Rule]:
+    rules: list[Rule] = []
+    for name in presets:
+        source = f"preset:{name}"
+        rules.extend(parse_rule(text, source=source) for text in PRESETS[name])
+    return rules
+
+
+def _build(settings: Policy, user_rules: Sequence[Rule], sources: Sequence[str]) -> LoadedPolicy:
+    rules = _expand_presets(settings.presets) + list(user_rules)
+    return LoadedPolicy(settings=settings, rules=tuple(rules), sources=tuple(sources))
+
+
+@functools.cache
+def default_policy() -> LoadedPolicy:
+    """The built-in defaults (what an absent policy file means)."""
+    return _build(Policy(), (), ())
+
+
+def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = True) -> LoadedPolicy:
+    """Load ROOT/etc/kmodtrim/policy.toml (or ``explicit`` instead), then, unless
+    ``dropins`` is False, ROOT/etc/kmodtrim/policy.d/*.toml in lexical order.
+
+    Raises ``PolicyError`` naming the file (and line and key where known) for an
+    unreadable file, a TOML syntax error, an unknown key, a bad value or an unknown
+    preset. An explicit file must exist; a missing main file means the defaults.
+    """
+    files: list[_PolicyFile] = []
+    if explicit is not None:
+        if not explicit.exists():
+            raise PolicyError(
+                f"{explicit}: policy file not found", hint="Check the path given to --policy."
+            )
+        # Anything else that is not a regular file (/dev/null, a FIFO, a directory) is
+        # refused by name when it is read.
+        files.append(_PolicyFile(str(explicit), explicit, dropin=False))
+    else:
+        main = root / MAIN_POLICY
+        if main.exists() or main.is_symlink():
+            files.append(_PolicyFile("/" + MAIN_POLICY, main, dropin=False))
+    if dropins:
+        files.extend(_dropin_files(root))
+
+    merged: dict[str, Any] = Policy().model_dump()
+    user_rules: list[Rule] = []
+    for f in files:
+        # The main file or a drop-in symlinked to /dev/null is masked: read as empty.
+        text = "" if f.path != explicit and is_masked(f.path) else _read_text(f.path)
+        data = _parse_toml(text, f.path)
+        validated = _validate(data, merged, f, text)
+        for key, value in data.items():
+            if key == "rules":
+                lines = _array_item_lines(text, "rules")
+                for i, rule_text in enumerate(validated.rules):
+                    line = lines[i][0] if i < len(lines) and lines[i][1] == rule_text else None
+                    user_rules.append(parse_rule(rule_text, source=f.shown, line=line))
+            elif key == "presets":
+                merged["presets"] = _merge_presets(merged["presets"], value, f.dropin)
+            else:
+                merged[key] = validated.model_dump()[key]
+    merged["rules"] = [r.text for r in user_rules]
+    settings = Policy.model_validate(merged)
+    return _build(settings, user_rules, [f.shown for f in files])
+
+
+def _dropin_files(root: Path) -> list[_PolicyFile]:
+    directory = root / DROPIN_DIR
+    try:
+        entries = sorted(directory.iterdir(), key=lambda p: p.name)
+    except FileNotFoundError:
+        return []
+    except NotADirectoryError:
+        raise PolicyError(f"{directory}: not a directory", hint=_HINT) from None
+    except OSError as e:
+        raise PolicyError(f"{directory}: cannot list drop-ins: {e.strerror or e}") from None
+    # Hidden files are editor/packaging leftovers; a drop-in symlinked to /dev/null is
+    # masked and a directory named *.toml ignored. Any other file that is not regular (a
+    # FIFO, a device) is kept so that reading it refuses it by name.
+    return [
+        _PolicyFile(f"/{DROPIN_DIR}/{p.name}", p, dropin=True)
+        for p in entries
+        if p.name.endswith(".toml") and not p.name.startswith(".")
+        and not p.is_dir() and not is_masked(p)
+    ]
+
+
+def _read_text(path: Path) -> str:
+    """A policy file's text. Raises PolicyError for a missing, unreadable or non-UTF-8
+    file, one that is not a regular file (never opened), or one over MAX_CONFIG_BYTES."""
+    raw = read_input(path, limit=MAX_CONFIG_BYTES, what="policy file", error=PolicyError,
+                     hint="Check that the file exists and is a readable regular file.")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PolicyError(f"{path}:{line}: not UTF-8 text", hint=_HINT) from None
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+
+
+# No policy key nests deeper than 2 (a table holding arrays); deeper data is refused
+# before validation, whose error messages walk it recursively.
+_MAX_NESTING = 16
+
+
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    """The TOML document in ``text``. Raises PolicyError for a syntax error and for
+    arrays or tables nested deeper than _MAX_NESTING (tomllib recurses once per level:
+    thousands of levels exhaust the recursion limit)."""
+    try:
+        data = tomllib.loads(text)
+    except RecursionError:
+        raise PolicyError(
+            f"{path}: TOML nested too deeply to parse (more than {_MAX_NESTING} levels); "
+            "a policy nests at most 2", hint=_HINT,
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        message = str(e)
+        m = _TOML_POSITION.search(message)
+        if m:
+            where = f"{path}:{m.group(1)}:{m.group(2)}"
+            message = message[: m.start()]
+        elif message.endswith("(at end of document)"):
+            where = f"{path}:{text.count(chr(10)) + 1}"
+            message = message.removesuffix("(at end of document)").rstrip()
+        else:
+            where = str(path)
+        raise PolicyError(f"{where}: TOML syntax error: {message}", hint=_HINT) from None
+    if _nesting(data) > _MAX_NESTING:
+        raise PolicyError(
+            f"{path}: TOML nested more than {_MAX_NESTING} levels deep; a policy nests "
+            "at most 2", hint=_HINT,
+        )
+    return data
+
+
+def _nesting(data: object) -> int:
+    """How deep tables and arrays nest in parsed TOML (walked without recursion)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Iterable[object] = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > _MAX_NESTING:
+            break
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
+def _overlay(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``data`` over ``base``: tables merge key by key, everything else replaces."""
+    out = dict(base)
+    for key, value in data.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict):
+            out[key] = _overlay(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(
+    data: Mapping[str, Any], merged: Mapping[str, Any], f: _PolicyFile, text: str
+) -> Policy:
+    """Validate this file's keys on top of what earlier files gave. Lists replace (rather
+    than append) here so that an error's list index is the index in this file; since
+    ``merged`` is already valid, every error is this file's."""
+    try:
+        return Policy.model_validate(_overlay(merged, data), context={"dropin": f.dropin})
+    except ValidationError as e:
+        described = [_describe_error(err, f.path, text) for err in e.errors()]
+        # In file order, so the message reads top to bottom like the file.
+        described.sort(key=lambda d: d[0] if d[0] is not None else 1 << 30)
+        raise PolicyError("\n".join(message for _, message in described), hint=_HINT) from None
+
+
+def _merge_presets(current: Sequence[str], given: Sequence[str], dropin: bool) -> list[str]:
+    if not dropin:
+        result: list[str] = []
+    else:
+        result = list(current)
+    for entry in given:
+        if entry.startswith("-"):
+            if entry[1:] in result:
+                result.remove(entry[1:])
+        elif entry not in result:
+            result.append(entry)
+    return result
+
