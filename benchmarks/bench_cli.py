@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from common import OBSERVED, timed
+
 from kernels import prepare_kernel
 
 KMODTRIM = [sys.executable, "-m", "kmodtrim.cli"]

@@ -169,7 +169,7 @@ def test_extra_package_leaves_whole_and_comes_back_offline(root: Path) -> None:
     assert {f.path for f in record.files} == {E_ONE, E_TWO, E_THREE, EXTRA_DOC}
     assert {c.module for c in record.control} == {"md5sums", "shlibs"}
     shown = json.loads(kmodtrim(root, "show", str(generation.number), "--json").stdout)
-    assert [p["name"] for p in shown["packages"]] == [EXTRA]
+    assert [p["name"] for p in shown["packages_out"]] == [EXTRA]
     assert shown["packages_removed"] == [EXTRA]
     shown_text = kmodtrim(root, "show", str(generation.number)).stdout
     assert f"this generation removed package(s): {EXTRA}" in shown_text

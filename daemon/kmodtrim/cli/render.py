@@ -138,7 +138,7 @@ def show(doc: dict[str, Any], out: TextIO) -> None:
     for verb, names in (("removed", doc["packages_removed"]),
                         ("reinstalled", doc["packages_reinstalled"])):
         if names:
-            print(f"  {verb} package(s): {', '.join(names)}", file=out)
+            print(f"  this generation {verb} package(s): {', '.join(names)}", file=out)
     for p in doc["packages_out"]:
         print(f"  package out of the system: {p['name']} {p['version']} ({p['files']} files "
               "in the stash)", file=out)
