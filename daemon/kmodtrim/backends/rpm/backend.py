@@ -1,47 +1,20 @@
-"""rpm backend: trimmed paths go into ``%_netsharedpath`` in ROOT/etc/rpm/macros.kmodtrim.
-
-What rpm does (checked against rpm 4.18 by tests/test_backend_rpm.py):
-
-- ``%_netsharedpath`` is a colon-separated list of path prefixes (a prefix matches only at
-  a ``/`` boundary, so a file path matches exactly that file).  Matching files are not
-  installed, the database records them as "net shared", ``rpm -V`` is silent about them and
-  ``rpm -e`` leaves them alone.  Lifting the macro and reinstalling brings them back.
-- File states are recorded at install time.  A file trimmed from an installed package is
-  reported ``missing`` by ``rpm -V`` until the package is next reinstalled or upgraded
-  with the macro in place; from then on it is "net shared" and ``rpm -V`` is silent.
-- It is one macro: the definition loaded last wins.  We merge with the value the system
-  defines without our file (evaluated by rpm itself over the same macro files minus ours),
-  and after writing check that our definition is the one in effect — a file loaded after
-  ours (e.g. /etc/rpm/macros) that sets ``%_netsharedpath`` would silently drop our paths.
-  Our own paths are also available as ``%_kmodtrim_netsharedpath`` for such a file.
-- Macro files are read through a 16 KiB line buffer and longer lines are silently
-  truncated, so long lists are split over chunk macros joined by references.
-- ``rpm --root ROOT`` reads macro files from the *host* (/usr/lib/rpm, /etc/rpm, ~), never
-  from ROOT.  On the live system that is right.  For any other root every rpm command gets
-  ``--macros`` (placed before ``--root``, or rpm ignores it) with the host's macro path,
-  its /etc entries moved into ROOT, and ``--dbpath`` of ROOT's database (Debian's rpm,
-  for one, defaults to ~/.rpmdb).
-"""
+"""RpmBackend: the package manager is rpm (with dnf on top): who owns a path, trimmed paths
+excluded through ``%_netsharedpath``, reinstall, erase, verify, the rpmdb locks, and whole
+packages erased and rebuilt with rpmbuild."""
 
 from __future__ import annotations
 
-import fnmatch
-import functools
-import glob
 import os
-import re
-import shlex
 import shutil
-import stat
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import CommandError, InputError
-from ..inputs import MAX_CONFIG_BYTES, read_input
-from ..run import run
-from ..store import RemovedPackage
-from .package import (
+from ...errors import CommandError, InputError
+from ...inputs import MAX_CONFIG_BYTES, read_input
+from ...run import run
+from ...store import RemovedPackage
+from ..package import (
     PM_ENV,
     OwnerTable,
     PackageDescription,
@@ -55,101 +28,29 @@ from .package import (
     wait_for_lock_holders,
     write_config,
 )
+from .macros import (
+    _HEADER,
+    MACRO_FILE,
+    _define,
+    _macro_escape,
+    _split,
+    effective_netsharedpath,
+    rpm_command,
+    system_netsharedpath,
+)
+from .spec import (
+    _DEPENDENCIES,
+    _SCRIPTLETS,
+    _SPEC_UNSAFE,
+    _dependencies,
+    _evr,
+    _header_tags,
+    _scalar,
+    _spec,
+)
 
-MACRO_FILE = "etc/rpm/macros.kmodtrim"
 DNF_LOCK = "var/lib/dnf/rpmdb_lock.pid"
 _NEVRA = "%{NAME}-%{VERSION}-%{RELEASE}.%{ARCH}"
-_CHUNK = 8000  # characters per macro line, well below rpm's 16 KiB line buffer
-_FALLBACK_MACRO_PATH = ("/usr/lib/rpm/macros:/usr/lib/rpm/macros.d/macros.*:"
-                        "/usr/lib/rpm/platform/%{_target}/macros:/usr/lib/rpm/fileattrs/*.attr:"
-                        "/etc/rpm/macros.*:/etc/rpm/macros:/etc/rpm/%{_target}/macros:"
-                        "~/.rpmmacros")
-_HEADER = """\
-# Managed by kmodtrim: these module files were moved to kmodtrim's stash; rpm must not
-# install them again on reinstall or upgrade, and records them as "net shared".
-# %_netsharedpath keeps what the system defines elsewhere.  Do not edit; `kmodtrim restore`
-# (or rollback) rewrites this file.  To set %_netsharedpath in a file loaded after this one,
-# append :%{?_kmodtrim_netsharedpath} to keep kmodtrim's paths.
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def _host_macro_path() -> tuple[str, ...]:
-    done = run(["rpm", "--showrc"], env=PM_ENV)
-    for line in done.stdout.splitlines():
-        if line.startswith("Macro path:"):
-            return tuple(line.split(":", 1)[1].strip().split(":"))
-    return tuple(_FALLBACK_MACRO_PATH.split(":"))
-
-
-def macro_path(root: Path, *, without_ours: bool = False) -> list[str]:
-    """The macro files rpm reads for ``root`` (globs left to rpm), optionally without our
-    macro file — to learn what the system defines on its own."""
-    live = is_live(root)
-    ours = str(Path("/") / MACRO_FILE) if live else str(root / MACRO_FILE)
-    entries = []
-    for entry in _host_macro_path():
-        if not live:
-            if entry.startswith("~"):
-                continue  # the invoking user's macros say nothing about an image
-            if entry.startswith("/etc/"):
-                entry = str(root) + entry
-        if without_ours and fnmatch.fnmatchcase(ours, entry):
-            # rpm sorts glob matches; list them ourselves, leaving our file out
-            entries += [m for m in sorted(glob.glob(entry)) if m != ours]
-        else:
-            entries.append(entry)
-    return entries
-
-
-def rpm_command(root: Path) -> list[str]:
-    """The argv prefix for running rpm on ``root`` with ROOT's macros and database."""
-    if is_live(root):
-        return ["rpm"]
-    # --macros must come before --root: given after it, rpm 4.18 loads none of the files.
-    argv = ["rpm", "--macros=" + ":".join(macro_path(root)), f"--root={root}"]
-    db = rpm_db_dir(root)
-    if db is not None:
-        argv.append(f"--dbpath={db}")
-    return argv
-
-
-def _split(value: str) -> list[str]:
-    return [p for p in value.strip().split(":") if p]
-
-
-def system_netsharedpath(root: Path) -> list[str]:
-    """``%_netsharedpath`` as the system defines it without our macro file."""
-    argv = ["rpm", "--macros=" + ":".join(macro_path(root, without_ours=True)),
-            "--eval", "%{?_netsharedpath}"]
-    return _split(run(argv, env=PM_ENV).stdout)
-
-
-def effective_netsharedpath(root: Path) -> list[str]:
-    """``%_netsharedpath`` as rpm operating on ``root`` sees it."""
-    return _split(run([*rpm_command(root), "--eval", "%{?_netsharedpath}"], env=PM_ENV).stdout)
-
-
-def _macro_escape(path: str) -> str:
-    return path.replace("%", "%%")
-
-
-def _define(name: str, items: Sequence[str]) -> list[str]:
-    """Lines defining ``%name`` as ``items`` joined by colons, split over ``%name_N`` chunk
-    macros (recursively) when one line would be too long for rpm's macro file reader."""
-    line = f"%{name} " + ":".join(items)
-    if len(line) <= _CHUNK:
-        return [line]
-    chunks: list[list[str]] = [[]]
-    size = 0
-    for item in items:
-        if chunks[-1] and size + len(item) + 1 > _CHUNK - len(name) - 16:
-            chunks.append([])
-            size = 0
-        chunks[-1].append(item)
-        size += len(item) + 1
-    lines = [f"%{name}_{i} " + ":".join(chunk) for i, chunk in enumerate(chunks, 1)]
-    return lines + _define(name, [f"%{{{name}_{i}}}" for i in range(1, len(chunks) + 1)])
 
 
 class RpmBackend:
@@ -432,103 +333,6 @@ class RpmBackend:
         if archives:
             run([*rpm_command(root), "-U", "--replacepkgs", "--nodeps", *map(str, archives)],
                 env=PM_ENV)
-
-
-_SCRIPTLETS = (("pretrans", "Pretrans"), ("pre", "Prein"), ("post", "Postin"),
-               ("preun", "Preun"), ("postun", "Postun"), ("posttrans", "Posttrans"))
-_DEPENDENCIES = {"Requires": "Require", "Provides": "Provide", "Conflicts": "Conflict",
-                 "Obsoletes": "Obsolete", "Recommends": "Recommend", "Suggests": "Suggest",
-                 "Supplements": "Supplement", "Enhances": "Enhance"}
-# rpmsense bits: comparison, and the dependencies rpm adds by itself
-_SENSE = {2: "<", 4: ">", 8: "=", 10: "<=", 12: ">="}
-_RPMLIB, _INTERP, _CONFIG = 1 << 24, 1 << 8, 1 << 28
-_SPEC_UNSAFE = re.compile(r"[\s\"'%*?\[\]{}\\]")
-_FILE_FLAGS = ((1, "%config"), (2, "%doc"), (64, "%ghost"), (128, "%license"),
-               (256, "%readme"), (4096, "%artifact"))
-
-
-def _header_tags(xml: str) -> dict[str, Any]:
-    """``rpm -q --xml`` output as tag name → value (a list for array tags)."""
-    import xml.etree.ElementTree as ET
-
-    tags: dict[str, Any] = {}
-    for tag in ET.fromstring(xml).iter("rpmTag"):
-        values: list[Any] = []
-        for item in tag:
-            text = item.text or ""
-            values.append(int(text) if item.tag == "integer" else text)
-        tags[tag.get("name", "")] = values
-    return tags
-
-
-def _scalar(tags: dict[str, Any], name: str) -> Any:
-    values = tags.get(name)
-    return values[0] if values else None
-
-
-def _evr(meta: dict[str, Any]) -> str:
-    epoch = f"{meta['epoch']}:" if meta.get("epoch") is not None else ""
-    return f"{epoch}{meta['version']}-{meta['release']}"
-
-
-def _dependencies(tags: dict[str, Any], kind: str) -> list[str]:
-    """A dependency list as spec lines' values ("name >= 1.0"), without those rpm(build)
-    adds by itself (rpmlib(), scriptlet interpreters, config(), the self-provide)."""
-    prefix = _DEPENDENCIES[kind]
-    names = tags.get(prefix + "name", [])
-    flags = tags.get(prefix + "flags", [0] * len(names))
-    versions = tags.get(prefix + "version", [""] * len(names))
-    out = []
-    for name, flag, version in zip(names, flags, versions, strict=False):
-        if flag & (_RPMLIB | _INTERP) or name.startswith(("rpmlib(", "config(")):
-            continue
-        if kind == "Provides" and name in (_scalar(tags, "Name"),
-                                           f"{_scalar(tags, 'Name')}({_scalar(tags, 'Arch')})"):
-            continue
-        op = _SENSE.get(flag & 14)
-        out.append(f"{name} {op} {version}" if op and version else name)
-    return out
-
-
-def _escape(text: str) -> str:
-    return text.replace("%", "%%")
-
-
-def _spec(meta: dict[str, Any], tree: Path) -> str:
-    """A spec file that packages ``tree`` as the recorded package."""
-    lines = [f"Name: {meta['name']}", f"Version: {meta['version']}",
-             f"Release: {meta['release']}"]
-    if meta.get("epoch") is not None:
-        lines.append(f"Epoch: {meta['epoch']}")
-    lines += [f"Summary: {_escape(meta.get('summary') or meta['name'])}",
-              f"License: {_escape(meta.get('license') or 'unknown')}", "AutoReqProv: no"]
-    for key, tag in (("group", "Group"), ("url", "URL"), ("vendor", "Vendor"),
-                     ("packager", "Packager")):
-        if meta.get(key):
-            lines.append(f"{tag}: {_escape(str(meta[key]))}")
-    if meta.get("arch") == "noarch":
-        lines.append("BuildArch: noarch")
-    for kind, deps in meta.get("dependencies", {}).items():
-        lines += [f"{kind}: {_escape(dep)}" for dep in deps]
-    lines += ["", "%description", _escape(meta.get("description") or ""), "",
-              "%install", "mkdir -p %{buildroot}",
-              f"cp -a {shlex.quote(str(tree))}/. %{{buildroot}}/", ""]
-    for section, script in meta.get("scripts", {}).items():
-        prog = f" -p {script['prog']}" if script["prog"] else ""
-        lines += [f"%{section}{prog}", _escape(script["body"]), ""]
-    lines.append("%files")
-    for f in meta.get("files", []):
-        words = ["%dir"] if stat.S_ISDIR(f["mode"]) else []
-        words += [word for bit, word in _FILE_FLAGS if f["flags"] & bit]
-        if "%config" in words and f["flags"] & 16:
-            words[words.index("%config")] = "%config(noreplace)"
-        if f.get("lang"):
-            words.append(f"%lang({f['lang']})")
-        mode = "-" if stat.S_ISLNK(f["mode"]) else f"{stat.S_IMODE(f['mode']):o}"
-        words.append(f"%attr({mode},{f['user']},{f['group']})")
-        words.append(f["path"])
-        lines.append(" ".join(words))
-    return "\n".join(lines) + "\n"
 
 
 def _dnf_lock_holder(root: Path) -> int | None:
