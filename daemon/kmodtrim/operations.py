@@ -36,6 +36,7 @@ from .observe import (
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .policy import LoadedPolicy, load_policy
 from .records import StashedFile
+from .sizes import human_bytes
 from .state.stash import Stash
 from .store import (
     current_generation,
@@ -299,14 +300,3 @@ def boot_id(root: Path) -> str:
         return (data or b"").decode("ascii", "replace").strip() or "offline"
     except OSError:
         return "offline"
-
-
-def human_bytes(n: int) -> str:
-    """1536 → '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
-

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TextIO
 
 from .. import usecases
 from ..documents import SCHEMA
 from ..errors import InputError
+from ..sizes import human_bytes
 from . import remote, render
 from .term import Console
 
@@ -32,13 +34,19 @@ def warn_state(args: argparse.Namespace, console: Console) -> Any:
     return state
 
 
-def status(args: argparse.Namespace, console: Console) -> int:
-    doc = usecases.status(args.root, kernel=args.kernel, policy=args.policy,
-                          verify=args.verify)
+def _answer(args: argparse.Namespace, console: Console, doc: dict[str, Any],
+            human: Callable[[dict[str, Any], TextIO], None]) -> None:
+    """The document itself with --json, else its human rendering."""
     if args.json:
         render.dump(doc, console.out)
     else:
-        render.status(doc, console.out)
+        human(doc, console.out)
+
+
+def status(args: argparse.Namespace, console: Console) -> int:
+    doc = usecases.status(args.root, kernel=args.kernel, policy=args.policy,
+                          verify=args.verify)
+    _answer(args, console, doc, render.status)
     return 1 if doc["damaged"] else 0
 
 
@@ -48,19 +56,13 @@ def history(args: argparse.Namespace, console: Console) -> int:
         doc = {"schema": SCHEMA, "generations": remote.client().list_generations()}
     else:
         doc = usecases.history(args.root)
-    if args.json:
-        render.dump(doc, console.out)
-    else:
-        render.history(doc, console.out)
+    _answer(args, console, doc, render.history)
     return 0
 
 
 def show(args: argparse.Namespace, console: Console) -> int:
     doc = usecases.show(args.root, args.generation)
-    if args.json:
-        render.dump(doc, console.out)
-    else:
-        render.show(doc, console.out)
+    _answer(args, console, doc, render.show)
     return 0
 
 
@@ -179,7 +181,7 @@ def index(args: argparse.Namespace, console: Console) -> int:
     else:
         out = console.out
         print(f"kernel {idx.kernel}: {len(idx.modules)} modules "
-              f"({render.human_bytes(idx.total_bytes())}), {len(idx.builtins)} builtins, "
+              f"({human_bytes(idx.total_bytes())}), {len(idx.builtins)} builtins, "
               f"{aliases} aliases", file=out)
         print(f"kernel exports: {len(idx.kernel_exports)} symbols, "
               f"{idx.kernel_exports_source}", file=out)

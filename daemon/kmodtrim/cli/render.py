@@ -8,17 +8,11 @@ import json
 from collections import Counter
 from typing import Any, TextIO
 
+from ..sizes import human_bytes
+
 TOP_SAVINGS = 15
 
 
-def human_bytes(n: int) -> str:
-    """1536 → '1.5 KiB'."""
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{n} B"
 
 
 def dump(doc: Any, out: TextIO) -> None:
