@@ -1,7 +1,7 @@
 """Built-in policy presets: named lists of rules that keep whole families of modules.
 
 Each preset is a tuple of rule strings with the same syntax as ``rules`` in the policy
-file (see ``policy.py``): a module name glob (``virtio_*``), an alias glob
+file (see ``policy/``): a module name glob (``virtio_*``), an alias glob
 (``alias:crypto-crc32c``), or a path glob relative to the module directory (anything with a
 ``/``); a leading ``-`` would exclude. Presets deliberately contain no exclusions: presets
 are expanded one after another and, with last-match-wins, an exclusion in one preset would
