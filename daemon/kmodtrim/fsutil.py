@@ -113,6 +113,74 @@ def open_parent(root: Path, path: str, *, create: bool = False,
             os.close(fd)
 
 
+class Walk:
+    """open_parent for many paths in a row: the descriptor of each directory reached is
+    kept until the walk ends, so thousands of files in a few directories cost a few walks.
+    Not for threads. Use as a context manager."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dirs: dict[str, int] = {}
+
+    def __enter__(self) -> Walk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def parent(self, path: str) -> tuple[int, str]:
+        """(descriptor of the directory holding ``path``, its last component), as
+        open_parent gives them. Raises FileNotFoundError, OSError, UnsafePathError."""
+        check_relative(path)
+        directory, _, name = path.rpartition("/")
+        fd = self._dirs.get(directory)
+        if fd is None:
+            with open_parent(self.root, path) as (found, _name):
+                fd = os.dup(found)
+            self._dirs[directory] = fd
+        return fd, name
+
+    def lexists(self, path: str) -> bool:
+        try:
+            fd, name = self.parent(path)
+            os.lstat(name, dir_fd=fd)
+            return True
+        except (OSError, UnsafePathError):
+            return False
+
+    def unlink(self, path: str) -> bool:
+        """Remove the file or link at ``path``; False if it was not there."""
+        try:
+            fd, name = self.parent(path)
+            os.unlink(name, dir_fd=fd)
+            return True
+        except FileNotFoundError:
+            return False
+
+
+def describe(root: Path, path: str, limit: int) -> tuple[os.stat_result, bytes | str]:
+    """One walk: the lstat of in-root ``path`` and its bytes (a regular file, at most
+    ``limit``) or its link target. Raises OSError (EFBIG past the limit; EINVAL for a
+    special file), UnsafePathError."""
+    with open_parent(root, path) as (dfd, name):
+        st = os.lstat(name, dir_fd=dfd)
+        if stat.S_ISLNK(st.st_mode):
+            return st, os.readlink(name, dir_fd=dfd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        if st.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", path)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dfd)
+        with os.fdopen(fd, "rb") as f:
+            data = f.read(limit + 1)
+        if len(data) > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB", path)
+        return st, data
+
+
 def resolve(root: Path, path: str) -> Path:
     """The real location of in-root ``path`` (its directories' links resolved inside the
     root), for reading and for tools that take a path. Raises OSError, UnsafePathError."""

@@ -118,10 +118,11 @@ def apply_plan(
             )
         already = {f.path for f in current.removed}
         to_stash: list[PutRequest] = []
-        for m in plan.remove:
-            for path in m.files:
-                if path not in already and fsutil.lexists(root, path):
-                    to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
+        with fsutil.Walk(root) as walk:
+            for m in plan.remove:
+                for path in m.files:
+                    if path not in already and walk.lexists(path):
+                        to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
         for fw in plan.firmware_remove:
             if fw.path not in already:
                 to_stash.append(PutRequest(fw.path, "firmware", ",".join(fw.wanted_by), None))
@@ -166,11 +167,12 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
                         if f.kernel is None or kernel_installed(root, f.kernel)}
         current_paths = {f.path for f in current.removed}
         to_restore = [f for f in current.removed if f.path not in target_paths]
-        to_stash = [
-            PutRequest(f.path, f.kind, f.module, f.kernel)
-            for path, f in target_paths.items()
-            if path not in current_paths and fsutil.lexists(root, path)
-        ]
+        with fsutil.Walk(root) as walk:
+            to_stash = [
+                PutRequest(f.path, f.kind, f.module, f.kernel)
+                for path, f in target_paths.items()
+                if path not in current_paths and walk.lexists(path)
+            ]
         return transition.run(root, current, Change(
             action="rollback",
             description=f"roll back to generation {to}",

@@ -249,9 +249,10 @@ class Transition:
         self._progress("remove packages", len(self.removing), len(self.removing))
 
     def unlink(self) -> None:
-        for i, item in enumerate(self.change.to_stash, 1):
-            fsutil.unlink(self.root, item.path)
-            fault_point("unlink", i)
+        with fsutil.Walk(self.root) as walk:
+            for i, item in enumerate(self.change.to_stash, 1):
+                walk.unlink(item.path)
+                fault_point("unlink", i)
         fault_point("after-unlink")
 
     def restore_files(self) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import stat
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -193,25 +192,23 @@ class Stash:
     def _describe(self, request: PutRequest) -> tuple[StashedFile, bytes | None]:
         """The manifest entry of an in-root file, and its bytes (None for a link)."""
         try:
-            st = fsutil.lstat(self.root, request.path)
-            if stat.S_ISLNK(st.st_mode):
-                target = fsutil.readlink(self.root, request.path)
-                return StashedFile(
-                    path=request.path, size=st.st_size,
-                    sha256=hashlib.sha256(target.encode()).hexdigest(), mode=0o777,
-                    uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, kind=request.kind,
-                    module=request.module, kernel=request.kernel, package=request.package,
-                    link=target,
-                ), None
-            data = fsutil.read_bytes(self.root, request.path, MAX_MODULE_BYTES)
+            st, content = fsutil.describe(self.root, request.path, MAX_MODULE_BYTES)
         except OSError as exc:
             raise StashError(f"cannot read {request.path}: {exc.strerror or exc}") from None
+        if isinstance(content, str):
+            return StashedFile(
+                path=request.path, size=st.st_size,
+                sha256=hashlib.sha256(content.encode()).hexdigest(), mode=0o777,
+                uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, kind=request.kind,
+                module=request.module, kernel=request.kernel, package=request.package,
+                link=content,
+            ), None
         return StashedFile(
-            path=request.path, size=st.st_size, sha256=hashlib.sha256(data).hexdigest(),
+            path=request.path, size=st.st_size, sha256=hashlib.sha256(content).hexdigest(),
             mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
             kind=request.kind, module=request.module, kernel=request.kernel,
             package=request.package,
-        ), data
+        ), content
 
     def _read_compressed(self, sha256: str) -> bytes:
         """The zstd frame of a blob, from a pack or loose. Raises OSError."""
