@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from ..names import module_name_from_path, normalize
 from .model import Policy
-from .rules import Rule, RuleKind
+from .rules import Rule, RuleKind, bracket_end
 
 
 def _literal_runs(pattern: str) -> list[str]:
@@ -26,14 +26,8 @@ def _literal_runs(pattern: str) -> list[str]:
         if c in "*?":
             runs.append([])
         elif c == "[":
-            j = i
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j >= n:
+            j = bracket_end(pattern, i)
+            if j is None:
                 runs[-1].append(c)
             else:
                 runs.append([])

@@ -28,6 +28,20 @@ RuleKind = Literal["name", "path", "alias"]
 # -- rule syntax -------------------------------------------------------------------------
 
 
+def bracket_end(pattern: str, j: int) -> int | None:
+    """Where the ``[...]`` set whose contents start at ``j`` closes, as fnmatch reads it
+    ("[!" and a leading "]" belong to the set), or None when it never closes (then the
+    "[" is a literal character)."""
+    n = len(pattern)
+    if j < n and pattern[j] == "!":
+        j += 1
+    if j < n and pattern[j] == "]":
+        j += 1
+    while j < n and pattern[j] != "]":
+        j += 1
+    return j if j < n else None
+
+
 def _normalize_glob(pattern: str) -> str:
     """``-`` → ``_`` like module names, except inside ``[...]`` where ``-`` is a range."""
     out: list[str] = []
@@ -37,14 +51,8 @@ def _normalize_glob(pattern: str) -> str:
         if c == "[":
             # Same bracket rules as fnmatch: "[!" and a leading "]" belong to the set; an
             # unterminated "[" is a literal character.
-            j = i + 1
-            if j < n and pattern[j] == "!":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 1
-            if j < n:
+            j = bracket_end(pattern, i + 1)
+            if j is not None:
                 out.append(pattern[i : j + 1])
                 i = j + 1
                 continue
