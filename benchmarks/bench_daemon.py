@@ -1,10 +1,12 @@
 """kmodtrimd's footprint and self-healing latency on a trimmed Debian cloud kernel.
 
-Reports: idle RSS after start-up (target ≤ 40 MB) and again after a restore job and a plan
-(jobs run in worker processes, so the daemon should not grow), CPU time used over an idle
-period (target ~0; default 60 s), and the latency from a device uevent for a trimmed driver to
-that driver back in the tree with depmod rerun (target ≤ 2 s). The daemon runs on a
-private dbus-daemon standing in for the system bus.
+Reports: idle RSS after start-up (target ≤ 25 MiB) and again after a restore job and a plan
+(jobs and plans run in worker processes, so the daemon should not grow): 1 s after them,
+and once the answer cache has expired and the daemon has given the memory back
+(dbus/limits.py: CACHE_TTL + QUIET); CPU time used over an idle period (target ~0; default
+60 s), and the latency from a device uevent for a trimmed driver to that driver back in the
+tree with depmod rerun (target ≤ 1 s). The daemon runs on a private dbus-daemon standing in
+for the system bus.
 
     .venv/bin/python benchmarks/bench_daemon.py [--idle-seconds 60] [--json]
 """
@@ -25,6 +27,7 @@ from common import OBSERVED  # first: it puts tests/ on the path
 
 from dbusfixture import running_daemon, start_private_bus
 from kernels import copy_kernel_tree, prepare_kernel
+from kmodtrim.dbus.limits import CACHE_TTL, QUIET
 
 # A virtio input device appearing (virtio_input is not in the recorded VM: trimmed).
 DEVICE_ADD = (b"add@/devices/pci0000:00/0000:00:09.0/virtio5\0ACTION=add\0"
@@ -94,6 +97,8 @@ def main() -> int:
                                     str(tree.root)], check=True, capture_output=True, env=env)
                 time.sleep(1.0)
                 rss_after_jobs = _rss_kib(proc.pid)
+                time.sleep(CACHE_TTL + QUIET)
+                rss_after_jobs_settled = _rss_kib(proc.pid)
             os.environ["DBUS_SYSTEM_BUS_ADDRESS"] = bus.address
             latency = asyncio.run(_heal_latency(tree.root))
     figures = {
@@ -101,6 +106,7 @@ def main() -> int:
         "idle_rss_mib": round(rss / 1024, 1),
         "idle_rss_mib_after_idle": round(rss_after / 1024, 1),
         "idle_rss_mib_after_jobs": round(rss_after_jobs / 1024, 1),
+        "idle_rss_mib_after_jobs_settled": round(rss_after_jobs_settled / 1024, 1),
         "idle_seconds": args.idle_seconds,
         "idle_cpu_seconds": round(idle_cpu, 3),
         "device_event_to_restored_driver_seconds": round(latency, 3),
@@ -110,10 +116,11 @@ def main() -> int:
     else:
         print(f"kmodtrimd on a trimmed {tree.kver} root (private system bus)")
         print(f"  idle RSS               {rss / 1024:6.1f} MiB (after "
-              f"{args.idle_seconds:g} s idle: {rss_after / 1024:.1f} MiB)   (target ≤ 40 MB)")
-        print(f"  idle RSS after a restore job and a plan  {rss_after_jobs / 1024:6.1f} MiB")
+              f"{args.idle_seconds:g} s idle: {rss_after / 1024:.1f} MiB)   (target ≤ 25 MiB)")
+        print(f"  idle RSS after a restore job and a plan  {rss_after_jobs / 1024:6.1f} MiB "
+              f"(once the answer cache expired: {rss_after_jobs_settled / 1024:.1f} MiB)")
         print(f"  CPU over {args.idle_seconds:g} s idle    {idle_cpu:6.2f} s   (target ~0)")
-        print(f"  device event → driver back with depmod  {latency:5.2f} s   (target ≤ 2 s)")
+        print(f"  device event → driver back with depmod  {latency:5.2f} s   (target ≤ 1 s)")
     return 0
 
 

@@ -108,6 +108,23 @@ def test_startup_snapshot_and_module_uevents_are_recorded_as_observed(
     assert read_observations(root)[BOOT_ID]["modules"] == ["core", "fs_b"]
 
 
+def test_uevents_that_arrive_during_start_up_are_handled_once_it_is_done(
+    private_bus: PrivateBus, root: Path
+) -> None:
+    """The uevent socket opens before start-up's work (which runs in worker processes):
+    what arrives meanwhile waits for it, then counts for this boot."""
+    async def scenario() -> None:
+        daemon = Daemon(root)
+        daemon.handle_uevent(MODULE_ADD)
+        await asyncio.sleep(0.2)
+        assert read_observations(root) == {}  # start-up has not said which boot this is
+        await asyncio.to_thread(daemon.load)
+        await daemon.started()
+        await _wait_for(lambda: "fs_b" in read_observations(root)[BOOT_ID]["modules"])
+
+    asyncio.run(scenario())
+
+
 def test_trimmed_module_restored_when_device_appears(
     private_bus: PrivateBus, root: Path
 ) -> None:

@@ -488,6 +488,79 @@ def test_canceled_trim_changes_nothing(
     assert generation_numbers(cloud_root.root) == [0]
 
 
+def _workers_of(daemon_pid: int) -> list[int]:
+    """The pids of the daemon's worker processes (resident/worker.py) running now."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"\nPPid:\t{daemon_pid}\n" in status and b"kmodtrim.resident.worker" in cmdline \
+                and "\nState:\tZ" not in status:
+            found.append(int(entry.name))
+    return found
+
+
+def _worker_of(daemon_pid: int, timeout: float = 30.0) -> int:
+    """The pid of the daemon's one worker process, once it runs."""
+    deadline = time.monotonic() + timeout
+    while not (found := _workers_of(daemon_pid)):
+        assert time.monotonic() < deadline, "kmodtrimd started no worker"
+        time.sleep(0.01)
+    (pid,) = found
+    return pid
+
+
+def _wait_for_no_worker(daemon_pid: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _workers_of(daemon_pid):
+        assert time.monotonic() < deadline, "a kmodtrimd worker keeps running"
+        time.sleep(0.05)
+
+
+@pytest.mark.kernel
+def test_a_worker_that_dies_fails_its_job_and_the_daemon_serves_on(
+    private_bus: PrivateBus, cloud_root: KernelTree, tmp_path: Path
+) -> None:
+    """Jobs run in worker processes: one killed mid-trim is a failed job, never a dead
+    daemon, and the next job recovers what it left (the engine's journal)."""
+    before = sorted(p.name for p in cloud_root.moddir.rglob("*.ko"))
+    options = {"observed": [tmp_path / "observed.txt"], "initramfs": "skip"}
+    with running_daemon(private_bus, cloud_root.root) as daemon:
+        _wait_for_no_worker(daemon.pid)  # start-up's automatic-trim check has answered
+        thread, box = _in_thread(client.trim, options)
+        _wait_for_state("busy")
+        os.kill(_worker_of(daemon.pid), 9)
+        thread.join(60)
+        error = box.get("error")
+        assert isinstance(error, KmodtrimError), box
+        assert "worker for trim was killed by signal SIGKILL" in error.message
+        assert daemon.poll() is None and client.manager_properties()["State"] == "idle"
+        assert client.rollback(None, {"initramfs": "skip", "dry_run": True})["dry_run"]
+        outcome = client.trim(options)  # recovers first, then trims
+        assert outcome["generation"] == 1
+        client.rollback(None, {"initramfs": "skip"})
+    assert sorted(p.name for p in cloud_root.moddir.rglob("*.ko")) == before
+
+
+def test_the_daemon_leaves_planning_and_the_engine_to_its_workers(
+    daemon_on: PrivateBus, root: Path, observed: Path
+) -> None:
+    """Start-up, Plan, Explain and jobs run in worker processes: the daemon itself never
+    loads the policy's pydantic models nor the stash's zstandard."""
+    assert client.plan({"observed": [observed]})["kernel"] == KVER
+    assert client.explain("core", {"observed": [observed]})["status"] == "kept"
+    assert client.trim({"observed": [observed], "initramfs": "skip"})["generation"] == 1
+    pid = int(subprocess.run(["pgrep", "-f", f"kmodtrim.daemon --root {root}"],
+                             capture_output=True, text=True, check=True).stdout.split()[0])
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    assert "pydantic_core" not in maps and "zstandard" not in maps
+
+
 def _kmodtrim_cli(bus: PrivateBus, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kmodtrim.cli", *args],
                           env={**os.environ, **bus.env()}, capture_output=True, text=True,

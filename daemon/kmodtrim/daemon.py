@@ -1,33 +1,35 @@
 """``kmodtrimd``: the composition root of the daemon. It builds the resident daemon
-(kmodtrim.resident: job slot, kernel-event queue, observation and self-healing) and its
-D-Bus transport (kmodtrim.dbus.service), wires one to the other, and runs them.
+(kmodtrim.resident: job slot, kernel-event queue, observation and self-healing; its jobs
+and heavy reads run in worker processes) and its D-Bus transport (kmodtrim.dbus.service),
+wires one to the other, and runs them.
 
-Start-up order: claim the bus name, then recover an interrupted operation and snapshot the
-loaded modules, then ``READY=1``. Idle means idle: no timer runs except the watchdog ping
-(only when systemd asks for one with ``WATCHDOG_USEC``).
+Start-up order: claim the bus name, listen to uevents, then recover an interrupted
+operation and snapshot the loaded modules, then ``READY=1``. Idle means idle: no timer
+runs except the watchdog ping (only when systemd asks for one with ``WATCHDOG_USEC``).
 
 Stopping (SIGTERM/SIGINT): a running job is asked to cancel. Cancellation is honoured at
 the engine's next per-file step before its commit point, where the engine undoes the
 partial work itself (the same code crash recovery runs); a job past that point finishes.
-The daemon waits for the worker thread, then exits. If it is killed instead, the engine's
+The daemon waits for the worker, then exits. If it is killed instead, the engine's
 write-ahead journal lets the next start finish or undo the operation.
+
+This module imports asyncio, dbus-next and the daemon's rooms only when it runs them, so
+that ``main`` can keep ssl out first (see there).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
-from .dbus.service import DaemonConnection, connect
 from .errors import KmodtrimError
-from .resident.core import Daemon
 from .resident.systemd import (
     MESSAGE_IDS,
     log_event,
@@ -36,21 +38,36 @@ from .resident.systemd import (
     watchdog_interval,
 )
 
-__all__ = ["MESSAGE_IDS", "Daemon", "build_parser", "main", "serve", "start"]
+if TYPE_CHECKING:
+    from .dbus.service import DaemonConnection
+    from .resident.core import Daemon
+
+__all__ = ["MESSAGE_IDS", "build_parser", "main", "serve", "start"]
 
 log = logging.getLogger("kmodtrim.daemon")
 
 
 async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConnection]:
-    """Build the daemon, connect it to the bus and claim the name, then load (recover,
-    snapshot observations). Returns the loaded daemon and its connection. Raises
-    KmodtrimError (bus unreachable, name taken, state unreadable)."""
+    """Build the daemon, connect it to the bus and claim the name, listen to the kernel's
+    uevents (live root, ``observe``), then load (recover, snapshot observations). Returns
+    the loaded daemon and its connection. Raises KmodtrimError (bus unreachable, name
+    taken, state unreadable)."""
+    import asyncio
+
+    from .dbus.service import connect
+    from .resident.core import Daemon
+
     daemon = Daemon(root, observe=observe)
     connection = await connect(daemon, bus)
+    if observe and daemon.live:
+        # Before start-up's work, which runs in workers and takes a while: a device that
+        # appears meanwhile waits in the socket, and is healed once start-up is done.
+        daemon.start_uevent_listener()
     sd_notify("STATUS=recovering and snapshotting observations")
     try:
         await asyncio.to_thread(daemon.load)
     except BaseException:
+        daemon.close()
         connection.disconnect()
         raise
     await daemon.started()
@@ -59,6 +76,8 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
 
 async def serve(root: Path, bus: str, observe: bool) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
+    import asyncio
+
     loop = asyncio.get_running_loop()
     # Ping from the start: with Type=dbus systemd counts us started once the name is
     # ours, and the first index of a large tree may take longer than WatchdogSec.
@@ -77,8 +96,6 @@ async def serve(root: Path, bus: str, observe: bool) -> int:
             watchdog.cancel()
         log_event("error", f"kmodtrimd: cannot start: {exc.message}", error=True)
         return 1
-    if observe and daemon.live:
-        daemon.start_uevent_listener()
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -125,6 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.root.is_dir():
         print(f"kmodtrimd: error: --root {args.root}: not a directory", file=sys.stderr)
         return 2
+    # kmodtrimd speaks no TLS, but asyncio imports ssl for those who do, which maps
+    # OpenSSL's libssl into a daemon that idles for days (about 4 MiB). With None in
+    # sys.modules that import fails, which asyncio expects; workers are not affected.
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    import asyncio
+
     started = time.monotonic()
     status = asyncio.run(serve(args.root, args.bus, not args.no_observe))
     log.debug("ran for %.1f s", time.monotonic() - started)

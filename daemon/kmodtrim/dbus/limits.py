@@ -11,8 +11,8 @@ ShowGeneration), so that a flood of them starves neither root nor the daemon's m
 - Sharing: identical calls (same key, same state token) in a lane share one computation,
   and its answer is cached for CACHE_TTL seconds at most and only while the token is
   unchanged; the cache is bounded in entries and bytes. The lanes also share one expensive
-  intermediate (the plan that Plan and Explain calls for any names need) while any of them
-  has work: made once, even by two lanes at a time, and dropped when they run dry.
+  intermediate (a plan both the root and the unprivileged lane want) while any of them has
+  work: made once, even by two lanes at a time, and dropped when they run dry.
 - Memory: QUIET seconds after the last read call, once the cache has expired, the cache is
   empty and the heap is given back to the system. Timers run only after read calls: an
   idle daemon stays idle.
@@ -60,8 +60,8 @@ class Lane(enum.Enum):
 
 
 class Memo:
-    """One value worth keeping between computations (the plan that Plan and Explain calls
-    share) until the lanes run dry. Thread-safe: a thread wanting the value another thread
+    """One value worth keeping between computations (a plan two lanes want) until the
+    lanes run dry. Thread-safe: a thread wanting the value another thread
     is making waits for it rather than making it again."""
 
     def __init__(self) -> None:

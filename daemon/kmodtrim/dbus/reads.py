@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..paths import MODULE_DIR_BASES
-from ..resident.core import Daemon
+from ..resident.core import POLICY_FILES, Daemon
 from ..resident.jobs import Request
 from ..store import generations_dir, observations_path
 from . import typed
@@ -49,11 +49,9 @@ def generations_token(daemon: Daemon) -> Hashable:
 def plan_token(daemon: Daemon, request: Request) -> Hashable:
     """The state Plan and Explain answers for ``request`` depend on (as far as a stat
     shows it; see the module docstring)."""
-    from ..policy import DROPIN_DIR, MAIN_POLICY  # with the first plan, not at start
-
     root = daemon.root
     kernel = request.kernel or daemon.kernel_release
-    paths = [root / MAIN_POLICY, root / DROPIN_DIR, observations_path(root),
+    paths = [*(root / name for name in POLICY_FILES), observations_path(root),
              generations_dir(root), root / "etc/fstab", root / "lib/firmware"]
     for base in MODULE_DIR_BASES:
         paths += [root / base, root / base / kernel, root / base / kernel / "modules.dep"]
@@ -70,17 +68,17 @@ def document_text(doc: dict[str, Any]) -> str:
 
 
 def plan_text(daemon: Daemon, request: Request, token: Hashable, memo: Memo) -> str:
-    """Plan's answer. Runs in a lane's thread. Raises KmodtrimError on bad input."""
-    made = memo.get((request, token), lambda: daemon.make_plan(request))
-    return document_text(daemon.plan(request, made))
+    """Plan's answer, made by a worker (and shared with the other lane while both want
+    it). Runs in a lane's thread. Raises KmodtrimError on bad input."""
+    return document_text(memo.get(("Plan", request, token),
+                                  lambda: daemon.plan(request)))
 
 
 def explain_text(daemon: Daemon, name: str, request: Request, token: Hashable,
-                 memo: Memo) -> str:
-    """Explain's answer (sharing the lane's plan with Explain calls for other names).
-    Runs in a lane's thread. Raises UnknownModuleError, KmodtrimError on bad input."""
-    made = memo.get((request, token), lambda: daemon.make_plan(request))
-    return document_text(daemon.explain(name, request, made))
+                 _memo: Memo) -> str:
+    """Explain's answer, made by a worker. Runs in a lane's thread. Raises
+    UnknownModuleError, KmodtrimError on bad input."""
+    return document_text(daemon.explain(name, request))
 
 
 def generations_answer(daemon: Daemon, _memo: Memo) -> Typed:

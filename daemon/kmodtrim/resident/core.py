@@ -1,33 +1,37 @@
 """``Daemon``: the state and operations of one kmodtrimd, for one root (``/`` or an image
 root), over the job slot, the kernel-event queue and the uevent watch.
 
-A thin shell around the library calls the CLI makes (operations, executor, store), which
-are imported when a job or a read call first needs them. Start-up (``load``): recover an
-interrupted operation, snapshot the loaded modules, read the state. The transport
-(kmodtrim.dbus) attaches through ``attach`` and calls the methods here.
+What needs the index, planner, policy or engine runs in a worker process (worker.py):
+start-up recovery and the snapshot of loaded modules, every job, Plan and Explain, the
+automatic-trim check and matching devices to trimmed drivers. The daemon itself reads
+only its own state (generations, observations). The transport (kmodtrim.dbus) attaches
+through ``attach`` and calls the methods here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Hashable, Sequence
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import __version__
-from ..errors import Canceled, KmodtrimError, StoreError
+from ..errors import KmodtrimError, StoreError
 from ..names import normalize
 from ..paths import default_kernel
-from ..store import current_generation, load_generation, read_observations
-from .jobs import EventRelay, Events, Job, JobSlot, Report, Request, Work
+from ..store import current_generation, generation_numbers, load_generation, read_observations
+from .jobs import EventRelay, Events, Job, JobSlot, Request
 from .kernel_events import KernelEventQueue
+from .spawn import Worker, call_worker
 from .systemd import log_event, sd_notify
 from .watch import Watch
 
-if TYPE_CHECKING:
-    from ..executor import Options
-    from ..operations import PlanResult
+# The policy's files under the root (policy.MAIN_POLICY and DROPIN_DIR, which the daemon
+# does not import: the policy module brings pydantic). While none of them changes, a policy
+# found in manual mode needs no new automatic-trim check.
+POLICY_FILES = ("etc/kmodtrim/policy.toml", "etc/kmodtrim/policy.d")
 
 log = logging.getLogger("kmodtrim.daemon")
 
@@ -47,6 +51,8 @@ class Daemon:
         self._generation = 0
         self._observed_since = 0
         self._trimmed: frozenset[str] = frozenset()  # stashed modules of the default kernel
+        self._manual_policy: object = None  # the policy files' stamp when last manual
+        self.boot_id = "offline"  # read at start-up (observations are recorded per boot)
 
     def attach(self, events: Events) -> None:
         """Publish this daemon's events through ``events`` (the transport's)."""
@@ -99,22 +105,15 @@ class Daemon:
     # -- start-up --------------------------------------------------------------------
 
     def load(self) -> str | None:
-        """Recover an interrupted operation, snapshot the loaded modules, read the state.
-        Runs in a worker thread before READY=1. Returns what recovery did, if anything."""
-        from ..executor import recover
-        from ..observe import read_proc_modules
-        from ..store import record_observation
-        from .watch import boot_id
-
-        done = recover(self.root)
+        """Recover an interrupted operation, snapshot the loaded modules (in a worker),
+        read the state. Runs in a thread before READY=1. Returns what recovery did, if
+        anything. Raises KmodtrimError when that fails."""
+        answer = call_worker({"op": "startup", "root": str(self.root),
+                              "observe": self.observe})
+        done: str | None = answer.get("recovered")
+        self.boot_id = str(answer["boot_id"])
         if done:
             log_event("error", f"start-up recovery: {done}", error=False)
-        if self.observe:
-            names = [o.name for o in read_proc_modules(self.root)]
-            # A root without /proc/modules (an image) has nothing loaded; recording an empty
-            # boot would count towards the minimum observation, so record only real ones.
-            if names:
-                record_observation(self.root, boot_id(self.root), names)
         self.kernel_events.read()
         self._refresh_state()
         return done
@@ -156,7 +155,6 @@ class Daemon:
         properties that changed. A new generation is signalled here."""
         changed = await asyncio.to_thread(self._refresh_state)
         if "CurrentGeneration" in changed:
-            self.watch.forget_index()
             self.events.generation_new(self._generation)
         return changed
 
@@ -166,31 +164,28 @@ class Daemon:
         sd_notify(f"STATUS=idle (generation {self._generation})")
         return changed
 
-    # -- read-only operations (run in a worker thread) -------------------------------
+    # -- read-only operations (run in a thread that may block) ----------------------
 
-    def make_plan(self, request: Request) -> PlanResult:
-        """The plan for ``request``. Raises KmodtrimError on bad input."""
-        from ..operations import make_plan_for
-
-        return make_plan_for(request.target(self.root))
-
-    def plan(self, request: Request, made: PlanResult | None = None) -> dict[str, Any]:
-        """The plan for ``request`` (``made`` if made already) as ``kmodtrim plan --json``."""
-        doc: dict[str, Any] = (made or self.make_plan(request)).plan.to_json()
+    def plan(self, request: Request) -> dict[str, Any]:
+        """The plan for ``request`` as ``kmodtrim plan --json`` (made by a worker). Raises
+        KmodtrimError on bad input."""
+        doc: dict[str, Any] = call_worker({"op": "plan", "root": str(self.root),
+                                           "request": request.to_json()})
         return doc
 
-    def explain(self, name: str, request: Request,
-                made: PlanResult | None = None) -> dict[str, Any]:
-        """Why ``name`` is kept or removed. Raises UnknownModuleError."""
-        from ..operations import explain, explanation_json
-
-        doc: dict[str, Any] = explanation_json(explain(made or self.make_plan(request), name))
+    def explain(self, name: str, request: Request) -> dict[str, Any]:
+        """Why ``name`` is kept or removed (by a worker). Raises UnknownModuleError."""
+        doc: dict[str, Any] = call_worker({"op": "explain", "root": str(self.root),
+                                           "name": name, "request": request.to_json()})
         return doc
 
     def list_generations(self) -> list[dict[str, Any]]:
-        from ..operations import generation_summary
+        """Every generation, oldest first (``kmodtrim history --json``'s rows). Raises
+        StoreError."""
+        from ..usecases import generation_row
 
-        return generation_summary(self.root)
+        gens = [load_generation(self.root, n) for n in generation_numbers(self.root)]
+        return [generation_row(g, gens[-1].number) for g in gens]
 
     def show_generation(self, number: int) -> dict[str, Any]:
         """Raises NoSuchGenerationError."""
@@ -199,66 +194,33 @@ class Daemon:
 
     # -- jobs ------------------------------------------------------------------------
 
-    def start_job(self, kind: str, key: Hashable, work: Work) -> tuple[Job, bool]:
-        """Start ``work`` as a job, or join the running job if its key equals ``key``.
-        Returns (job, started). Raises BusyError for a different request."""
-        return self.slot.start(kind, key, work)
-
     def cancel(self, job: Job) -> None:
         """Ask ``job`` to stop at its next cancellation point (see jobs.py)."""
         self.slot.cancel(job)
 
     def trim(self, request: Request) -> tuple[Job, bool]:
         """Plan and apply (``kmodtrim apply``) as a job. Raises BusyError."""
-        root = self.root
-
-        def work(job: Job, report: Report) -> dict[str, Any]:
-            from ..executor import apply_plan, recover
-
-            recover(root)
-            result = self.make_plan(request)
-            if job.cancel.is_set():
-                raise Canceled(f"job {job.id} (trim) was canceled before it changed anything")
-            options = _options(request, result.policy.settings.backend, report)
-            doc: dict[str, Any] = apply_plan(root, result.plan, result.index, result.evidence,
-                                             result.policy, options).to_json()
-            return doc
-
-        return self.slot.start("trim", ("trim", request), work)
+        return self.slot.start("trim", ("trim", request), {
+            "op": "trim", "root": str(self.root), "request": request.to_json()})
 
     def rollback(self, to: int | None, request: Request) -> tuple[Job, bool]:
         """Roll back to generation ``to`` (None: undo the latest). Raises BusyError,
         NoSuchGenerationError (before starting a job)."""
-        root = self.root
         if to is not None:
-            load_generation(root, to)  # fail early on a bad number
+            load_generation(self.root, to)  # fail early on a bad number
+        return self.slot.start("rollback", ("rollback", to, request), {
+            "op": "rollback", "root": str(self.root), "to": to,
+            "request": request.to_json()})
 
-        def work(job: Job, report: Report) -> dict[str, Any]:
-            from ..executor import recover, rollback
-
-            recover(root)
-            doc: dict[str, Any] = rollback(root, to, _options(request, "auto", report)).to_json()
-            return doc
-
-        return self.slot.start("rollback", ("rollback", to, request), work)
-
-    def restore(self, names: Sequence[str], request: Request) -> tuple[Job, bool]:
-        """Put modules (with closure and firmware) back as a job. Raises BusyError; the
-        job fails with UnknownModuleError for a name the kernel does not know."""
-        root = self.root
+    def restore(self, names: Sequence[str], request: Request,
+                worker: Worker | None = None) -> tuple[Job, bool]:
+        """Put modules (with closure and firmware) back as a job (``worker``: a self-heal
+        worker waiting to do it). Raises BusyError; the job fails with UnknownModuleError
+        for a name the kernel does not know."""
         key = ("restore", tuple(sorted(normalize(n) for n in names)), request)
-
-        def work(job: Job, report: Report) -> dict[str, Any]:
-            from ..executor import recover, restore_modules
-            from ..operations import load_index
-
-            recover(root)
-            index, _ = load_index(request.target(root))
-            doc: dict[str, Any] = restore_modules(
-                root, list(names), index, _options(request, "auto", report)).to_json()
-            return doc
-
-        return self.slot.start("restore", key, work)
+        return self.slot.start("restore", key, {
+            "op": "restore", "root": str(self.root), "names": list(names),
+            "request": request.to_json()}, worker)
 
     def kernel_event(self, action: str, kernel: str, request: Request) -> int:
         """Queue a kernel install or removal (see KernelEventQueue.add)."""
@@ -266,26 +228,38 @@ class Daemon:
 
     # -- policy mode "auto" ----------------------------------------------------------
 
+    def _policy_stamp(self) -> object:
+        """What changes when a policy file is written, added or removed."""
+        main, dropins = (self.root / name for name in POLICY_FILES)
+        try:
+            paths = [main, *sorted(dropins.iterdir())]
+        except OSError:
+            paths = [main]
+        stamps: list[tuple[str, tuple[int, int, int] | None]] = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((str(path), None))
+                continue
+            stamps.append((str(path), (st.st_ino, st.st_size, st.st_mtime_ns)))
+        return tuple(stamps)
+
     def _auto_trim_due(self) -> bool:
         """policy mode = "auto": trim the running (default) kernel once the minimum
-        observation is met, if it has not been trimmed yet."""
-        from ..executor import observation_shortfall
-        from ..planner import Evidence
-        from ..policy import load_policy
-
+        observation is met, if it has not been trimmed yet (asked of a worker, unless the
+        policy files are as they were when the policy was last found manual)."""
+        stamp = self._policy_stamp()
+        if stamp == self._manual_policy:
+            return False
         try:
-            policy = load_policy(self.root)
-            if policy.settings.mode != "auto":
-                return False
-            kernel = default_kernel(self.root)
-            if any(f.kind == "module" and f.kernel == kernel
-                   for f in current_generation(self.root).removed):
-                return False
-            return observation_shortfall(self.root, policy, Evidence()) is None
+            answer = call_worker({"op": "auto-trim-due", "root": str(self.root)})
         except KmodtrimError as exc:
             log_event("error", f"auto mode: cannot decide whether to trim: {exc.message}",
                       error=True)
             return False
+        self._manual_policy = stamp if answer.get("mode") != "auto" else None
+        return bool(answer.get("due"))
 
     async def maybe_auto_trim(self) -> None:
         """Start an automatic trim if it is due (called at start-up and after new
@@ -313,11 +287,3 @@ class Daemon:
         """Stop listening and let queued kernel events wait for the next start."""
         self.kernel_events.stopping = True
         self.watch.close()
-
-
-def _options(request: Request, default_backend: str, report: Report) -> Options:
-    from ..executor import Options
-
-    return Options(dry_run=request.dry_run, force=request.force,
-                   initramfs=request.initramfs,
-                   backend=request.backend or default_backend, progress=report)

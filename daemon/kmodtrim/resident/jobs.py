@@ -1,35 +1,30 @@
-"""The job slot: one operation at a time, run in a worker thread; an identical request joins
-the running job, a different one is Busy. Also the request a job is made from, and the
-events the D-Bus layer publishes.
+"""The job slot: one operation at a time, each run in a worker process of its own
+(spawn.py, worker.py); an identical request joins the running job, a different one is
+Busy. Also the request a job is made from, and the events the D-Bus layer publishes.
 
 Cancellation is honoured at the engine's next per-file step before its commit point (the
-progress callback raises Canceled there), where the engine undoes the partial work itself;
-a job past that point finishes.
+worker's progress callback raises Canceled there), where the engine undoes the partial
+work itself; a job past that point finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from ..errors import BusyError, Canceled, KmodtrimError
+from .spawn import Worker, run_worker
 from .systemd import MESSAGE_IDS, log_event
-
-if TYPE_CHECKING:
-    from ..operations import Target
 
 log = logging.getLogger("kmodtrim.daemon")
 
 # Progress goes 0 → 0.1 while planning, 0.1 → 0.9 over the engine's per-file steps, then
 # 1.0. PropertiesChanged is emitted only for steps of at least 1 %.
 PROGRESS_MIN_STEP = 0.01
-
-Report = Callable[[str, int, int], None]  # (step, done, total), from the worker thread
 
 
 @dataclass(frozen=True)
@@ -44,17 +39,17 @@ class Request:
     initramfs: str = "auto"
     backend: str | None = None  # None: the policy's (trim) or "auto"
 
-    def target(self, root: Path) -> Target:
-        from ..operations import Target
-
-        return Target(root=root, kernel=self.kernel, observed_files=self.observed,
-                      policy_file=self.policy)
+    def to_json(self) -> dict[str, Any]:
+        """The request as a worker takes it (worker.py)."""
+        return {"kernel": self.kernel, "observed": [str(p) for p in self.observed],
+                "policy": str(self.policy) if self.policy else None, "force": self.force,
+                "dry_run": self.dry_run, "initramfs": self.initramfs,
+                "backend": self.backend}
 
 
 @dataclass(eq=False)
 class Job:
-    """One running (or just finished) operation. Owned by the event loop's thread; the
-    worker thread only reads ``cancel`` and reports progress through the loop."""
+    """One running (or just finished) operation. Owned by the event loop's thread."""
 
     id: int
     type: str  # "trim", "rollback", "restore", "kernel-install"
@@ -65,11 +60,8 @@ class Job:
     error: str = ""  # D-Bus error name when failed
     error_message: str = ""
     outcome: dict[str, Any] = field(default_factory=dict)
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
     finished: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-Work = Callable[[Job, Report], dict[str, Any]]
 
 
 class Events(Protocol):
@@ -134,10 +126,12 @@ class JobSlot:
         self._next_id = 1
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def start(self, kind: str, key: Hashable, work: Work) -> tuple[Job, bool]:
-        """Start ``work`` as a job in a worker thread, or join the running job if its key
-        equals ``key``. Returns (job, started). Raises BusyError for a different request
-        or while starting up."""
+    def start(self, kind: str, key: Hashable, spec: dict[str, Any],
+              worker: Worker | None = None) -> tuple[Job, bool]:
+        """Start the worker request ``spec`` (worker.py) as a job, or join the running job
+        if its key equals ``key``. Returns (job, started). ``worker`` is one already
+        running that waits for ``go`` (self-healing). Raises BusyError for a different
+        request or while starting up."""
         if self.job is not None:
             if self.job.key == key:
                 return self.job, False
@@ -154,7 +148,7 @@ class JobSlot:
         self.job = job
         self.events.job_new(job)
         self.events.manager_changed({"State": "busy"})
-        self.spawn(self._run(job, work))
+        self.spawn(self._run(job, {**spec, "job": job.id, "type": kind}, worker))
         return job, True
 
     def spawn(self, coro: Any) -> asyncio.Task[Any]:
@@ -170,19 +164,14 @@ class JobSlot:
             job.cancel.set()
             self._set_progress(job, "canceling", job.progress)
 
-    def _reporter(self, job: Job) -> Report:
-        loop = asyncio.get_running_loop()
+    def _reporter(self, job: Job) -> Callable[[str, int, int], None]:
         last = [0.0]
 
         def report(step: str, done: int, total: int) -> None:
-            # Runs in the worker thread: raising here makes the engine undo the transition
-            # (cancellation point); state changes go through the loop.
-            if job.cancel.is_set():
-                raise Canceled(f"job {job.id} ({job.type}) was canceled; nothing changed")
             value = 0.1 + 0.8 * (done / total if total else 1.0)
             if value - last[0] >= PROGRESS_MIN_STEP or done == total:
                 last[0] = value
-                loop.call_soon_threadsafe(self._set_progress, job, step, value)
+                self._set_progress(job, step, value)
 
         return report
 
@@ -197,11 +186,14 @@ class JobSlot:
         if changed:
             self.events.job_changed(job, changed)
 
-    async def _run(self, job: Job, work: Work) -> None:
+    async def _run(self, job: Job, spec: dict[str, Any], worker: Worker | None) -> None:
         self._set_progress(job, "planning", 0.0)
-        report = self._reporter(job)
         try:
-            job.outcome = await asyncio.to_thread(work, job, report)
+            if worker is None:
+                job.outcome = await run_worker(spec, self._reporter(job), job.cancel)
+            else:
+                await worker.send("go")
+                job.outcome = await worker.finish(self._reporter(job), job.cancel)
             job.result = "done"
         except Canceled as exc:
             job.result, job.error, job.error_message = "canceled", exc.dbus_name, exc.message

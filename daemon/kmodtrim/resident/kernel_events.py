@@ -17,7 +17,7 @@ from ..errors import BusyError, InputError, KmodtrimError
 from ..names import is_valid_kernel_version
 from ..request import Backend, Initramfs, KernelAction
 from ..store import atomic_write_json, read_json, state_dir
-from .jobs import Events, Job, JobSlot, Report, Request
+from .jobs import Events, Job, JobSlot, Request
 from .systemd import log_event, sd_notify
 
 log = logging.getLogger("kmodtrim.daemon")
@@ -199,22 +199,8 @@ class KernelEventQueue:
                 self.events.manager_changed({"PendingKernelEvents": self.pending})
 
     def _start_job(self, event: KernelEvent) -> Job:
-        root = self.root
-
-        def work(job: Job, report: Report) -> dict[str, Any]:
-            from ..executor import Options, recover
-            from ..operations import Target, kernel_event, load_target_policy
-
-            recover(root)
-            target = Target(root=root)
-            backend = event.backend or load_target_policy(target).settings.backend
-            options = Options(initramfs=event.initramfs, backend=backend, progress=report)
-            doc = kernel_event(target, event.action, event.kernel, options).to_json()
-            doc["kernel_event"] = event.to_json()
-            return doc
-
-        job, _ = self.slot.start("kernel-install", ("kernel-install", event), work)
+        job, _ = self.slot.start("kernel-install", ("kernel-install", event), {
+            "op": "kernel-event", "root": str(self.root), "event": event.to_json()})
         log_event("kernel-install", f"kernel {event.kernel}: handling '{event.action}' "
                                     f"(job {job.id})", kernel=event.kernel, job=job.id)
         return job
-

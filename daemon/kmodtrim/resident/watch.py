@@ -1,10 +1,10 @@
 """Observation and self-healing, driven by the kernel's uevents (no polling).
 
 A module ``add`` is recorded as observed on this boot; a device ``add`` whose MODALIAS
-matches a trimmed driver gets that driver restored (a ``restore`` job), depmod'ed and, on
-a live system, loaded. New observations may make an automatic trim due (policy mode
-``auto``). The netlink socket is read by the event loop: it is the only thing that wakes
-an idle daemon.
+matches a trimmed driver (a worker matches it against the kernel's index) gets that driver
+restored (a ``restore`` job), depmod'ed and, on a live system, loaded. New observations
+may make an automatic trim due (policy mode ``auto``). The netlink socket is read by the
+event loop: it is the only thing that wakes an idle daemon.
 """
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ import logging
 import socket
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from ..errors import BusyError, KmodtrimError
 from ..store import record_observation
 from ..uevent import parse_uevent
 from .jobs import Events, Job, JobSlot, Request
+from .spawn import Worker
 from .systemd import log_event
-
-if TYPE_CHECKING:
-    from ..index import ModuleIndex
 
 log = logging.getLogger("kmodtrim.daemon")
 
@@ -50,13 +48,6 @@ def open_uevent_socket() -> socket.socket:
     return sock
 
 
-def boot_id(root: Path) -> str:
-    """This boot's id, as the observations record it."""
-    from ..operations import boot_id as read_boot_id
-
-    return read_boot_id(root)
-
-
 class Resident(Protocol):
     """What watching needs of the daemon (kmodtrim.resident.core.Daemon)."""
 
@@ -64,6 +55,7 @@ class Resident(Protocol):
     live: bool
     loaded: asyncio.Event
     slot: JobSlot
+    boot_id: str  # this boot's, as observations record it
 
     @property
     def events(self) -> Events: ...
@@ -74,7 +66,8 @@ class Resident(Protocol):
     def current_generation(self) -> int: ...
     @property
     def trimmed(self) -> frozenset[str]: ...
-    def restore(self, names: list[str], request: Request) -> tuple[Job, bool]: ...
+    def restore(self, names: list[str], request: Request,
+                worker: Worker | None = None) -> tuple[Job, bool]: ...
     def refresh(self) -> Awaitable[dict[str, object]]: ...
     def maybe_auto_trim(self) -> Awaitable[None]: ...
 
@@ -89,12 +82,7 @@ class Watch:
         self._observation_task: asyncio.Task[None] | None = None
         self._pending_aliases: dict[str, None] = {}
         self._heal_task: asyncio.Task[None] | None = None
-        self._heal_index: tuple[int, ModuleIndex] | None = None
         self.socket: socket.socket | None = None
-
-    def forget_index(self) -> None:
-        """Drop the index kept for matching devices (the trimmed set changed)."""
-        self._heal_index = None
 
     # -- the socket --------------------------------------------------------------------
 
@@ -110,6 +98,8 @@ class Watch:
             return False
         asyncio.get_running_loop().add_reader(sock.fileno(), self.read, sock)
         self.socket = sock
+        log.debug("listening to kernel uevents (netlink port %s, fd %d)",
+                  sock.getsockname()[0], sock.fileno())
         return True
 
     def read(self, sock: socket.socket) -> None:
@@ -143,6 +133,8 @@ class Watch:
         event = parse_uevent(payload)
         if event is None:
             return
+        log.debug("uevent %s %s%s", event.action, event.devpath,
+                  f" ({event.modalias})" if event.modalias else "")
         self.revision += 1
         module = event.module_loaded
         if module is not None:
@@ -156,13 +148,16 @@ class Watch:
                 self._heal_task = self.daemon.slot.spawn(self._heal())
 
     async def _flush_observations(self) -> None:
-        # A burst of module loads is written once, not once per module.
+        # A burst of module loads is written once, not once per module; after start-up,
+        # which knows the boot they belong to.
+        await self.daemon.loaded.wait()
         root = self.daemon.root
         while self._pending_modules:
             names = sorted(self._pending_modules)
             self._pending_modules.clear()
             try:
-                await asyncio.to_thread(_record, root, names)
+                await asyncio.to_thread(record_observation, root, self.daemon.boot_id,
+                                        names)
             except (OSError, KmodtrimError) as exc:
                 log_event("error", f"cannot record observed modules {names}: {exc}",
                           error=True)
@@ -172,18 +167,6 @@ class Watch:
         await self.daemon.maybe_auto_trim()
 
     # -- self-healing ------------------------------------------------------------------
-
-    def _stashed_matches(self, index: ModuleIndex, modalias: str) -> list[str]:
-        return [name for name in index.match_alias(modalias)
-                if name in index.modules and index.modules[name].stashed]
-
-    def _index(self) -> ModuleIndex:
-        """The index of the default kernel, stashed modules included (worker thread)."""
-        from ..operations import Target, load_index
-
-        kernel = self.daemon.kernel_release or None
-        index, _ = load_index(Target(root=self.daemon.root, kernel=kernel))
-        return index
 
     async def _heal(self) -> None:
         daemon = self.daemon
@@ -195,32 +178,38 @@ class Watch:
             if not daemon.trimmed:
                 self._pending_aliases.clear()
                 return
-            generation = daemon.current_generation
+            modaliases = list(self._pending_aliases)
+            self._pending_aliases.clear()
             try:
-                if self._heal_index is None or self._heal_index[0] != generation:
-                    self._heal_index = (generation, await asyncio.to_thread(self._index))
+                await self._heal_devices(modaliases)
             except KmodtrimError as exc:
-                log_event("error", f"self-heal: cannot index the kernel: {exc}", error=True)
-                self._pending_aliases.clear()
-                return
-            index = self._heal_index[1]
-            wanted: dict[str, str] = {}
-            for modalias in list(self._pending_aliases):
-                del self._pending_aliases[modalias]
-                for name in self._stashed_matches(index, modalias):
-                    wanted.setdefault(name, modalias)
-            if wanted:
-                await self._restore_for_devices(wanted)
+                log_event("error", f"self-heal: cannot restore the trimmed drivers of "
+                                   f"{', '.join(modaliases)}: {exc}", error=True)
 
-    async def _restore_for_devices(self, wanted: dict[str, str]) -> None:
+    async def _heal_devices(self, modaliases: list[str]) -> None:
+        """One worker matches the devices to trimmed drivers and, if any, restores them as
+        a job (the index loaded once). Raises KmodtrimError when it cannot match."""
         daemon = self.daemon
+        worker = await Worker.start({"op": "heal", "root": str(daemon.root),
+                                     "kernel": daemon.kernel_release or None,
+                                     "modaliases": modaliases})
+        kind, wanted = await worker.receive()
+        log.debug("self-heal: %s: %s", ", ".join(modaliases),
+                  ", ".join(sorted(wanted or ())) or "no trimmed driver")
+        if kind != "matched" or not wanted:
+            await worker.close()
+            return
         names = sorted(wanted)
         try:
-            job, _ = daemon.restore(names, Request(kernel=daemon.kernel_release or None))
+            job, started = daemon.restore(
+                names, Request(kernel=daemon.kernel_release or None), worker)
         except BusyError:
-            for modalias in wanted.values():
+            await worker.close()
+            for modalias in modaliases:
                 self._pending_aliases[modalias] = None  # retried after the running job
             return
+        if not started:
+            await worker.close()  # the same restore is running: it serves this device
         await job.finished.wait()
         if job.result != "done":
             log_event("error", f"self-heal: restoring {', '.join(names)} for "
@@ -230,7 +219,7 @@ class Watch:
         # The device needs these from now on: a later plan (a re-trim, the next kernel)
         # must keep them even if loading them below fails or the device goes away.
         try:
-            await asyncio.to_thread(_record, daemon.root, names)
+            await asyncio.to_thread(record_observation, daemon.root, daemon.boot_id, names)
         except (OSError, KmodtrimError) as exc:
             log_event("error", f"self-heal: cannot record {names} as observed: {exc}",
                       error=True)
@@ -243,10 +232,6 @@ class Watch:
                                    f"{loaded} (generation {generation})",
                       generation=generation, module=name, modalias=wanted[name])
             daemon.events.module_restored(name, wanted[name], generation)
-
-
-def _record(root: Path, names: list[str]) -> None:
-    record_observation(root, boot_id(root), names)
 
 
 def _load_module(name: str) -> str:
