@@ -325,7 +325,7 @@ def test_unknown_key_names_file_line_key_and_valid_keys(tmp_path: Path) -> None:
     assert message == (
         f"{path}:2: unknown key 'mdoe' (did you mean 'mode'?); valid keys at the top level: "
         "backend, firmware, initramfs, min_observation, mode, presets, remove_packages, rules, "
-        "stash_compression"
+        "stash, stash_compression"
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
+from enum import StrEnum
 from typing import Any
 
 from .errors import StoreError
@@ -103,9 +104,21 @@ class _Fields:
 _REQUIRED = object()
 
 
+class Source(StrEnum):
+    """Where a file out of the tree comes back from (sources/)."""
+
+    STASH = "stash"  # a local copy in the stash (state/stash.py)
+    ARCHIVE = "archive"  # the package archive: ``package`` at exactly ``version``
+
+
 @dataclass(frozen=True)
 class StashedFile:
-    """A file kmodtrim took out of the tree, with everything needed to put it back."""
+    """A file kmodtrim took out of the tree, with everything needed to put it back.
+
+    ``source`` says where it comes back from: the stash (a blob named ``sha256``), or the
+    package archive (``package`` at ``version``, checked against the package database's
+    own digest, then against ``sha256``). Records written before sources existed have
+    neither field and read as the stash."""
 
     path: str  # in-root absolute path
     size: int
@@ -119,9 +132,24 @@ class StashedFile:
     kernel: str | None = None
     package: str | None = None  # owning package, if any
     link: str | None = None  # a symlink's target (then there is no blob)
+    source: Source = Source.STASH
+    version: str | None = None  # the owning package's installed version (archive source)
+
+    @property
+    def has_blob(self) -> bool:
+        """Whether the stash holds (or must hold) this file's bytes."""
+        return self.link is None and self.source is Source.STASH
 
     def to_json(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        doc = dict(self.__dict__)
+        # The defaults are left out: a stash record reads as it did before sources existed.
+        if self.source is Source.STASH:
+            del doc["source"]
+        else:
+            doc["source"] = str(self.source)
+        if self.version is None:
+            del doc["version"]
+        return doc
 
     @staticmethod
     def from_json(doc: object) -> StashedFile:
@@ -144,10 +172,32 @@ class StashedFile:
         mode = f.number("mode")
         if mode > 0o7777:
             raise StoreError(f"stashed file record {path}: mode {mode:o} is not a file mode")
+        named = _Fields(doc, f"stashed file record {path}")
+        source = _source(named.text("source", str(Source.STASH)), path)
+        package, version = named.opt_text("package"), named.opt_text("version")
+        if source is Source.ARCHIVE and not _archive_origin(package, version):
+            raise StoreError(f"stashed file record {path}: an archive source needs a "
+                             "plain package name and version")
         return StashedFile(
             path=path, size=f.number("size"), sha256=sha256, mode=mode, uid=f.number("uid"),
             gid=f.number("gid"), mtime_ns=f.number("mtime_ns"), kind=kind, module=module,
-            kernel=f.opt_text("kernel"), package=f.opt_text("package"), link=f.opt_text("link"))
+            kernel=f.opt_text("kernel"), package=package, link=f.opt_text("link"),
+            source=source, version=version)
+
+
+def _source(text: str, path: str) -> Source:
+    try:
+        return Source(text)
+    except ValueError:
+        raise StoreError(f"stashed file record {path}: unknown source {text[:40]!r} "
+                         f"(expected {' or '.join(Source)})") from None
+
+
+def _archive_origin(package: str | None, version: str | None) -> bool:
+    """A package and version safe to hand to the package manager's downloader."""
+    return (package is not None and version is not None
+            and _PLAIN_NAME.match(package) is not None and not package.startswith("-")
+            and _PLAIN_NAME.match(version) is not None and not version.startswith("-"))
 
 
 _SAFE_PATH = re.compile(r"(?:/(?!\.\.?(?:/|\Z))[^/\x00]+)+\Z")  # as check_relative
@@ -155,6 +205,7 @@ _TREES = {"module": MODULE_TREES, "firmware": FIRMWARE_TREES, "package": PACKAGE
           "package-control": ("/",)}
 _NUMBERS = ("size", "mode", "uid", "gid", "mtime_ns")
 _OPTIONAL = ("module", "kernel", "package", "link")
+_SOURCES = {str(s): s for s in Source}
 
 
 def _fast_stashed_file(doc: object) -> StashedFile | None:
@@ -173,11 +224,17 @@ def _fast_stashed_file(doc: object) -> StashedFile | None:
         return None
     size, mode, uid, gid, mtime_ns = numbers
     module, kernel, package, link = optional
+    raw_source = doc.get("source", "stash")
+    source = _SOURCES.get(raw_source) if type(raw_source) is str else None
+    version = doc.get("version")
     if mode > 0o7777 or (kind == "package-control"
                          and (module is None or not _PLAIN_NAME.match(module))):
         return None
+    if source is None or not (version is None or type(version) is str) or (
+            source is Source.ARCHIVE and not _archive_origin(package, version)):
+        return None
     return StashedFile(path, size, sha256, mode, uid, gid, mtime_ns, kind, module, kernel,
-                       package, link)
+                       package, link, source, version)
 
 
 @dataclass(frozen=True)
@@ -271,8 +328,9 @@ class Generation:
 
     @property
     def referenced_blobs(self) -> set[str]:
-        """Every stash blob this state needs: removed files and removed packages."""
-        blobs = {f.sha256 for f in self.removed}
+        """Every stash blob this state needs: removed files kept locally (not those the
+        archive serves) and removed packages."""
+        blobs = {f.sha256 for f in self.removed if f.source is Source.STASH}
         for package in self.packages:
             blobs |= package.blobs
         return blobs

@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
 
 from ..presets import DEFAULT_PRESETS, PRESETS
+from ..sources.choice import DEFAULT_BUDGET_MIB, DEFAULT_KEEP, StashKeep
 from .rules import _split_rule
 
 
@@ -43,6 +44,16 @@ class MinObservation(BaseModel):
     days: float = Field(default=7.0, ge=0, allow_inf_nan=False)
 
 
+class StashPolicy(BaseModel):
+    """Which trimmed files keep a local copy (sources/choice.py); the others come back
+    from the package archive."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    keep: StashKeep = DEFAULT_KEEP
+    budget_mib: int = Field(default=DEFAULT_BUDGET_MIB, ge=0)
+
+
 class Policy(BaseModel):
     """The validated policy settings (main file and drop-ins merged)."""
 
@@ -61,10 +72,12 @@ class Policy(BaseModel):
     # The stash compresses with zstd (level 1: ~480 MB/s a core); the only choice today, so
     # a policy naming another is refused rather than silently ignored.
     stash_compression: Literal["zstd"] = "zstd"
+    stash: StashPolicy = Field(default_factory=StashPolicy)
 
 
 # Models by the table they describe, to list the valid keys of an unknown key's table.
 _TABLES: dict[tuple[str, ...], type[BaseModel]] = {
     (): Policy,
     ("min_observation",): MinObservation,
+    ("stash",): StashPolicy,
 }

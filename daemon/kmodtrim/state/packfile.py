@@ -16,6 +16,13 @@ from it (salvage.py). Packs are named ``gN-HASH.pack`` after that generation (ol
 A pack is written under a temporary name and renamed, so a pack that exists is complete;
 a pack whose index is damaged is read by walking its records instead, so damage costs only
 the blobs it hit.
+
+Every blob is one zstd frame, so every reader (this version's and older ones) decodes every
+blob the same way and the record walk finds them by the frame magic. A file that is already
+compressed (``.ko.xz``, ``.ko.zst``, ``.ko.gz``, compressed firmware) is stored as it is, in
+a frame of raw blocks (raw_frame): its bytes unchanged behind a 3-byte header per 128 KiB,
+which costs no compression time and "decompresses" as a copy. Sniffing the content could
+not tell these apart (a ``.ko.zst`` is itself a zstd frame), so the frame says it.
 """
 
 from __future__ import annotations
@@ -46,6 +53,30 @@ MANIFEST_KEY = bytes(32)
 MANIFEST_SHA = MANIFEST_KEY.hex()
 MANIFEST_LIMIT = 256 << 20  # decompressed; a manifest of every file of a kernel is ~2 MB
 _PACK_NAME = re.compile(r"(?:g(\d+)-)?[0-9a-f]{32}\.pack\Z")
+
+
+_FRAME_HEADER = struct.Struct("<4sBQ")  # magic, descriptor, frame content size
+# Frame header descriptor: an 8-byte content size (bits 7-6 = 3), single segment (bit 5),
+# no checksum, no dictionary (the stash checks its own sha256 on every read).
+_SINGLE_SEGMENT_8_BYTE_SIZE = 0xE0
+_RAW_BLOCK_MAX = 128 << 10  # zstd's largest block
+
+
+def raw_frame(data: bytes) -> bytes:
+    """``data`` as a zstd frame of raw (stored) blocks: what the stash keeps for a file that
+    is already compressed, so it is not compressed again."""
+    parts = [_FRAME_HEADER.pack(_ZSTD_MAGIC, _SINGLE_SEGMENT_8_BYTE_SIZE, len(data))]
+    view = memoryview(data)
+    offset = 0
+    while True:
+        block = view[offset:offset + _RAW_BLOCK_MAX]
+        offset += len(block)
+        last = offset >= len(data)
+        # Block header, 3 bytes little-endian: last-block bit, type 0 (raw), size << 3.
+        parts.append((len(block) << 3 | int(last)).to_bytes(3, "little"))
+        parts.append(bytes(block))
+        if last:
+            return b"".join(parts)
 
 
 def pack_generation(pack: Path) -> int:

@@ -1,8 +1,10 @@
 """The local stash: removed files, compressed and content-addressed, so any restore works
 offline and after the distribution dropped that kernel version.
 
-Every blob is the zstd-compressed original bytes of a file, named by their sha256. Blobs live
-in one of two forms:
+Every blob is a zstd frame of the original bytes of a file, named by their sha256: compressed
+at level 1, or — for a file that is already compressed (``.ko.xz``, ``.ko.zst``, ``.ko.gz``)
+— stored as it is in raw blocks (packfile.raw_frame), so it costs no CPU and no space is
+lost to a second compression. Blobs live in one of two forms:
 
 - **packs**, ``stash/packs/gN-HASH.pack`` (packfile.py): what one operation stashes, with a
   manifest saying which file each blob is, so the stash can describe itself;
@@ -36,11 +38,14 @@ from .packfile import (
     PackWriter,
     is_pack,
     pack_generation,
+    raw_frame,
     read_index,
     read_manifest,
 )
 
 _LEVEL = 1  # ~480 MB/s a core; level 3 saves under 1% more on modules
+# Files compressed already: zstd finds nothing left to save in them, so they are stored.
+STORED_AS_IS = (".xz", ".zst", ".gz")
 _REPACK_GARBAGE = 0.5  # rewrite a pack once more than this share of its bytes is garbage
 MANIFEST_SCHEMA = 1
 
@@ -160,8 +165,11 @@ class Stash:
 
         def prepare(request: PutRequest) -> tuple[StashedFile, bytes | None]:
             entry, data = self._describe(request)
-            if data is None or entry.sha256 in known or self._blob(entry.sha256).exists():
+            if data is None or not entry.has_blob or entry.sha256 in known \
+                    or self._blob(entry.sha256).exists():
                 return entry, None
+            if entry.path.endswith(STORED_AS_IS):
+                return entry, raw_frame(data)
             compressor = getattr(local, "compressor", None)
             if compressor is None:
                 compressor = local.compressor = zstandard.ZstdCompressor(level=_LEVEL)
@@ -240,7 +248,8 @@ class Stash:
         entry, data = self._describe(PutRequest(path, kind, module, kernel, package))
         if data is not None and not self.has(entry.sha256):
             try:
-                compressed = zstandard.ZstdCompressor(level=_LEVEL).compress(data)
+                compressed = raw_frame(data) if path.endswith(STORED_AS_IS) else \
+                    zstandard.ZstdCompressor(level=_LEVEL).compress(data)
                 replace_file(self._blob(entry.sha256), compressed, durable=False)
             except OSError as exc:
                 raise StashError(
