@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from ..errors import PolicyError
 from ..inputs import MAX_CONFIG_BYTES, is_masked, read_input
 from ..presets import PRESETS
+from .compat import ValidationError, dump, error_list, validate
 from .matcher import LoadedPolicy
 from .messages import _array_item_lines, _describe_error
 from .model import Policy
@@ -76,7 +75,7 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
     if dropins:
         files.extend(_dropin_files(root))
 
-    merged: dict[str, Any] = Policy().model_dump()
+    merged: dict[str, Any] = dump(Policy())
     user_rules: list[Rule] = []
     for f in files:
         # The main file or a drop-in symlinked to /dev/null is masked: read as empty.
@@ -92,9 +91,9 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
             elif key == "presets":
                 merged["presets"] = _merge_presets(merged["presets"], value, f.dropin)
             else:
-                merged[key] = validated.model_dump()[key]
+                merged[key] = dump(validated)[key]
     merged["rules"] = [r.text for r in user_rules]
-    settings = Policy.model_validate(merged)
+    settings = validate(Policy, merged)
     return _build(settings, user_rules, [f.shown for f in files])
 
 
@@ -207,10 +206,11 @@ def _validate(
     """Validate this file's keys on top of what earlier files gave. Lists replace (rather
     than append) here so that an error's list index is the index in this file; since
     ``merged`` is already valid, every error is this file's."""
+    given = _overlay(merged, data)
     try:
-        return Policy.model_validate(_overlay(merged, data), context={"dropin": f.dropin})
+        return validate(Policy, given, context={"dropin": f.dropin})
     except ValidationError as e:
-        described = [_describe_error(err, f.path, text) for err in e.errors()]
+        described = [_describe_error(err, f.path, text) for err in error_list(e, given)]
         # In file order, so the message reads top to bottom like the file.
         described.sort(key=lambda d: d[0] if d[0] is not None else 1 << 30)
         raise PolicyError("\n".join(message for _, message in described), hint=_HINT) from None

@@ -10,10 +10,14 @@ import re
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..inputs import MAX_QUOTED_CHARS
+from .compat import field_names
 from .model import _TABLES, Policy
+
+if TYPE_CHECKING:
+    from .compat import ErrorDetail
 
 
 def _format_loc(loc: Sequence[int | str]) -> str:
@@ -39,18 +43,20 @@ def _toml_value(value: object) -> str:
     return str(value)
 
 
-def _describe_error(err: Any, path: Path, text: str) -> tuple[int | None, str]:
-    """(line, one-line message) for one pydantic error in the file at ``path``."""
+def _describe_error(err: ErrorDetail, path: Path, text: str) -> tuple[int | None, str]:
+    """(line, one-line message) for one validation error in the file at ``path``. Every
+    error the model can raise is worded here, not by pydantic, so the message is the same
+    under pydantic 1.10 and 2."""
     loc: tuple[int | str, ...] = tuple(err["loc"])
     key = _format_loc(loc)
     line = _key_line(text, loc)
     where = f"{path}:{line}" if line else str(path)
     kind: str = err["type"]
-    ctx: dict[str, Any] = err.get("ctx") or {}
+    ctx = err["ctx"]
     if kind == "extra_forbidden":
         table = tuple(str(p) for p in loc[:-1])
         model = _TABLES.get(table, Policy)
-        valid = sorted(model.model_fields)
+        valid = sorted(field_names(model))
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         suggestion = f" (did you mean '{close[0]}'?)" if close else ""
         scope = f"in [{'.'.join(table)}]" if table else "at the top level"
@@ -70,19 +76,21 @@ def _describe_error(err: Any, path: Path, text: str) -> tuple[int | None, str]:
         explanation = f"must be >= {bound:g}" if isinstance(bound, int | float) else (
             f"must be >= {bound}"
         )
+    elif kind == "bool_type":
+        explanation = "must be true or false"
     elif kind == "list_type":
         explanation = 'must be a list of strings, e.g. ["a", "b"]'
     elif kind == "string_type":
         explanation = "must be a string"
     elif kind in ("model_type", "dict_type"):
         table = tuple(str(p) for p in loc)
-        fields = ", ".join(_TABLES[table].model_fields) if table in _TABLES else ""
+        fields = ", ".join(field_names(_TABLES[table])) if table in _TABLES else ""
         explanation = f"must be a table ([{key}]) with keys {fields}".rstrip()
     elif kind == "value_error":
         explanation = str(ctx.get("error", err["msg"]))
     else:
         explanation = str(err["msg"])
-    value = _toml_value(err.get("input"))
+    value = _toml_value(err["input"])
     if len(value) > MAX_QUOTED_CHARS:  # a huge value is not echoed whole
         value = value[:MAX_QUOTED_CHARS] + "…"
     return line, f"{where}: {key} = {value}: {explanation}"

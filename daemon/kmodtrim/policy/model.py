@@ -1,15 +1,28 @@
-"""The policy's settings as pydantic models (MinObservation, Policy): every key, its type,
-default and allowed values, validated strictly."""
+"""The policy's settings as pydantic models (MinObservation, StashPolicy, Policy): every
+key, its type, default and allowed values, validated strictly.
+
+Written against compat.py, not pydantic itself, so that it validates the same under
+pydantic 1.10 and 2: tables derive from ``StrictModel``; a field's type is a ``Literal``,
+``list`` or table of these, or one of compat's ``NonNegativeInt``, ``NonNegativeFloat``,
+``StrictBool``, ``StrictStr`` or a ``checked_str`` (a bare ``int``, ``bool`` or ``str``
+would be coerced by pydantic 1.10)."""
 
 from __future__ import annotations
 
 import difflib
-from typing import Annotated, Literal
-
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from typing import TYPE_CHECKING, Literal
 
 from ..presets import DEFAULT_PRESETS, PRESETS
 from ..sources.choice import DEFAULT_BUDGET_MIB, DEFAULT_KEEP, StashKeep
+from .compat import (
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    StrictBool,
+    StrictModel,
+    checked_str,
+    validation_context,
+)
 from .rules import _split_rule
 
 
@@ -18,8 +31,8 @@ def _check_rule(value: str) -> str:
     return value
 
 
-def _check_preset(value: str, info: ValidationInfo) -> str:
-    dropin = bool(info.context and info.context.get("dropin"))
+def _check_preset(value: str) -> str:
+    dropin = bool(validation_context().get("dropin"))
     name = value[1:] if value.startswith("-") else value
     if value.startswith("-") and not dropin:
         raise ValueError(
@@ -35,39 +48,39 @@ def _check_preset(value: str, info: ValidationInfo) -> str:
     return value
 
 
-class MinObservation(BaseModel):
+if TYPE_CHECKING:
+    PresetName = str
+    RuleText = str
+else:
+    PresetName = checked_str(_check_preset)
+    RuleText = checked_str(_check_rule)
+
+
+class MinObservation(StrictModel):
     """How long to observe before anything may be trimmed (both must be met)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-    boots: int = Field(default=3, ge=0)
-    days: float = Field(default=7.0, ge=0, allow_inf_nan=False)
+    boots: NonNegativeInt = 3
+    days: NonNegativeFloat = 7.0
 
 
-class StashPolicy(BaseModel):
+class StashPolicy(StrictModel):
     """Which trimmed files keep a local copy (sources/choice.py); the others come back
     from the package archive."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
     keep: StashKeep = DEFAULT_KEEP
-    budget_mib: int = Field(default=DEFAULT_BUDGET_MIB, ge=0)
+    budget_mib: NonNegativeInt = DEFAULT_BUDGET_MIB
 
 
-class Policy(BaseModel):
+class Policy(StrictModel):
     """The validated policy settings (main file and drop-ins merged)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
-
     mode: Literal["auto", "manual"] = "manual"
-    presets: list[Annotated[str, AfterValidator(_check_preset)]] = Field(
-        default_factory=lambda: list(DEFAULT_PRESETS)
-    )
-    rules: list[Annotated[str, AfterValidator(_check_rule)]] = Field(default_factory=list)
+    presets: list[PresetName] = Field(default_factory=lambda: list(DEFAULT_PRESETS))
+    rules: list[RuleText] = Field(default_factory=list)
     min_observation: MinObservation = Field(default_factory=MinObservation)
     firmware: Literal["trim", "keep"] = "trim"
     backend: Literal["auto", "stash", "dpkg", "rpm"] = "auto"
-    remove_packages: bool = True
+    remove_packages: StrictBool = True
     initramfs: Literal["auto", "skip", "dracut", "update-initramfs", "kernel-install"] = "auto"
     # The stash compresses with zstd (level 1: ~480 MB/s a core); the only choice today, so
     # a policy naming another is refused rather than silently ignored.
@@ -76,7 +89,7 @@ class Policy(BaseModel):
 
 
 # Models by the table they describe, to list the valid keys of an unknown key's table.
-_TABLES: dict[tuple[str, ...], type[BaseModel]] = {
+_TABLES: dict[tuple[str, ...], type[StrictModel]] = {
     (): Policy,
     ("min_observation",): MinObservation,
     ("stash",): StashPolicy,
