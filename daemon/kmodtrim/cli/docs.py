@@ -36,17 +36,24 @@ def _roff_escape(text: str) -> str:
 
 def man_page(parser: argparse.ArgumentParser, section: int, description: str) -> str:
     """The man page of ``parser`` (argparse-manpage)."""
-    from argparse_manpage.manpage import Manpage
+    try:
+        from argparse_manpage.manpage import Manpage
+    except ImportError:  # argparse-manpage 1.x (Debian 12) names its module build_manpages
+        from build_manpages.manpage import Manpage
 
     data = {"manual_section": str(section), "version": __version__,
             "project_name": "kmodtrim", "manual_title": MANUAL,
             "description": description, "date": time.strftime("%Y-%m-%d")}
     try:
         return str(Manpage(parser, _data=data))
-    except TypeError:  # argparse-manpage before 2 takes the parser alone
-        page = str(Manpage(parser))
-        return re.sub(r'^\.TH (\S+) "?1"?', rf'.TH \1 "{section}"', page, count=1,
-                      flags=re.MULTILINE)
+    except TypeError:  # argparse-manpage before 2 takes the parser alone: the same header
+        page = str(Manpage(parser))  # and NAME line as 2 writes (lintian: bad-whatis-entry)
+        name = parser.prog
+        header = (f'.TH {name.upper()} "{section}" "{data["date"]}" "kmodtrim {__version__}" '
+                  f'"{MANUAL}"')
+        page = re.sub(r"^\.TH .*$", lambda _: header, page, count=1, flags=re.MULTILINE)
+        return re.sub(r"^\.SH NAME\n.*$", lambda _: f".SH NAME\n{name} \\- "
+                      f"{_roff_escape(description)}", page, count=1, flags=re.MULTILINE)
 
 
 def completion(parser: argparse.ArgumentParser, shell: str) -> str:
