@@ -31,6 +31,11 @@ _OUTCOME: dict[str, Field] = {
     "removed_files": ((int, _N), "files out of the tree afterwards"),
     "removed_bytes": ((int, _N), "their bytes"),
     "stash_bytes_on_disk": ((int,), "what the stash takes on disk afterwards"),
+    "tree_bytes_out": ((int,), "bytes of the files it took out of the tree"),
+    "tree_bytes_in": ((int,), "bytes of the files it put back"),
+    "stash_growth_bytes": ((int,), "how much the stash grew (negative: shrank); a dry run: "
+                                   "at most this"),
+    "net_freed_bytes": ((int,), "tree bytes out − tree bytes in − stash growth"),
     "job": ((int,), "the kmodtrimd job that ran it (only through the daemon)"),
 }
 
@@ -46,6 +51,9 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "removed_files": ((int,), "files out of the tree"),
         "removed_bytes": ((int,), "their bytes"),
         "stash_bytes_on_disk": ((int,), "what the stash takes on disk"),
+        "net_freed_bytes": ((int,), "bytes out of the tree less the stash on disk"),
+        "from_archive_files": ((int,), "files out of the tree the package archive restores "
+                                       "(no local copy)"),
         "observation": ((dict,), "boots and days observed, what the policy asks, met"),
         "restored_modules": ((list,), "modules kept for having been restored"),
         "interrupted_operation": ((bool,), "an operation is to be finished or undone"),
@@ -89,6 +97,9 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "unresolved_symbols": ((list,), "symbols no kept module or the kernel provides"),
         "warnings": ((list,), "what to look at"),
         "kernel_exports_source": ((str,), "where the kernel's exports came from"),
+        "sources": ((dict,), "[stash] keep and budget_mib; local_files/_bytes kept in the "
+                             "stash, archive_files/_bytes left to the archive, tree_bytes_out, "
+                             "net_freed_bytes (at least: the stash compresses)"),
     },
     "explain": {
         "schema": ((int,), "document schema"),

@@ -115,6 +115,11 @@ class DamagedCopyError(StashError):
     """One file's stash copy is missing or damaged (the others are unaffected)."""
 
 
+class ArchiveError(StashError):
+    """A file cannot come back from the package archive (unreachable, version gone, its
+    digest differs from the package database's record); nothing was written."""
+
+
 class PermissionDeniedError(KmodtrimError):
     """The caller may not do this (not root, and no polkit grant)."""
 

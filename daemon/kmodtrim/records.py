@@ -328,9 +328,10 @@ class Generation:
 
     @property
     def referenced_blobs(self) -> set[str]:
-        """Every stash blob this state needs: removed files kept locally (not those the
-        archive serves) and removed packages."""
-        blobs = {f.sha256 for f in self.removed if f.source is Source.STASH}
+        """Every stash blob this state needs: removed files and removed packages. A file
+        the archive serves has no blob, but its sha256 keeps the pack whose manifest
+        describes it (the stash describes every file out of the tree)."""
+        blobs = {f.sha256 for f in self.removed}
         for package in self.packages:
             blobs |= package.blobs
         return blobs

@@ -23,13 +23,13 @@ from . import salvage
 from .documents import SCHEMA
 from .errors import KmodtrimError
 from .paths import default_kernel, is_live_root
-from .records import Generation
+from .records import Generation, Source
 from .state.stash import Stash
 from .store import generation_numbers, load_generation, read_observations, read_restored
 
 if TYPE_CHECKING:
     from .engine.transition import Options, Outcome
-    from .operations import Target
+    from .operations import PlanResult, Target
 
 Progress = Callable[[str, int, int], None]
 
@@ -123,7 +123,9 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
         "description": g.description,
         "removed_files": len(g.removed),
         "removed_bytes": g.removed_bytes,
-        "stash_bytes_on_disk": stash.size_on_disk(),
+        "stash_bytes_on_disk": (on_disk := stash.size_on_disk()),
+        "net_freed_bytes": g.removed_bytes - on_disk,
+        "from_archive_files": sum(1 for f in g.removed if f.source is Source.ARCHIVE),
         "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
                         "days_needed": declared["days"],
                         "met": len(boots) >= declared["boots"] and days >= declared["days"]},
@@ -180,6 +182,24 @@ def show(root: Path, number: int) -> dict[str, Any]:
         "packages_reinstalled": list(g.packages_reinstalled),
         "kernels": list(g.kernels), "regen": dict(g.regen),
     }
+
+
+def plan_document(result: PlanResult, root: Path) -> dict[str, Any]:
+    """The ``plan`` document: the plan, and where the files it takes out come back from
+    under the policy's ``[stash]`` settings, with the bytes a trim frees net of the stash
+    (at least: the stash compresses what is not compressed already)."""
+    from .engine.operations import assign_plan_sources
+
+    assigned = assign_plan_sources(root, result.plan, result.index, result.policy,
+                                   salvage.view(root).generation)
+    out = assigned.local_bytes + assigned.archive_bytes
+    stash = result.policy.settings.stash
+    return {"schema": SCHEMA, **result.plan.to_json(), "sources": {
+        "keep": stash.keep, "budget_mib": stash.budget_mib,
+        "local_files": len(assigned.requests) - assigned.archive_files,
+        "local_bytes": assigned.local_bytes,
+        "archive_files": assigned.archive_files, "archive_bytes": assigned.archive_bytes,
+        "tree_bytes_out": out, "net_freed_bytes": out - assigned.local_bytes}}
 
 
 # ---------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
 
     _recover(args, console)
     result = make_plan_for(target(args))
-    doc = {"schema": SCHEMA, **result.plan.to_json()}
+    doc = usecases.plan_document(result, args.root)
     if not args.json:
         for warning in render.plan(doc, console.out, False):
             console.warn(warning)

@@ -73,7 +73,7 @@ def plan(args: argparse.Namespace, console: Console) -> int:
     else:
         from ..operations import make_plan_for
 
-        doc = make_plan_for(target(args)).plan.to_json()
+        doc = usecases.plan_document(make_plan_for(target(args)), args.root)
     doc = {"schema": SCHEMA, **doc}
     if args.json:
         render.dump(doc, console.out)

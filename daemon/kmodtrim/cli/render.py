@@ -34,6 +34,9 @@ def plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> list[str]:
     if doc["firmware_remove"]:
         print(f"  firmware: remove {totals['firmware_remove_files']} files "
               f"({human_bytes(totals['firmware_remove_bytes'])})", file=out)
+    sources = doc.get("sources")
+    if sources and sources["local_files"] + sources["archive_files"]:
+        _sources(sources, out)
     roots: Counter[str] = Counter()
     for m in doc["keep"]:
         first = m["reasons"][0]
@@ -63,9 +66,23 @@ def plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> list[str]:
 
 def plan_summary(doc: dict[str, Any]) -> str:
     """One line before a trim is confirmed, like apt's."""
+    sources = doc.get("sources")
+    if not sources:  # a plan from an older kmodtrimd
+        return (f"remove {doc['totals']['remove_modules']:,} modules from kernel "
+                f"{doc['kernel']}, {human_bytes(doc['remove_bytes'])} out of the tree "
+                f"(keep {doc['totals']['keep_modules']:,}, {human_bytes(doc['keep_bytes'])})")
     return (f"remove {doc['totals']['remove_modules']:,} modules from kernel {doc['kernel']}, "
-            f"{human_bytes(doc['remove_bytes'])} out of the tree "
-            f"(keep {doc['totals']['keep_modules']:,}, {human_bytes(doc['keep_bytes'])})")
+            f"frees {human_bytes(sources['net_freed_bytes'])} net of the stash "
+            f"({human_bytes(sources['tree_bytes_out'])} out of the tree, at most "
+            f"{human_bytes(sources['local_bytes'])} kept locally)")
+
+
+def _sources(sources: dict[str, Any], out: TextIO) -> None:
+    print(f"  come back from: the archive {sources['archive_files']} files "
+          f"({human_bytes(sources['archive_bytes'])}), the stash {sources['local_files']} "
+          f"files ({human_bytes(sources['local_bytes'])}; [stash] keep = "
+          f"\"{sources['keep']}\"); frees {human_bytes(sources['net_freed_bytes'])} net",
+          file=out)
 
 
 def outcome(doc: dict[str, Any], out: TextIO, *, quiet: bool = False) -> list[str]:
@@ -98,6 +115,15 @@ def outcome(doc: dict[str, Any], out: TextIO, *, quiet: bool = False) -> list[st
             initramfs = entry.get("initramfs") or {}
             state = initramfs.get("image") or initramfs.get("skipped") or "skipped"
             print(f"kernel {kernel}: depmod done, initramfs: {state}", file=out)
+    if "net_freed_bytes" in doc and (doc.get("generation") is not None or doc.get("dry_run")):
+        grew, net = doc["stash_growth_bytes"], doc["net_freed_bytes"]
+        verb = ("would free" if net >= 0 else "would take") if doc.get("dry_run") else (
+            "freed" if net >= 0 else "took")
+        print(f"{verb} "
+              f"{human_bytes(abs(net))} {'net of' if net >= 0 else 'more disk with'} the stash "
+              f"({human_bytes(doc['tree_bytes_out'])} out of the tree, "
+              f"{human_bytes(doc['tree_bytes_in'])} back in, stash "
+              f"{'+' if grew >= 0 else '-'}{human_bytes(abs(grew))})", file=out)
     return [f"not put back: {line}" for line in doc.get("damaged", [])]
 
 
@@ -147,6 +173,10 @@ def status(doc: dict[str, Any], out: TextIO) -> None:
     print(f"generation {doc['generation']}: {doc['description']}", file=out)
     print(f"  {doc['removed_files']} files ({human_bytes(doc['removed_bytes'])}) out of the "
           f"tree, stash {human_bytes(doc['stash_bytes_on_disk'])} on disk", file=out)
+    if "net_freed_bytes" in doc:
+        print(f"  net freed {human_bytes(doc['net_freed_bytes'])}; "
+              f"{doc['from_archive_files']} of the files come back from the package archive",
+              file=out)
     daemon = {True: "running", False: "not running", None: "- (image root)"}[
         doc["daemon_running"]]
     print(f"  kernel {doc['kernel'] or '-'}, mode {doc['mode']}, kmodtrimd {daemon}", file=out)

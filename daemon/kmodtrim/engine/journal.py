@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..names import is_valid_kernel_version
-from ..records import KINDS, RemovedPackage, StashedFile, managed_path
+from ..records import KINDS, RemovedPackage, Source, StashedFile, managed_path
 from ..state.stash import PutRequest
 from ..store import write_journal
 
@@ -78,7 +78,7 @@ class Journal:
         return {
             "version": VERSION, "action": self.action, "number": self.number,
             "from": self.from_generation,
-            "stash": [t.__dict__ for t in self.stash],
+            "stash": [_put_request_json(t) for t in self.stash],
             "restore": [e.to_json() for e in self.restore],
             "kernels": list(self.kernels), "backend": self.backend,
             "package_backend": self.package_backend,
@@ -127,9 +127,14 @@ class Journal:
             kind = str(item.get("kind", "module"))
             if kind not in KINDS:
                 raise StoreError(f"journal: a stash item has an unknown kind {kind[:40]!r}")
+            try:
+                source = Source(item.get("source", "stash"))
+            except ValueError:
+                raise StoreError("journal: a stash item has an unknown source") from None
             stash.append(PutRequest(managed_path(item["path"], kind), kind,
                                     _opt_str(item.get("module")), _opt_str(item.get("kernel")),
-                                    _opt_str(item.get("package"))))
+                                    _opt_str(item.get("package")), source,
+                                    _opt_str(item.get("version"))))
         kernels = names("kernels")
         for kernel in kernels:
             if not is_valid_kernel_version(kernel):
@@ -156,6 +161,18 @@ class Journal:
             initramfs_pending=_pending(root, need("initramfs_pending", (dict, type(None)), {})),
             regen=need("regen", (dict,), {}),
         )
+
+
+def _put_request_json(request: PutRequest) -> dict[str, Any]:
+    """A stash item; its source and version only when not the defaults (as a record's)."""
+    doc = dict(request.__dict__)
+    if request.source is Source.STASH:
+        del doc["source"]
+    else:
+        doc["source"] = str(request.source)
+    if request.version is None:
+        del doc["version"]
+    return doc
 
 
 def _opt_str(value: object) -> str | None:

@@ -1,6 +1,7 @@
 """Crash recovery: finish an interrupted transition after its commit point, undo it
 before; when the journal itself is damaged, put back what the stash's own records say the
-operation took out; when a manifest is lost, write the state rebuilt from the stash."""
+operation took out (from the stash, or the archive for the files it serves); when a
+manifest is lost, write the state rebuilt from the stash."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from ..names import is_valid_kernel_version
 from ..paths import MODULE_DIR_BASES
 from ..records import StashedFile
 from ..salvage import set_journal_aside
+from ..sources.restore import Restorer
 from ..state.stash import Stash
 from ..store import (
     generation_numbers,
@@ -46,9 +48,12 @@ def _recover_damaged_journal(root: Path, exc: StoreError) -> str:
             with contextlib.suppress(StoreError):
                 entries.append(StashedFile.from_json(doc))
         fsutil.sweep_temporaries(root, [e.path for e in entries])
-        for entry in entries:
-            if entry.path not in out and not fsutil.lexists(root, entry.path):
-                stash.restore(entry)
+        gone = [e for e in entries
+                if e.path not in out and not fsutil.lexists(root, e.path)]
+        with Restorer(root, stash) as restorer:
+            restorer.prepare(gone)
+            for entry in gone:
+                restorer.restore(entry)
                 put_back += 1
     fsutil.sweep_temporaries(root, sorted(out))
     if put_back:

@@ -2,12 +2,19 @@
 one new generation, under a write-ahead journal:
 
     journal → exclusions (superset) → stash copies → package removal → unlink
-            → restores → package reinstall → depmod → initramfs → manifest (commit)
-            → exclusions (final) → GC → clear journal
+            → archive fetch → restores → package reinstall → depmod → initramfs
+            → manifest (commit) → exclusions (final) → GC → clear journal
+
+Each file taken out comes back from its record's source (sources/): a stash copy, or the
+package archive for files it serves (no local copy; sources/choice.py decides which). A
+file the archive brings back is downloaded and verified before any restore writes to the
+tree, so a failed download or a digest mismatch undoes the operation having written
+nothing.
 
 Before the commit point an interrupted transition is undone on the next start (every file
-removed is still in the stash, synced before its unlink); after it, it is finished. At no
-point is a file only in memory: each is in the tree or in the stash with a matching hash.
+removed is still in the stash, synced before its unlink, or served by the archive); after
+it, it is finished. At no point is a file only in memory: each is in the tree, in the
+stash with a matching hash, or in the archive at its recorded package version.
 
 Set ``KMODTRIM_FAULT=STEP`` (or ``STEP:N`` for the N-th file of a per-file step) to kill
 the process with SIGKILL at that step boundary, or ``STEP=enospc`` to fail there as a full
@@ -28,9 +35,10 @@ from typing import Any
 
 from .. import fsutil
 from ..backends.package import PackageBackend
-from ..errors import DamagedCopyError, StashError
+from ..errors import DamagedCopyError, StashError, StoreError
 from ..paths import kernel_installed
-from ..records import Generation, RemovedPackage, StashedFile
+from ..records import Generation, RemovedPackage, Source, StashedFile
+from ..sources.restore import Restorer, sweep
 from ..state.stash import PutRequest, Stash
 from ..store import clear_journal, generation_numbers, write_generation
 from . import packages as pkg
@@ -46,7 +54,8 @@ from .regenerate import regenerate, restore_initramfs
 Progress = Callable[[str, int, int], None]
 FAULT_STEPS = (
     "after-journal", "after-exclude", "stash", "after-stash", "before-package-remove",
-    "after-package-remove", "unlink", "after-unlink", "restore", "after-restore",
+    "after-package-remove", "unlink", "after-unlink", "after-fetch", "restore",
+    "after-restore",
     "before-package-reinstall", "after-package-reinstall", "after-depmod", "after-initramfs",
     "after-commit", "after-final-exclude",
 )
@@ -77,6 +86,26 @@ class Options:
 
 
 @dataclass(frozen=True)
+class Bytes:
+    """What an operation did to the disk: bytes it took out of the tree and put back, and
+    how much the stash grew (negative: it shrank). A dry run's growth is at most the
+    local copies' file sizes (the stash compresses uncompressed modules)."""
+
+    tree_out: int
+    tree_in: int
+    stash_growth: int
+
+    @property
+    def net_freed(self) -> int:
+        """Tree bytes out, less tree bytes back in, less the stash's growth."""
+        return self.tree_out - self.tree_in - self.stash_growth
+
+    def to_json(self) -> dict[str, int]:
+        return {"tree_bytes_out": self.tree_out, "tree_bytes_in": self.tree_in,
+                "stash_growth_bytes": self.stash_growth, "net_freed_bytes": self.net_freed}
+
+
+@dataclass(frozen=True)
 class Outcome:
     """What an operation did (or, with dry_run, would do)."""
 
@@ -89,9 +118,11 @@ class Outcome:
     packages_removed: tuple[str, ...] = ()  # whole packages removed (or, dry, to remove)
     packages_reinstalled: tuple[str, ...] = ()
     damaged: tuple[str, ...] = ()  # files not put back: their stash copy is damaged
+    bytes: Bytes = field(default_factory=lambda: Bytes(0, 0, 0))
 
     def to_json(self) -> dict[str, Any]:
         return {
+            **self.bytes.to_json(),
             "damaged": list(self.damaged),
             "generation": self.generation.number if self.generation else None,
             "dry_run": self.dry_run,
@@ -135,16 +166,29 @@ class Transition:
         if has_package_manager(self.backend) and self.stash_paths:
             self.owners.update(self.backend.owners(root, self.stash_paths))
         self.pm = pkg.package_manager(self.backend, current.packages)
+        candidates = change.package_candidates
+        # A package leaving whole is rebuilt from stash copies: not one whose trimmed files
+        # the archive serves (they have none).
+        from_archive = {f.package for f in current.removed if f.source is Source.ARCHIVE}
+        if from_archive:
+            candidates = (candidates if candidates is not None else
+                          {p for p in self.owners.values() if p}) - from_archive
         self.packages = pkg.plan_packages(
             root, self.pm, current, self.new_paths, self.owners,
             enabled=(change.remove_packages and options.remove_packages
                      and has_package_manager(self.backend)),
-            candidates=change.package_candidates)
+            candidates=candidates)
         self.removing = tuple(d.name for d in self.packages.remove)
         self.reinstalling = tuple(p.name for p in self.packages.reinstall)
+        if self.removing:  # a package leaving whole is rebuilt from the stash alone
+            change.to_stash = [
+                replace(t, source=Source.STASH) if self.owners.get(t.path) in self.removing
+                else t for t in change.to_stash]
         self.kernels = sorted({t.kernel for t in change.to_stash if t.kernel}
                               | {e.kernel for e in change.to_restore if e.kernel})
         self.stash = Stash(root)
+        self.restorer = Restorer(root, self.stash)
+        self.stash_before = 0
         self.journal: Journal | None = None
         self.captured: list[RemovedPackage] = []
         self.new_entries: list[StashedFile] = []
@@ -168,7 +212,23 @@ class Transition:
             notes += tuple(f"would reinstall package {p.name} {p.version} from the stash"
                            for p in self.packages.reinstall)
         return Outcome(None, self.stash_paths, self.restore_paths, self.options.dry_run, notes,
-                       packages_removed=self.removing, packages_reinstalled=self.reinstalling)
+                       packages_removed=self.removing, packages_reinstalled=self.reinstalling,
+                       bytes=self._estimate() if self.changes else Bytes(0, 0, 0))
+
+    def _estimate(self) -> Bytes:
+        """A dry run's bytes: file sizes out and in; the stash grows at most by the local
+        copies' sizes."""
+        out = local = 0
+        with fsutil.Walk(self.root) as walk:
+            for t in self.change.to_stash:
+                try:
+                    fd, name = walk.parent(t.path)
+                    size = os.lstat(name, dir_fd=fd).st_size
+                except (OSError, StoreError):
+                    continue
+                out += size
+                local += size if t.source is Source.STASH else 0
+        return Bytes(out, sum(e.size for e in self.change.to_restore), local)
 
     def _progress(self, step: str, done: int, total: int) -> None:
         if self.options.progress is not None:
@@ -183,6 +243,7 @@ class Transition:
 
     def begin(self) -> None:
         """Write the journal: from here on, recovery knows about this transition."""
+        self.stash_before = self.stash.size_on_disk()
         self.journal = Journal(
             action=self.change.action, number=generation_numbers(self.root)[-1] + 1,
             from_generation=self.current.number, stash=list(self.change.to_stash),
@@ -255,12 +316,18 @@ class Transition:
                 fault_point("unlink", i)
         fault_point("after-unlink")
 
+    def fetch(self) -> None:
+        """Download and verify what the archive brings back, before anything is put back
+        (raises ArchiveError naming the file: the operation is undone)."""
+        self.restorer.prepare(self.change.to_restore)
+        fault_point("after-fetch")
+
     def restore_files(self) -> None:
         """Put files back; a damaged copy costs that file only: it stays out of the tree
         (and in the state), named in the outcome and by status."""
         for i, entry in enumerate(self.change.to_restore, 1):
             try:
-                self.stash.restore(entry)
+                self.restorer.restore(entry)
             except DamagedCopyError as exc:
                 self.damaged.append(exc.message)
                 self.not_restored.add(entry.path)
@@ -268,6 +335,7 @@ class Transition:
             self._progress("restore", i, len(self.change.to_restore))
         if self.change.to_restore:
             os.sync()
+        self.restorer.close()
         fault_point("after-restore")
 
     def reinstall_packages(self) -> None:
@@ -344,6 +412,10 @@ class Transition:
         fault_point("after-commit")
         finish(self.root, generation, self.backend, self.current.exclusion_backends)
         tool = self.pm.name
+        restored = {e.path: e.size for e in self.change.to_restore}
+        moved = Bytes(sum(e.size for e in self.new_entries),
+                      sum(restored[p] for p in put_back),
+                      self.stash.size_on_disk() - self.stash_before)
         notes = self.packages.notes + tuple(
             f"removed package {p.name} {p.version} whole ({tool}); its {len(p.files)} files "
             "are in the stash and restoring any of them reinstalls it" for p in self.captured
@@ -351,7 +423,8 @@ class Transition:
                   for p in self.packages.reinstall)
         return Outcome(generation, self.stash_paths, put_back, False, notes,
                        regen=self.regen_results, packages_removed=self.removing,
-                       packages_reinstalled=self.reinstalling, damaged=tuple(self.damaged))
+                       packages_reinstalled=self.reinstalling, damaged=tuple(self.damaged),
+                       bytes=moved)
 
 
 def run(root: Path, current: Generation, change: Change, options: Options) -> Outcome:
@@ -366,6 +439,7 @@ def run(root: Path, current: Generation, change: Change, options: Options) -> Ou
         tx.stash_files()
         tx.remove_packages()
         tx.unlink()
+        tx.fetch()
         tx.restore_files()
         tx.reinstall_packages()
         tx.regenerate()
@@ -382,6 +456,7 @@ def finish(root: Path, generation: Generation, backend: PackageBackend,
                          {*generation.exclusion_backends, *previous})
     fault_point("after-final-exclude")
     shutil.rmtree(pkg.rebuild_dir(root), ignore_errors=True)
+    sweep(root)
     Stash(root).collect_garbage(generation.referenced_blobs, generation.number)
     clear_journal(root)
 
@@ -395,16 +470,23 @@ def undo(root: Path, journal: Journal, current: Generation) -> None:
     stash = Stash(root)
     current_paths = {f.path for f in current.removed}
     fsutil.sweep_temporaries(root, journal.touched_paths())
+    sweep(root)
     entries = {e.path: e for e in journal.stashed_entries}
     # Files the transition took out: put back any that is gone (their blobs were synced
-    # before the unlink, so a missing file always has its copy).
+    # before the unlink, or the archive serves them, so a missing file always has a
+    # source).
+    gone: list[StashedFile] = []
     for item in journal.stash:
         if fsutil.lexists(root, item.path):
             continue
         entry = entries.get(item.path)
         if entry is None:
             raise StashError(f"cannot undo: no stash copy of {item.path}")
-        stash.restore(entry)
+        gone.append(entry)
+    with Restorer(root, stash) as restorer:
+        restorer.prepare(gone)
+        for entry in gone:
+            restorer.restore(entry)
     # Files the transition put back: take them out again (their blobs are still there).
     for entry in journal.restore:
         if entry.path in current_paths and fsutil.lexists(root, entry.path) \

@@ -144,9 +144,9 @@ def auto_trim_due(ctx: Context) -> dict[str, Any]:
 
 def plan(ctx: Context) -> dict[str, Any]:
     from ..operations import make_plan_for
+    from ..usecases import plan_document
 
-    doc: dict[str, Any] = make_plan_for(_target(ctx.root, ctx.spec["request"])).plan.to_json()
-    return doc
+    return plan_document(make_plan_for(_target(ctx.root, ctx.spec["request"])), ctx.root)
 
 
 def explain(ctx: Context) -> dict[str, Any]:

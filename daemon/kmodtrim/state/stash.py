@@ -31,7 +31,7 @@ from typing import Any
 from .. import fsutil
 from ..errors import DamagedCopyError, StashError, StoreError
 from ..inputs import MAX_MODULE_BYTES
-from ..records import StashedFile
+from ..records import Source, StashedFile
 from ..store import check_trusted, replace_file, state_dir
 from .packfile import (
     MANIFEST_SHA,
@@ -56,14 +56,18 @@ Describe = Callable[[Sequence[StashedFile]], dict[str, Any]]
 
 @dataclass(frozen=True)
 class PutRequest:
-    """One file to stash: its in-root path and what the manifest says of it (``package``:
-    for a removed package's own files; the executor fills in the owner of the others)."""
+    """One file to take out: its in-root path and what the manifest says of it
+    (``package``: for a removed package's own files; the executor fills in the owner of
+    the others). With ``source`` ARCHIVE it is only described (hashed, recorded in the
+    manifest with its package ``version``), not copied: the archive brings it back."""
 
     path: str
     kind: str = "module"
     module: str | None = None
     kernel: str | None = None
     package: str | None = None
+    source: Source = Source.STASH
+    version: str | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,15 @@ class PackRecord:
     generation: int
     manifest: dict[str, Any] | None  # None: an older pack, or its manifest is damaged
     damaged: bool = False
+
+
+def _describes_archive_files(manifest: dict[str, Any] | None, referenced: set[str]) -> bool:
+    """Whether a pack's manifest describes a file still out of the tree that the archive
+    serves (it has no blob; the manifest is its only record besides the generation's)."""
+    files = (manifest or {}).get("files")
+    return isinstance(files, list) and any(
+        isinstance(f, dict) and f.get("source") == Source.ARCHIVE
+        and f.get("sha256") in referenced for f in files)
 
 
 class Stash:
@@ -209,13 +222,13 @@ class Stash:
                 sha256=hashlib.sha256(content.encode()).hexdigest(), mode=0o777,
                 uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns, kind=request.kind,
                 module=request.module, kernel=request.kernel, package=request.package,
-                link=content,
+                link=content, version=request.version,
             ), None
         return StashedFile(
             path=request.path, size=st.st_size, sha256=hashlib.sha256(content).hexdigest(),
             mode=st.st_mode & 0o7777, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
             kind=request.kind, module=request.module, kernel=request.kernel,
-            package=request.package,
+            package=request.package, source=request.source, version=request.version,
         ), content
 
     def _read_compressed(self, sha256: str) -> bytes:
@@ -301,8 +314,9 @@ class Stash:
             ) from None
 
     def has_copy(self, entry: StashedFile) -> bool:
-        """True if the stash can restore ``entry`` (a link needs no blob)."""
-        return entry.link is not None or self.has(entry.sha256)
+        """True if ``entry`` needs nothing the stash lacks: a link or a file the archive
+        serves needs no blob, any other file its blob."""
+        return not entry.has_blob or self.has(entry.sha256)
 
     def matches(self, entry: StashedFile) -> bool:
         """True if the file at entry.path exists with entry's content."""
@@ -322,7 +336,7 @@ class Stash:
         damaged: list[tuple[StashedFile, str]] = []
         verdicts: dict[str, str | None] = {}
         for entry in entries:
-            if entry.link is not None:
+            if not entry.has_blob:
                 continue
             if entry.sha256 not in verdicts:
                 try:
@@ -369,17 +383,20 @@ class Stash:
         blobs = [item for item in index if item[0] != MANIFEST_SHA]
         live = [item for item in blobs if item[0] in referenced]
         dead = len(blobs) - len(live)
+        manifest: dict[str, Any] | None = None
         if not live:
-            with contextlib.suppress(OSError):
-                pack.unlink()
-            return dead
-        garbage = sum(length for sha, _, length in blobs if sha not in referenced)
-        if garbage <= _REPACK_GARBAGE * sum(length for _, _, length in blobs):
-            return 0
-        try:
-            manifest = read_manifest(pack, index)
-        except (OSError, ValueError, Exception):
-            manifest = None
+            manifest = self._manifest(pack, index)
+            if not _describes_archive_files(manifest, referenced):
+                with contextlib.suppress(OSError):
+                    pack.unlink()
+                return dead
+            if not dead:
+                return 0  # only the manifest of files the archive serves: it stays
+        else:
+            garbage = sum(length for sha, _, length in blobs if sha not in referenced)
+            if garbage <= _REPACK_GARBAGE * sum(length for _, _, length in blobs):
+                return 0
+            manifest = self._manifest(pack, index)
         if manifest is not None:
             files = manifest.get("files")
             if isinstance(files, list):
@@ -395,6 +412,13 @@ class Stash:
         except (OSError, StashError):
             return 0  # no room to rewrite it: it stays, whole
         return dead
+
+    @staticmethod
+    def _manifest(pack: Path, index: list[tuple[str, int, int]]) -> dict[str, Any] | None:
+        try:
+            return read_manifest(pack, index)
+        except (OSError, ValueError, Exception):  # zstd errors are plain Exceptions
+            return None
 
     def size_on_disk(self) -> int:
         total = 0
