@@ -320,7 +320,8 @@ def test_an_unwritable_cache_directory_costs_only_speed(tree: Path, tmp_path: Pa
 
 
 @pytest.mark.kernel
-def test_warm_is_cold_on_a_real_kernel(cloud_kernel: KernelTree, tmp_path: Path) -> None:
+def test_warm_is_cold_on_a_real_kernel(each_cloud_kernel: KernelTree, tmp_path: Path) -> None:
+    cloud_kernel = each_cloud_kernel
     cache = tmp_path / "cache"
     expected = snapshot(build_index(cloud_kernel.root, cloud_kernel.kver, use_cache=False,
                                     symvers=cloud_kernel.symvers)[0])
