@@ -65,10 +65,13 @@ def kernel_copy(cloud_kernel: KernelTree, tmp_path: Path) -> KernelTree:
 
 @pytest.mark.kernel
 def test_full_depmod_forgets_removed_module_and_finds_restored_one(
-    kernel_copy: KernelTree,
+    each_cloud_kernel: KernelTree, tmp_path: Path,
 ) -> None:
+    # Debian 12's plain tree under lib/, Debian 13's .ko.xz under usr/lib (lib -> usr/lib).
+    kernel_copy = copy_kernel_tree(each_cloud_kernel, tmp_path / "root")
     moddir = kernel_copy.moddir
-    module = moddir / "kernel/drivers/net/virtio_net.ko"
+    ko = kernel_copy.module_suffix
+    module = moddir / f"kernel/drivers/net/virtio_net{ko}"
     rel = str(module.relative_to(moddir))
     kept = module.read_bytes(), module.stat()
     assert rel in (moddir / "modules.dep").read_text()
@@ -78,13 +81,13 @@ def test_full_depmod_forgets_removed_module_and_finds_restored_one(
     dep = (moddir / "modules.dep").read_text()
     assert rel not in dep
     assert "virtio_net" not in (moddir / "modules.alias").read_text()
-    assert "kernel/drivers/block/virtio_blk.ko:" in dep  # the rest is still indexed
+    assert f"kernel/drivers/block/virtio_blk{ko}:" in dep  # the rest is still indexed
 
     # A restored file keeps its old mtime, older than modules.dep: only a full run sees it.
     module.write_bytes(kept[0])
     os.utime(module, ns=(kept[1].st_atime_ns, kept[1].st_mtime_ns))
     run_depmod(kernel_copy.root, kernel_copy.kver)
-    assert f"{rel}: kernel/drivers/net/net_failover.ko" in (moddir / "modules.dep").read_text()
+    assert f"{rel}: kernel/drivers/net/net_failover{ko}" in (moddir / "modules.dep").read_text()
 
 
 def test_depmod_on_missing_kernel_names_it(tmp_path: Path) -> None:
