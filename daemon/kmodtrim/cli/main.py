@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import KmodtrimError
 from ..names import is_valid_kernel_version
-from .parser import UsageExit, build_parser
+from .parser import UsageExit, parser_for
 from .term import Console
-
-log = logging.getLogger("kmodtrim")
 
 # verb → (module under kmodtrim.cli, function)
 VERBS = {
@@ -32,7 +29,8 @@ VERBS = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``kmodtrim``; returns the exit status."""
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = parser_for(argv)
     try:
         args = parser.parse_args(argv)
     except UsageExit as exc:
@@ -43,8 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help(sys.stderr)
         return 2
+    import logging  # after parsing: --version and --help answer without it
+
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="kmodtrim: %(name)s: %(message)s")
+    log = logging.getLogger("kmodtrim")
     console = Console(quiet=args.quiet, verbose=args.verbose, json=args.json)
     try:
         if not args.root.is_dir():

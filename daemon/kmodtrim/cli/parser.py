@@ -7,6 +7,10 @@ Global options may come before or after the verb (``kmodtrim --root /mnt status`
 ``kmodtrim status --root /mnt``): the top-level parser carries them with their defaults,
 each verb's parser carries them again with no default, so a value given after the verb
 wins and one given before it is kept.
+
+A run parses with ``parser_for(argv)``: argparse finds the verb among the global options
+first, and only that verb's parser is built (building all twelve is most of a quick
+verb's parsing); help and errors without a plain verb come from the whole parser.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -150,8 +155,9 @@ def _change(parser: argparse.ArgumentParser, verb: str) -> None:
                             help=option.help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The whole command line (also what man pages and completion are generated from)."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line (also what man pages and completion are generated from);
+    with ``only``, just that verb's parser under the top level (see parser_for)."""
     parser = Parser(
         prog="kmodtrim",
         description="Keep installed kernel modules down to what this machine uses.",
@@ -160,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _globals(parser, top=True)
     verbs = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
     for verb in VERBS:
+        if only is not None and verb.name != only:
+            continue
         epilog = "examples:\n" + "\n".join(f"  {e}" for e in verb.examples) \
             + "\n\n" + EXIT_CODES
         p = verbs.add_parser(verb.name, help=verb.summary,
@@ -170,6 +178,40 @@ def build_parser() -> argparse.ArgumentParser:
             _change(p, verb.name)
         _arguments(p, verb.name)
     return parser
+
+
+class _Stop(Exception):
+    pass
+
+
+class _VerbFinder(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise _Stop(message)
+
+
+def verb_of(argv: Sequence[str]) -> str | None:
+    """The verb ``argv`` names, found by argparse itself with the global options (which
+    may come first): None when that is not plain (a bad or missing verb, an option the top
+    level does not take before the verb such as ``--help`` or ``--version``)."""
+    if "--" in argv:  # argparse's own reading of it differs between the two parsers
+        return None
+    finder = _VerbFinder(prog="kmodtrim", add_help=False)
+    _globals(finder, top=True)
+    finder.add_argument("verb")
+    finder.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        args, unknown = finder.parse_known_args(argv)
+    except _Stop:
+        return None
+    known = {verb.name for verb in VERBS}
+    return args.verb if not unknown and args.verb in known else None
+
+
+def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser to parse ``argv`` with: the verb's own and the top level only, when the
+    verb is plain (most of the parser's cost is the verbs it does not need), else the
+    whole one, which gives help and every error as it always has."""
+    return build_parser(verb_of(argv))
 
 
 def _arguments(p: argparse.ArgumentParser, verb: str) -> None:
