@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import stat
 import subprocess
-import tomllib
 from pathlib import Path
 
 import pytest
+
+from debbuild import SYSTEM_ENV, build_kmodtrim_deb, need, project_version
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN = REPO / "packaging" / "debian"
@@ -29,23 +29,6 @@ RUNTIME_DEPENDS = {
     "python3-systemd": None,
     "python3-zstandard": None,
 }
-
-# A clean environment for package tools: no virtualenv or user-installed interpreter
-# ahead of the distribution's python3 on PATH.
-SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool, path=SYSTEM_ENV["PATH"]) is None:
-            pytest.skip(f"needs {tool}")
-
-
-def project_version() -> str:
-    with (REPO / "pyproject.toml").open("rb") as f:
-        version: str = tomllib.load(f)["project"]["version"]
-    return version
-
 
 def deb822(path: Path) -> list[dict[str, str]]:
     """Paragraphs of a deb822 file (debian/control): field -> value, continuation lines
@@ -185,33 +168,9 @@ def test_every_file_in_units_is_packaged_for_debian_and_rpm() -> None:
 
 # --- The Debian package, built -------------------------------------------------------
 
-BUILD_INPUTS = ("pyproject.toml", "README.md", "daemon/kmodtrim", "units", "config")
-
-
 @pytest.fixture(scope="module")
 def built_deb(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    need("dpkg-buildpackage", "dpkg-checkbuilddeps")
-    work = tmp_path_factory.mktemp("deb")
-    tree = work / f"kmodtrim-{project_version()}"
-    tree.mkdir()
-    for name in BUILD_INPUTS:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy2(src, tree / name)
-    shutil.copytree(DEBIAN, tree / "debian")
-    missing = subprocess.run(["dpkg-checkbuilddeps"], cwd=tree, capture_output=True,
-                             text=True, env=SYSTEM_ENV, check=False)
-    if missing.returncode != 0:
-        pytest.skip(f"build dependencies missing: {missing.stderr.strip()}")
-    env = {**SYSTEM_ENV, "HOME": str(work), "DEB_BUILD_OPTIONS": "nocheck"}
-    proc = subprocess.run(["dpkg-buildpackage", "-us", "-uc", "-b"], cwd=tree,
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    debs = list(work.glob("kmodtrim_*_all.deb"))
-    assert len(debs) == 1, debs
-    return debs[0]
+    return build_kmodtrim_deb(tmp_path_factory.mktemp("deb"))
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 if TYPE_CHECKING:
     import pydantic.v1 as _pydantic
@@ -178,6 +178,20 @@ def _input_at(data: object, loc: tuple[int | str, ...]) -> object:
     return data
 
 
+def _literal_values(model: object, loc: tuple[int | str, ...]) -> tuple[object, ...] | None:
+    """The allowed values when the field at ``loc`` of ``model`` is a Literal, else None."""
+    kind: object = model
+    for part in loc:
+        if isinstance(part, int) and get_origin(kind) is list:
+            kind = get_args(kind)[0]
+        elif (isinstance(part, str) and isinstance(kind, type)
+              and issubclass(kind, _pydantic.BaseModel) and part in kind.__fields__):
+            kind = kind.__fields__[part].outer_type_
+        else:
+            return None
+    return get_args(kind) if get_origin(kind) is Literal else None
+
+
 def error_list(error: ValidationError, data: Mapping[str, Any]) -> list[ErrorDetail]:
     """``error``'s errors in pydantic 2's words (``data`` is what was validated)."""
     out: list[ErrorDetail] = []
@@ -186,8 +200,12 @@ def error_list(error: ValidationError, data: Mapping[str, Any]) -> list[ErrorDet
         kind = _TYPES.get(e["type"], e["type"])
         given: dict[str, object] = dict(e.get("ctx") or {})
         ctx: dict[str, object] = {}
-        if kind == "literal_error":
-            ctx["expected"] = _expected(given.get("permitted"))
+        permitted = _literal_values(error.model, loc) if kind != "extra_forbidden" else None
+        if permitted is not None:
+            # Any error on a Literal field: 1.10.4 (Debian 12) reports a list given for
+            # one as "unhashable type" where later 1.10s say "unexpected value".
+            kind = "literal_error"
+            ctx["expected"] = _expected(permitted)
         elif kind == "greater_than_equal":
             ctx["ge"] = given.get("limit_value")
         elif kind == "value_error":
