@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import time
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +48,10 @@ def _declared(root: Path, explicit: Path | None) -> dict[str, Any]:
     for path in files:
         try:
             with open(path, "rb") as f:
-                doc = tomllib.loads(f.read(1 << 20).decode("utf-8"))
+                text = f.read(1 << 20).decode("utf-8")
+            import tomllib  # only when there is a policy file to read
+
+            doc = tomllib.loads(text)
         except (OSError, ValueError, UnicodeDecodeError, RecursionError):
             continue
         if isinstance(doc.get("mode"), str):

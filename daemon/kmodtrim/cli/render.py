@@ -16,8 +16,9 @@ TOP_SAVINGS = 15
 
 
 def dump(doc: Any, out: TextIO) -> None:
-    json.dump(doc, out, indent=2, sort_keys=False)
-    out.write("\n")
+    """The document as indented JSON, in one write (json.dump writes each token: ~10⁵
+    writes for a plan)."""
+    out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> list[str]:
