@@ -100,6 +100,8 @@ def scratch_copy(suite: str, dest: Path) -> Iterator[Path]:
     base = minbase(suite)
     apt_cache = roots_cache() / f"{suite}-apt"
     apt_cache.mkdir(parents=True, exist_ok=True)
+    for stale in apt_cache.glob(".*.part"):  # left by an interrupted run
+        stale.unlink()
     sh("cp", "-a", "--reflink=auto", f"{base}/.", dest)
     archives = dest / "var/cache/apt/archives"
     try:

@@ -8,11 +8,12 @@ import os
 import re
 import stat
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
 
-from debbuild import SYSTEM_ENV, build_kmodtrim_deb, need, project_version
+from debbuild import BUILD_INPUTS, SYSTEM_ENV, build_kmodtrim_deb, need, project_version
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN = REPO / "packaging" / "debian"
@@ -146,6 +147,30 @@ def test_rpm_spec_version_and_requires() -> None:
     for package, constraint in RUNTIME_DEPENDS.items():
         assert package in got, f"Requires lacks {package}"
         assert got[package] == constraint, f"{package}: {got[package]!r}"
+
+
+def test_rpm_source_package_builds(tmp_path: Path) -> None:
+    """rpmbuild -bs here; a binary build (-bb) needs Fedora's pyproject-rpm-macros
+    (%pyproject_buildrequires, %pyproject_wheel), which no Debian package provides."""
+    need("rpmbuild", "rpm")
+    top = tmp_path / "rpmbuild"
+    (top / "SOURCES").mkdir(parents=True)
+    prefix = f"kmodtrim-{project_version()}"
+    with tarfile.open(top / "SOURCES" / f"{prefix}.tar.gz", "w:gz") as tar:
+        for name in (*BUILD_INPUTS, "packaging"):
+            tar.add(REPO / name, arcname=f"{prefix}/{name}",
+                    filter=lambda info: None if "__pycache__" in info.name else info)
+    proc = subprocess.run(["rpmbuild", "--define", f"_topdir {top}", "-bs", str(SPEC)],
+                          capture_output=True, text=True, env=SYSTEM_ENV, timeout=120,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    srpm = top / "SRPMS" / f"{prefix}-1.src.rpm"
+    assert srpm.is_file(), proc.stdout
+    requires = subprocess.run(["rpm", "-qp", "--requires", str(srpm)], capture_output=True,
+                              text=True, env=SYSTEM_ENV, check=True).stdout.splitlines()
+    # A source package's requirements are its BuildRequires.
+    assert {"python3-argparse-manpage", "python3-shtab", "pyproject-rpm-macros"} <= {
+        line.split()[0] for line in requires}
 
 
 # --- Nothing forgotten ---------------------------------------------------------------
