@@ -13,8 +13,8 @@ ShowGeneration), so that a flood of them starves neither root nor the daemon's m
   unchanged; the cache is bounded in entries and bytes. The lanes also share one expensive
   intermediate (a plan both the root and the unprivileged lane want) while any of them has
   work: made once, even by two lanes at a time, and dropped when they run dry.
-- Memory: QUIET seconds after the last read call, once the cache has expired, the cache is
-  empty and the heap is given back to the system. Timers run only after read calls: an
+- Memory: QUIET seconds after the last read call the heap is given back to the system,
+  and again once the cache has expired and is empty. Timers run only after read calls: an
   idle daemon stays idle.
 """
 
@@ -190,6 +190,7 @@ class ReadLimiter:
         self._memo = Memo()
         self._timer: asyncio.TimerHandle | None = None
         self._used = False  # read calls since memory was last given back
+        self._cached = False  # answers cached since memory was last given back
 
     @contextlib.contextmanager
     def admit(self, uid: int | None) -> Iterator[None]:
@@ -282,13 +283,21 @@ class ReadLimiter:
             return  # the last of them reschedules
         now = time.monotonic()
         expires = self.cache.expire(now)
-        if expires is not None:
-            self._schedule(expires - now)
-        elif self._used:
+        if self._used:
+            # Reads are quiet: give back what computing and sending them used (the cached
+            # texts stay until they expire, and are given back once more then).
             self._used = False
-            self._refused.clear()
+            self._cached = expires is not None
+            self.release_memory()
+            log.debug("read calls are quiet: memory given back")
+        elif expires is None and self._cached:
+            self._cached = False
             self.release_memory()
             log.debug("read calls are over: cache dropped, memory given back")
+        if expires is not None:
+            self._schedule(expires - now)
+        else:
+            self._refused.clear()  # refusals are logged once per burst
 
     def close(self) -> None:
         """Drop the cache and stop the lanes' threads (queued computations are dropped; a

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ..errors import BusyError, Canceled, KmodtrimError
 from .spawn import Worker, run_worker
-from .systemd import MESSAGE_IDS, log_event
+from .systemd import MESSAGE_IDS, log_event, release_memory
 
 log = logging.getLogger("kmodtrim.daemon")
 
@@ -216,6 +216,9 @@ class JobSlot:
         job.finished.set()
         self.events.job_removed(job)
         self.events.manager_changed({"State": "idle", **changed})
+        # The worker's outcome was parsed here and sent on: give that heap back, the
+        # daemon may now idle for days.
+        release_memory()
 
 
 def _log_result(job: Job) -> None:
