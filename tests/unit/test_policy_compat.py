@@ -168,3 +168,20 @@ def test_input_is_found_by_location_or_is_none() -> None:
     assert compat_v1._input_at(data, ("a", "b", 1, "c")) == "x"
     assert compat_v1._input_at(data, ("a", "b", 5)) is None
     assert compat_v1._input_at(data, ("a", "z")) is None
+
+
+def test_the_policy_model_declares_its_fields_with_compat_types_only() -> None:
+    """A bare int, float, bool or str would be strict under pydantic 2 but coerced by 1.10
+    ("3" accepted as 3): model.py declares fields with compat's strict types."""
+    import ast
+    import inspect
+
+    from kmodtrim.policy import model
+
+    bare = {"int", "float", "bool", "str"}
+    tree = ast.parse(inspect.getsource(model))
+    for cls in (node for node in tree.body if isinstance(node, ast.ClassDef)):
+        for stmt in cls.body:
+            if isinstance(stmt, ast.AnnAssign):
+                names = {n.id for n in ast.walk(stmt.annotation) if isinstance(n, ast.Name)}
+                assert not names & bare, f"{cls.name}.{ast.unparse(stmt.target)}"
