@@ -305,6 +305,12 @@ def scan_firmware(root: Path) -> dict[str, int | str]:
     return files
 
 
+def _firmware_prefixes(kernel: str) -> tuple[str, ...]:
+    """The kernel's firmware search path, as in-root directory prefixes, in order."""
+    return tuple(f"/{base}/{sub}" for base in FIRMWARE_BASES
+                 for sub in ("updates/" + kernel + "/", "updates/", kernel + "/", ""))
+
+
 def _firmware_matches(
     wanted: str, kernel: str, firmware_files: FirmwareFiles,
     by_suffix: Mapping[str, list[str]]
@@ -312,21 +318,22 @@ def _firmware_matches(
     """In-root firmware paths a request for ``wanted`` could load (search path, compressed
     variants, globs in modinfo)."""
     found: list[str] = []
-    for base in FIRMWARE_BASES:
-        for sub in ("updates/" + kernel + "/", "updates/", kernel + "/", ""):
-            prefix = f"/{base}/{sub}"
-            if any(ch in wanted for ch in "*?["):
-                found.extend(
-                    p for p in by_suffix.get(prefix, ())
-                    if fnmatch.fnmatchcase(p[len(prefix):], wanted)
-                    or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".xz")
-                    or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".zst")
-                )
-                continue
-            for suffix in _FIRMWARE_SUFFIXES:
-                candidate = prefix + wanted + suffix
-                if candidate in firmware_files:
-                    found.append(candidate)
+    if not firmware_files:
+        return found
+    if any(ch in wanted for ch in "*?["):
+        for prefix in _firmware_prefixes(kernel):
+            found.extend(
+                p for p in by_suffix.get(prefix, ())
+                if fnmatch.fnmatchcase(p[len(prefix):], wanted)
+                or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".xz")
+                or fnmatch.fnmatchcase(p[len(prefix):], wanted + ".zst")
+            )
+        return found
+    for prefix in _firmware_prefixes(kernel):
+        for suffix in _FIRMWARE_SUFFIXES:
+            candidate = prefix + wanted + suffix
+            if candidate in firmware_files:
+                found.append(candidate)
     return found
 
 
@@ -338,13 +345,14 @@ def firmware_to_remove(
 ) -> list[FirmwareFile]:
     """Firmware named only by removed modules. Everything a kept module may request —
     including symlink targets — stays."""
+    if not firmware_files:
+        return []  # nothing to remove, and nothing to look up for each module
+    prefixes = _firmware_prefixes(index.kernel)
     by_prefix: dict[str, list[str]] = {}
     for path in firmware_files:
-        for base in FIRMWARE_BASES:
-            for sub in ("updates/" + index.kernel + "/", "updates/", index.kernel + "/", ""):
-                prefix = f"/{base}/{sub}"
-                if path.startswith(prefix):
-                    by_prefix.setdefault(prefix, []).append(path)
+        for prefix in prefixes:
+            if path.startswith(prefix):
+                by_prefix.setdefault(prefix, []).append(path)
 
     def closure_of_paths(paths: Iterable[str]) -> set[str]:
         # A requested path plus every link target it leads to.

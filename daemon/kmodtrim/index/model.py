@@ -137,8 +137,61 @@ class _AliasMatcher:
 
     Patterns without wildcards go into a dict; the rest are bucketed by their literal
     prefix (up to the first wildcard), so a lookup only tries patterns whose prefix is a
-    prefix of the string.
+    prefix of the string. Patterns are sorted by their first character only when made;
+    the buckets of one first character are built the first time a string starting with
+    it is looked up (a plan looks up a handful of names, not 26,000 patterns' worth).
+    Those starting with a wildcard (an empty prefix) are tried by every lookup, after the
+    exact matches and before the longer prefixes, as one bucketing of all would.
     """
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._pending: dict[str, list[tuple[str, str]]] = {}  # by first char, unbucketed
+        self._shards: dict[str, _Buckets] = {}
+        wild: list[tuple[str, str]] = []
+        pending = self._pending
+        for pair in pairs:
+            first = pair[0][:1]
+            if first in _WILD_FIRST:
+                wild.append(pair)
+            else:
+                key = "_" if first == "-" else first  # as alias_normalize spells it
+                shard = pending.get(key)
+                if shard is None:
+                    pending[key] = [pair]
+                else:
+                    shard.append(pair)
+        self._wild = _Buckets(wild).by_prefix.get("", [])
+
+    def _shard(self, first: str) -> _Buckets:
+        shard = self._shards.get(first)
+        if shard is None:
+            shard = self._shards[first] = _Buckets(self._pending.pop(first, ()))
+        return shard
+
+    def match(self, string: str) -> list[str]:
+        string = alias_normalize(string)
+        shard = self._shard(string[:1])
+        found = dict.fromkeys(shard.exact.get(string, ()))
+        for pattern, module in self._wild:
+            if module not in found and fnmatch.fnmatchcase(string, pattern):
+                found[module] = None
+        for length in shard.prefix_lengths:
+            if length > len(string):
+                break
+            for pattern, module in shard.by_prefix.get(string[:length], ()):
+                if module not in found and fnmatch.fnmatchcase(string, pattern):
+                    found[module] = None
+        return list(found)
+
+
+_WILD_FIRST = frozenset("*?[")
+
+
+class _Buckets:
+    """Alias patterns by kind: literal ones by value, the others by their literal prefix
+    (with the prefix lengths in use, ascending)."""
+
+    __slots__ = ("by_prefix", "exact", "prefix_lengths")
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
         self.exact: dict[str, list[str]] = {}
@@ -152,17 +205,6 @@ class _AliasMatcher:
                 prefix = pattern[: match.start()]
                 self.by_prefix.setdefault(prefix, []).append((pattern, module))
         self.prefix_lengths = sorted({len(p) for p in self.by_prefix})
-
-    def match(self, string: str) -> list[str]:
-        string = alias_normalize(string)
-        found = dict.fromkeys(self.exact.get(string, ()))
-        for length in self.prefix_lengths:
-            if length > len(string):
-                break
-            for pattern, module in self.by_prefix.get(string[:length], ()):
-                if module not in found and fnmatch.fnmatchcase(string, pattern):
-                    found[module] = None
-        return list(found)
 
 
 def alias_normalize(alias: str) -> str:
