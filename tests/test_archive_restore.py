@@ -300,3 +300,20 @@ def test_a_crash_during_an_archive_restore_leaves_no_stray_file(
     assert kmodtrim(root, "rollback", "0", "--yes").returncode == 0
     assert snapshot(root) == before
     assert stray_files(root) == []
+
+
+def test_without_an_index_cache_trimmed_modules_are_read_from_the_archive(
+        tmp_path: Path, debs: dict[str, Path], repo: Path) -> None:
+    root = make_root(tmp_path, debs["installed"], repo)
+    before = snapshot(root)
+    apply(root)
+    # No cached rows: the index reads the trimmed modules' metadata from the package
+    # (downloaded once into a private temporary directory), so names still resolve.
+    explained = json.loads(kmodtrim(root, "explain", "unused_b", "--json", "--no-cache").stdout)
+    assert explained["status"] == "removed" and "trimmed" in explained["now"]
+    proc = kmodtrim(root, "restore", "unused_b", "--yes", "--no-cache")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("unused_a", "unused_b"):  # unused_b needs unused_a
+        spelled = next(p for p in before if p.endswith(f"{name}.ko.xz"))
+        assert snapshot(root)[spelled] == before[spelled]
+    assert stray_files(root) == []

@@ -37,7 +37,7 @@ from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan
 from .policy import LoadedPolicy, load_policy
 from .records import StashedFile
 from .sizes import human_bytes
-from .state.stash import Stash
+from .sources.reader import OutOfTreeReader
 from .store import (
     current_generation,
     generation_numbers,
@@ -65,25 +65,24 @@ class Target:
 
 
 def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
-    """Module files of ``kernel`` that the current generation holds in the stash."""
+    """Module files of ``kernel`` that the current generation holds out of the tree (read,
+    when the index has no cached row for one, from the stash or the package archive)."""
     prefix = inroot_path(module_dir(root, kernel), root) + "/"
-    stash = Stash(root)
+    entries = [e for e in salvage.view(root).generation.removed
+               if e.kind == "module" and e.kernel == kernel and e.path.startswith(prefix)]
+    reader = OutOfTreeReader(root, entries)
 
     def load(entry: StashedFile) -> bytes:
         # A damaged copy costs that module only: the index lists it as unreadable.
         try:
-            return stash.read(entry)
+            return reader.read(entry)
         except StashError as exc:
             raise ModuleParseError(entry.path, exc.message) from None
 
-    found = []
-    for entry in salvage.view(root).generation.removed:
-        if entry.kind == "module" and entry.kernel == kernel and entry.path.startswith(prefix):
-            found.append(StashedModule(
-                relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
-                load=lambda entry=entry: load(entry),  # type: ignore[misc]
-            ))
-    return found
+    return [StashedModule(
+        relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
+        load=lambda entry=entry: load(entry),  # type: ignore[misc]
+    ) for entry in entries]
 
 
 def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, IndexStats]:
