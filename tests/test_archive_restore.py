@@ -259,6 +259,20 @@ def test_an_unreachable_archive_is_a_clear_error_and_nothing_is_lost(
     assert snapshot(root) == before
 
 
+def test_status_verify_names_files_whose_version_the_archive_dropped_since(
+        tmp_path: Path, debs: dict[str, Path], repo: Path) -> None:
+    root = make_root(tmp_path, debs["installed"], repo)
+    apply(root)
+    assert kmodtrim(root, "status", "--verify").returncode == 0
+    publish(repo, debs["newer"])  # a point release superseded the installed version
+    apt_update(root)
+    proc = kmodtrim(root, "status", "--verify", "--json")
+    assert proc.returncode == 1
+    [line] = json.loads(proc.stdout)["damaged"]
+    assert line.endswith(f"(and 2 more) come back from the archive, which no longer serves "
+                         f"{IMAGE} {VERSION}")
+
+
 def test_a_version_the_archive_no_longer_serves_is_kept_in_the_stash(
         tmp_path: Path, debs: dict[str, Path]) -> None:
     repo = tmp_path / "archive"

@@ -94,7 +94,7 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
     boots = read_observations(root)
     stash = Stash(root)
     if verify:
-        damaged = [why for _entry, why in stash.verify(g.removed)]
+        damaged = [why for _entry, why in stash.verify(g.removed)] + _unserved(root, g)
     else:
         damaged = [f"stash copy of {f.path} is missing" for f in g.removed
                    if not stash.has_copy(f)]
@@ -138,6 +138,23 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
         "damaged": damaged,
         "verified": verify,
     }
+
+
+def _unserved(root: Path, g: Generation) -> list[str]:
+    """For ``status --verify``: files out of the tree whose package version the archive
+    no longer serves (they have no local copy, so nothing could restore them)."""
+    from .sources.archive import Origin, served
+
+    by_origin: dict[Origin, list[str]] = {}
+    for f in g.removed:
+        if f.source is Source.ARCHIVE and f.package and f.version:
+            by_origin.setdefault(Origin(f.package, f.version), []).append(f.path)
+    serving = served(root, by_origin) if by_origin else set()
+    return [f"{paths[0]} (and {len(paths) - 1} more) come back from the archive, which no "
+            f"longer serves {origin}" if len(paths) > 1 else
+            f"{paths[0]} comes back from the archive, which no longer serves {origin}"
+            for origin, paths in sorted(by_origin.items(), key=lambda i: str(i[0]))
+            if origin not in serving]
 
 
 def generation_row(g: Generation, current: int) -> dict[str, Any]:
