@@ -59,7 +59,8 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "interrupted_operation": ((bool,), "an operation is to be finished or undone"),
         "pending": ((str, _N), "what the next change command does first"),
         "problems": ((list,), "damaged or lost records (the state was rebuilt)"),
-        "damaged": ((list,), "stash copies that cannot be restored"),
+        "damaged": ((list,), "files that cannot be restored: stash copies missing or "
+                             "damaged; with --verify also archive versions no longer served"),
         "verified": ((bool,), "every copy was read and hashed (--verify)"),
     },
     "history": {
