@@ -55,7 +55,8 @@ class _KindMatcher:
     below the best match so far: the result is the last matching rule.
     """
 
-    __slots__ = ("infix", "lengths", "literals", "prefix", "regex", "suffix", "wild")
+    __slots__ = ("infix", "lengths", "literal_only", "literals", "prefix", "regex", "suffix",
+                 "wild")
 
     def __init__(self, indexed: Sequence[tuple[int, str]]) -> None:
         self.literals: dict[str, int] = {}
@@ -83,10 +84,14 @@ class _KindMatcher:
                 self.wild.append((index, pattern))
         self.lengths = [sorted({len(key) for key in table})
                         for table in (self.prefix, self.suffix, self.infix)]
+        # No globs (the default policy's rules): a subject's best match is a dict lookup.
+        self.literal_only = not (self.prefix or self.suffix or self.infix or self.wild)
 
     def best(self, subject: str) -> int:
         """The highest index of a pattern matching all of ``subject``, or -1."""
         found = self.literals.get(subject, -1)
+        if self.literal_only:
+            return found
         n = len(subject)
         prefix_lengths, suffix_lengths, infix_lengths = self.lengths
         for length in prefix_lengths:
@@ -141,9 +146,18 @@ class _Matcher:
 
     def best(self, name: str, relpath: str, aliases: Iterable[str]) -> int:
         best = max(self.name.best(normalize(name)), self.path.best(relpath))
-        if not self.alias.empty:
+        matcher = self.alias
+        if matcher.empty:
+            return best
+        if matcher.literal_only:  # the same lookups, without a call per alias
+            literals = matcher.literals
             for alias in aliases:
-                best = max(best, self.alias.best(normalize(alias)))
+                found = literals.get(alias.replace("-", "_"), -1)  # normalize(alias)
+                if found > best:
+                    best = found
+            return best
+        for alias in aliases:
+            best = max(best, matcher.best(normalize(alias)))
         return best
 
 
@@ -178,12 +192,13 @@ class LoadedPolicy:
         misspelt name must not be skipped silently. Alias rules are checked only when
         ``known_aliases`` is given; a path rule counts as naming nothing when it is not
         the path of a module file named in ``known_names``."""
+        literal = [rule for rule in self.user_rules if not rule.is_glob]
+        if not literal:
+            return []  # nothing to check: the known names need not be gathered
         names = {normalize(n) for n in known_names}
         aliases = {normalize(a) for a in known_aliases}
         unmatched: list[Rule] = []
-        for rule in self.user_rules:
-            if rule.is_glob:
-                continue
+        for rule in literal:
             if rule.kind == "name":
                 missing = rule.pattern not in names
             elif rule.kind == "alias":
