@@ -1,13 +1,16 @@
-"""Index and plan speed on a real Debian generic kernel, against depmod in the same run.
+"""Index and plan speed on real Debian generic kernels, against depmod on the same tree.
 
-Reports: cold index ÷ ``depmod -b`` (target ≤ 1.5), warm index ÷ depmod (target ≤ 0.1),
-whole-process ``kmodtrim plan`` wall time with a warm cache (target ≤ 0.5 s), and peak
-memory. Each figure is the median of several runs; the page cache is warm for both tools.
-A warm index decodes a module's undefined-symbol lists only when asked for them; the
-"warm + all symbol lists" figure (no target) is a warm build that then reads every
-module's lists, the most any caller can ask for.
+Reports, for Debian 12 (bookworm: 6.1, plain ``.ko``) and Debian 13 (trixie: 6.12,
+``.ko.xz`` under ``/usr/lib/modules``) side by side: cold index ÷ ``depmod -b`` (target
+≤ 1.5; on a compressed tree ≤ 0.6), warm index ÷ depmod (target ≤ 0.1), whole-process
+``kmodtrim plan`` wall time with a warm cache (target ≤ 0.5 s), and peak memory. Each
+figure is the median of several runs; the page cache is warm for both tools. A warm index
+decodes a module's undefined-symbol lists only when asked for them; the "warm + all symbol
+lists" figure (no target) is a warm build that then reads every module's lists, the most
+any caller can ask for.
 
-    .venv/bin/python benchmarks/bench_index.py [--flavour generic|cloud] [--runs N] [--json]
+    .venv/bin/python benchmarks/bench_index.py [--flavour generic|cloud]
+        [--release bookworm|trixie|both] [--runs N] [--json]
 """
 
 from __future__ import annotations
@@ -15,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from common import OBSERVED, timed  # first: it puts tests/ on the path
@@ -52,47 +55,46 @@ def _index_in_child(tree: KernelTree, root: Path, cache: Path, mode: str) -> tup
     return float(out[0]), int(out[1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    tree = prepare_kernel(args.flavour)
+def measure(tree: KernelTree, runs: int) -> dict[str, object]:
+    """The figures for one kernel tree (see the module docstring)."""
     with tempfile.TemporaryDirectory(prefix="kmodtrim-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         root = scratch / "root"
         # Hard links: depmod replaces its outputs by rename, module files are only read.
+        # A usrmerged root's lib -> usr/lib is copied as the link it is.
         subprocess.run(["cp", "-al", str(tree.root), str(root)], check=True)
         cache = scratch / "cache"
         modules = sum(1 for _ in (root / "lib/modules" / tree.kver).rglob("*.ko*"))
 
-        depmod = [timed(["depmod", "-b", str(root), tree.kver]) for _ in range(args.runs)]
+        depmod = [timed(["depmod", "-b", str(root), tree.kver]) for _ in range(runs)]
         cold = []
         cold_rss = 0
-        for _ in range(args.runs):
+        for _ in range(runs):
             shutil.rmtree(cache, ignore_errors=True)
             seconds, rss = _index_in_child(tree, root, cache, "cold")
             cold.append(seconds)
             cold_rss = max(cold_rss, rss)
         warm = []
         warm_rss = 0
-        for _ in range(args.runs):
+        for _ in range(runs):
             seconds, rss = _index_in_child(tree, root, cache, "warm")
             warm.append(seconds)
             warm_rss = max(warm_rss, rss)
-        symbols = [_index_in_child(tree, root, cache, "symbols")[0] for _ in range(args.runs)]
+        symbols = [_index_in_child(tree, root, cache, "symbols")[0] for _ in range(runs)]
         plan_argv = [*KMODTRIM, "plan", "--root", str(root), "--kernel", tree.kver,
                      "--observed", str(OBSERVED), "--symvers", str(tree.symvers),
                      "--cache-dir", str(cache), "--json"]
         timed(plan_argv)
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        plan = [timed(plan_argv) for _ in range(args.runs)]
-        plan_rss = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+        plan = []
+        plan_rss = 0
+        for _ in range(runs):
+            seconds, rss = _timed_child(plan_argv)
+            plan.append(seconds)
+            plan_rss = max(plan_rss, rss)
 
     d, c, w, s, p = (statistics.median(x) for x in (depmod, cold, warm, symbols, plan))
-    figures = {
+    return {
+        "release": tree.release.name,
         "kernel": tree.kver,
         "modules": modules,
         "depmod_seconds": round(d, 3),
@@ -105,20 +107,68 @@ def main() -> int:
         "peak_rss_mib_cold_index": round(cold_rss / 1024, 1),
         "peak_rss_mib_warm_index": round(warm_rss / 1024, 1),
         "peak_rss_mib_plan": round(plan_rss / 1024, 1),
-        "runs": args.runs,
+        "runs": runs,
         "cpus": os.cpu_count(),
     }
+
+
+def _timed_child(argv: list[str]) -> tuple[float, int]:
+    """Wall time and peak RSS (KiB) of one run of argv, a process of its own."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{' '.join(argv)} failed:\n{stderr}")
+    return elapsed, usage.ru_maxrss
+
+
+ROWS = (
+    ("modules", "module files", "{}"),
+    ("depmod_seconds", "depmod -b (s)", "{:.3f}"),
+    ("cold_index_seconds", "cold index (s)", "{:.3f}"),
+    ("cold_over_depmod", "  ÷ depmod (≤ 1.5; xz ≤ 0.6)", "{:.2f}"),
+    ("warm_index_seconds", "warm index (s)", "{:.4f}"),
+    ("warm_over_depmod", "  ÷ depmod (≤ 0.1)", "{:.3f}"),
+    ("warm_index_all_symbols_seconds", "warm + all symbol lists (s)", "{:.4f}"),
+    ("plan_process_seconds", "kmodtrim plan, process (≤ 0.5 s)", "{:.3f}"),
+    ("peak_rss_mib_cold_index", "peak RSS cold index (MiB)", "{:.0f}"),
+    ("peak_rss_mib_warm_index", "peak RSS warm index (MiB)", "{:.0f}"),
+    ("peak_rss_mib_plan", "peak RSS plan (MiB)", "{:.0f}"),
+)
+
+
+def side_by_side(results: list[dict[str, object]], rows: tuple[tuple[str, str, str], ...]
+                 ) -> str:
+    """The figures of each release in a column of its own, one row per figure."""
+    width = max(len(label) for _, label, _ in rows) + 2
+    columns = [f"Debian {r['release']} ({r['kernel']})" for r in results]
+    col = max(18, *(len(c) for c in columns)) + 2
+    lines = [" " * width + "".join(c.rjust(col) for c in columns)]
+    for key, label, fmt in rows:
+        lines.append(label.ljust(width) + "".join(fmt.format(r[key]).rjust(col)
+                                                  for r in results))
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
+    parser.add_argument("--release", default="both", choices=["bookworm", "trixie", "both"])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    releases = ["bookworm", "trixie"] if args.release == "both" else [args.release]
+    results = [measure(prepare_kernel(args.flavour, release), args.runs)
+               for release in releases]
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps(results, indent=2))
     else:
-        print(f"kernel {tree.kver}: {modules} modules, median of {args.runs} runs")
-        print(f"  depmod -b                 {d:7.3f} s")
-        print(f"  cold index (no cache)     {c:7.3f} s   {c / d:5.2f} × depmod   (target ≤ 1.5)")
-        print(f"  warm index (cache)        {w:7.4f} s   {w / d:5.3f} × depmod   (target ≤ 0.1)")
-        print(f"  warm + all symbol lists   {s:7.4f} s   {s / d:5.3f} × depmod")
-        print(f"  kmodtrim plan (process)   {p:7.3f} s   (target ≤ 0.5 s)")
-        print(f"  peak RSS: cold index {cold_rss / 1024:.0f} MiB, warm index "
-              f"{warm_rss / 1024:.0f} MiB, plan {plan_rss / 1024:.0f} MiB")
+        print(f"median of {args.runs} runs, {os.cpu_count()} CPUs, page cache warm")
+        print(side_by_side(results, ROWS))
     return 0
 
 

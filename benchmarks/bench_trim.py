@@ -1,11 +1,14 @@
-"""Apply and restore speed on a real Debian generic kernel, and what the stash costs on disk.
+"""Apply and restore speed on real Debian generic kernels, and what the stash costs on disk.
 
-Reports: `kmodtrim apply` wall time without the initramfs step (target ≤ 3 s), the same
-divided by one `depmod -a` on the full tree (the step every trim must run anyway),
-`kmodtrim restore` of one module including its depmod (target ≤ 1 s), and the stash size
-against the bytes it holds. Runs on a fresh copy of the tree each time.
+Reports, for Debian 12 (bookworm: 6.1, plain ``.ko``) and Debian 13 (trixie: 6.12,
+``.ko.xz`` under ``/usr/lib/modules``) side by side: `kmodtrim apply` wall time without the
+initramfs step (target ≤ 3 s), the same divided by one `depmod -a` on the same full tree
+(the step every trim must run anyway; target ≤ 2.5 ×), `kmodtrim restore` of one module
+including its depmod (target ≤ 1 s), and the stash size against the bytes it holds. Every
+figure is a whole process; each run is on a fresh copy of the tree.
 
-    .venv/bin/python benchmarks/bench_trim.py [--flavour generic|cloud] [--runs N] [--json]
+    .venv/bin/python benchmarks/bench_trim.py [--flavour generic|cloud]
+        [--release bookworm|trixie|both] [--runs N] [--json]
 """
 
 from __future__ import annotations
@@ -18,28 +21,23 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import OBSERVED, timed  # first: it puts tests/ on the path
+from bench_index import side_by_side  # imports common, which puts tests/ on the path
+from common import OBSERVED, timed
 
-from kernels import copy_kernel_tree, prepare_kernel
+from kernels import KernelTree, copy_kernel_tree, prepare_kernel
 from kmodtrim.state.stash import Stash
 from kmodtrim.store import current_generation
 
 RESTORED = "virtio_gpu"  # not in the recorded VM: trimmed, then asked back
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    pristine = prepare_kernel(args.flavour)
+def measure(pristine: KernelTree, runs: int) -> dict[str, object]:
+    """The figures for one kernel tree (see the module docstring)."""
     kmodtrim = [sys.executable, "-m", "kmodtrim.cli"]
     applies, restores, depmods = [], [], []
     stash_bytes = removed_bytes = removed_files = 0
     with tempfile.TemporaryDirectory(prefix="kmodtrim-bench-") as scratch_dir:
-        for run in range(args.runs):
+        for run in range(runs):
             dest = Path(scratch_dir) / f"root{run}"
             tree = copy_kernel_tree(pristine, dest)
             common = ["--root", str(tree.root), "--kernel", tree.kver,
@@ -57,7 +55,8 @@ def main() -> int:
             removed_files = len(generation.removed)
             shutil.rmtree(dest)
     a, r, d = (statistics.median(x) for x in (applies, restores, depmods))
-    figures = {
+    return {
+        "release": pristine.release.name,
         "kernel": pristine.kver,
         "apply_seconds": round(a, 3),
         "apply_over_depmod": round(a / d, 2),
@@ -67,18 +66,41 @@ def main() -> int:
         "removed_bytes": removed_bytes,
         "stash_bytes_on_disk": stash_bytes,
         "stash_ratio": round(stash_bytes / removed_bytes, 3) if removed_bytes else None,
-        "runs": args.runs,
+        "runs": runs,
     }
+
+
+MIB = 1024 * 1024
+ROWS = (
+    ("depmod_seconds", "depmod -a on the full tree (s)", "{:.2f}"),
+    ("apply_seconds", "kmodtrim apply, no initramfs (≤ 3 s)", "{:.2f}"),
+    ("apply_over_depmod", "  ÷ depmod -a (≤ 2.5)", "{:.2f}"),
+    ("restore_one_module_seconds", f"kmodtrim restore {RESTORED} (≤ 1 s)", "{:.2f}"),
+    ("removed_files", "files removed", "{}"),
+    ("removed_mib", "MiB removed", "{:.1f}"),
+    ("stash_mib", "MiB in the stash", "{:.1f}"),
+    ("stash_ratio", "  stash ÷ removed", "{:.3f}"),
+)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
+    parser.add_argument("--release", default="both", choices=["bookworm", "trixie", "both"])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+
+    releases = ["bookworm", "trixie"] if args.release == "both" else [args.release]
+    results = [measure(prepare_kernel(args.flavour, release), args.runs)
+               for release in releases]
     if args.json:
-        print(json.dumps(figures, indent=2))
+        print(json.dumps(results, indent=2))
     else:
-        mib = 1024 * 1024
-        print(f"kernel {pristine.kver}, median of {args.runs} runs on fresh copies")
-        print(f"  kmodtrim apply (no initramfs)   {a:6.2f} s  = {a / d:4.1f} × depmod -a "
-              f"({d:.2f} s)   (target ≤ 3 s)")
-        print(f"  kmodtrim restore {RESTORED:<13} {r:6.2f} s   (target ≤ 1 s, includes depmod)")
-        print(f"  stash: {removed_files} files, {removed_bytes / mib:.0f} MiB held in "
-              f"{stash_bytes / mib:.0f} MiB on disk ({stash_bytes / removed_bytes:.0%})")
+        print(f"median of {args.runs} runs on fresh copies")
+        shown = [{**r, "removed_mib": int(str(r["removed_bytes"])) / MIB,
+                  "stash_mib": int(str(r["stash_bytes_on_disk"])) / MIB} for r in results]
+        print(side_by_side(shown, ROWS))
     return 0
 
 
