@@ -84,9 +84,10 @@ def test_version_imports_nothing_of_the_state_either(tmp_path: Path) -> None:
                 "kmodtrim.state", "logging", "json"} & modules
 
 
-@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("status", "--verify"),
-                                  ("history",), ("history", "--json")],
-                         ids=" ".join)
+# (``status --verify`` is not one of them: it reads every stash copy and asks the package
+# archive about the files that come back from it.)
+@pytest.mark.parametrize("args", [("status",), ("status", "--json"), ("history",),
+                                  ("history", "--json")], ids=" ".join)
 def test_status_and_history_import_no_policy_index_planner_or_engine(
         trimmed: Path, tmp_path: Path, args: tuple[str, ...]) -> None:
     modules = imported(tmp_path, *args, "--root", str(trimmed), "--offline")
@@ -106,4 +107,5 @@ def test_status_reads_the_policy_files_mode_without_the_policy_package(
 def test_plan_imports_what_planning_needs(trimmed: Path, tmp_path: Path) -> None:
     modules = imported(tmp_path, "plan", "--json", "--root", str(trimmed), "--offline")
     assert {"pydantic", "kmodtrim.policy", "kmodtrim.planner", "kmodtrim.index"} <= modules
-    assert "kmodtrim.cli.change" not in modules
+    assert not {"kmodtrim.cli.change", "kmodtrim.executor", "kmodtrim.engine.transition",
+                "kmodtrim.engine.operations", "kmodtrim.regen"} & modules

@@ -207,7 +207,7 @@ def plan_document(result: PlanResult, root: Path) -> dict[str, Any]:
     """The ``plan`` document: the plan, and where the files it takes out come back from
     under the policy's ``[stash]`` settings, with the bytes a trim frees net of the stash
     (at least: the stash compresses what is not compressed already)."""
-    from .engine.operations import assign_plan_sources
+    from .engine.plansources import assign_plan_sources
 
     assigned = assign_plan_sources(root, result.plan, result.index, result.policy,
                                    salvage.view(root).generation)

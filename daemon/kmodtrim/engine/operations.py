@@ -19,9 +19,6 @@ from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
 from ..planner import Evidence, Plan
 from ..policy import LoadedPolicy
-from ..records import Generation
-from ..sources.decide import Assigned, assign_sources
-from ..sources.likely import likely_offline
 from ..state.stash import PutRequest
 from ..store import (
     current_generation,
@@ -35,6 +32,7 @@ from ..store import (
 )
 from . import transition
 from .exclusions import resolve_backend
+from .plansources import assign_plan_sources
 from .transition import Change, Options, Outcome
 
 
@@ -147,39 +145,6 @@ def apply_plan(
             # Kernels installed later are trimmed with what the admin vouched for now.
             record_supplied(root, supplied)
         return outcome
-
-
-def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutRequest]:
-    """The files ``plan`` takes out that are still in the tree."""
-    already = {f.path for f in current.removed}
-    to_stash: list[PutRequest] = []
-    with fsutil.Walk(root) as walk:
-        for m in plan.remove:
-            for path in m.files:
-                if path not in already and walk.lexists(path):
-                    to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
-    for fw in plan.firmware_remove:
-        if fw.path not in already:
-            to_stash.append(PutRequest(fw.path, "firmware", ",".join(fw.wanted_by), None))
-    return to_stash
-
-
-def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: LoadedPolicy,
-                        current: Generation, backend: str = "auto") -> Assigned:
-    """The files ``plan`` takes out, each with where it comes back from under the policy's
-    ``[stash]`` settings: the archive only on a dpkg system whose backend is not the stash
-    alone (``backend``: the option, ``auto`` meaning the policy's)."""
-    option = policy.settings.backend if backend == "auto" else backend
-    stash = policy.settings.stash
-
-    def likely(request: PutRequest) -> bool:
-        entry = index.modules.get(request.module or "")
-        return request.kind == "module" and entry is not None and likely_offline(
-            entry.name, entry.relpath, entry.info.aliases)
-
-    return assign_sources(
-        root, trim_requests(root, plan, current), keep=stash.keep, budget_mib=stash.budget_mib,
-        archive=resolve_backend(root, option).name == "dpkg", likely=likely)
 
 
 def rollback(root: Path, to: int | None, options: Options) -> Outcome:

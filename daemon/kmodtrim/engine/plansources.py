@@ -1,0 +1,51 @@
+"""Where the files a plan takes out would come back from: the plan's files still in the
+tree, each assigned the stash or the package archive under the policy's ``[stash]``
+settings. Apart from the engine's transition (engine/operations.py applies what this
+decides), so that ``kmodtrim plan`` answers without importing it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import fsutil
+from ..index import ModuleIndex
+from ..planner import Plan
+from ..policy import LoadedPolicy
+from ..records import Generation
+from ..sources.decide import Assigned, assign_sources
+from ..sources.likely import likely_offline
+from ..state.stash import PutRequest
+from .exclusions import resolve_backend
+
+
+def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutRequest]:
+    """The files ``plan`` takes out that are still in the tree."""
+    already = {f.path for f in current.removed}
+    to_stash: list[PutRequest] = []
+    with fsutil.Walk(root) as walk:
+        for m in plan.remove:
+            for path in m.files:
+                if path not in already and walk.lexists(path):
+                    to_stash.append(PutRequest(path, "module", m.name, plan.kernel))
+    for fw in plan.firmware_remove:
+        if fw.path not in already:
+            to_stash.append(PutRequest(fw.path, "firmware", ",".join(fw.wanted_by), None))
+    return to_stash
+
+
+def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: LoadedPolicy,
+                        current: Generation, backend: str = "auto") -> Assigned:
+    """The files ``plan`` takes out, each with where it comes back from under the policy's
+    ``[stash]`` settings: the archive only on a dpkg system whose backend is not the stash
+    alone (``backend``: the option, ``auto`` meaning the policy's)."""
+    option = policy.settings.backend if backend == "auto" else backend
+    stash = policy.settings.stash
+
+    def likely(request: PutRequest) -> bool:
+        entry = index.modules.get(request.module or "")
+        return request.kind == "module" and entry is not None and likely_offline(
+            entry.name, entry.relpath, entry.info.aliases)
+
+    return assign_sources(
+        root, trim_requests(root, plan, current), keep=stash.keep, budget_mib=stash.budget_mib,
+        archive=resolve_backend(root, option).name == "dpkg", likely=likely)
