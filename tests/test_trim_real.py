@@ -5,6 +5,8 @@ Each proves the tree, the stash and the package manager stay truthful."""
 from __future__ import annotations
 
 import hashlib
+import json
+import lzma
 import os
 import re
 import subprocess
@@ -143,6 +145,25 @@ def test_a_real_kernel_package_stays_truthful_through_trim_reinstall_and_rollbac
     assert backend.verify(root, [pristine.package]) == []
     assert backend.read_exclusions(root) == set()
     assert _hashes(moddir) == before
+
+
+@pytest.mark.kernel
+def test_compressed_firmware_on_a_usrmerged_root_is_planned_once(
+    trixie_cloud_kernel: KernelTree, tmp_path: Path
+) -> None:
+    # Debian 13 ships firmware as .xz under /usr/lib/firmware, also reached as /lib/firmware.
+    tree = copy_kernel_tree(trixie_cloud_kernel, tmp_path / "root")
+    firmware = tree.root / "usr/lib/firmware/me4000_firmware.bin.xz"  # me4000's, not kept
+    firmware.parent.mkdir(parents=True)
+    firmware.write_bytes(lzma.compress(b"firmware"))
+    proc = kmodtrim("plan", "--json", "--root", str(tree.root), "--kernel", tree.kver,
+                    "--symvers", str(tree.symvers), "--observed", str(OBSERVED),
+                    "--cache-dir", str(tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout)
+    assert [(f["path"], f["wanted_by"]) for f in plan["firmware_remove"]] == [
+        ("/usr/lib/firmware/me4000_firmware.bin.xz", ["me4000"])]
+    assert plan["totals"]["firmware_remove_bytes"] == firmware.stat().st_size
 
 
 def _payload(tmp_path: Path, version: str) -> dict[str, bytes]:

@@ -277,11 +277,13 @@ FirmwareFiles = Mapping[str, "int | str"]
 def scan_firmware(root: Path) -> dict[str, int | str]:
     """Every firmware file and symlink under ROOT/lib/firmware and ROOT/usr/lib/firmware,
     as in-root path → size, or, for a symlink, the in-root path it points to (read here,
-    so the planner decides on data alone)."""
+    so the planner decides on data alone). On a usrmerged root (``lib`` or ``lib/firmware``
+    a link) the files are listed once, under /usr/lib/firmware."""
     files: dict[str, int | str] = {}
     for base in FIRMWARE_BASES:
         top = root / base
-        if not top.is_dir() or (top.is_symlink() and base == "lib/firmware"):
+        if not top.is_dir() or (base == "lib/firmware" and (
+                top.is_symlink() or (root / "lib").is_symlink())):
             continue
         for directory, _dirs, names in os.walk(top):
             rel_dir = "/" + os.path.relpath(directory, root)
