@@ -201,6 +201,12 @@ def test_archive_served_files_keep_no_local_copy_and_come_back_byte_identical(
     assert DpkgBackend().verify(root, [IMAGE]) == []
     assert stray_files(root) == []
 
+    # Forward again: the archive still serves that version, so still no local copies.
+    proc = kmodtrim(root, "rollback", "1", "--yes")
+    assert proc.returncode == 0, proc.stderr
+    assert {f.source for f in current_generation(root).removed} == {Source.ARCHIVE}
+    assert stash_bytes(root) < 4096
+
 
 def test_a_tampered_archive_is_refused_and_nothing_is_written(
         tmp_path: Path, debs: dict[str, Path], repo: Path) -> None:

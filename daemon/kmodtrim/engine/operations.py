@@ -19,6 +19,7 @@ from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
 from ..planner import Evidence, Plan
 from ..policy import LoadedPolicy
+from ..sources.decide import recheck_archive
 from ..state.stash import PutRequest
 from ..store import (
     current_generation,
@@ -161,11 +162,11 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
         current_paths = {f.path for f in current.removed}
         to_restore = [f for f in current.removed if f.path not in target_paths]
         with fsutil.Walk(root) as walk:
-            to_stash = [
-                PutRequest(f.path, f.kind, f.module, f.kernel)
+            to_stash = recheck_archive(root, [
+                PutRequest(f.path, f.kind, f.module, f.kernel, f.package, f.source, f.version)
                 for path, f in target_paths.items()
                 if path not in current_paths and walk.lexists(path)
-            ]
+            ])
         return transition.run(root, current, Change(
             action="rollback",
             description=f"roll back to generation {to}",

@@ -69,3 +69,23 @@ def assign_sources(root: Path, requests: Sequence[PutRequest], *, keep: StashKee
         out.append(r)
     archive_bytes = sum(sizes[r.path] for r in out if r.source is Source.ARCHIVE)
     return Assigned(tuple(out), total - archive_bytes, archive_bytes)
+
+
+def recheck_archive(root: Path, requests: Sequence[PutRequest]) -> list[PutRequest]:
+    """``requests`` that an earlier generation left to the archive (a rollback taking
+    files out again), each kept so only if its package is still installed at that version
+    and the archive still serves it; the others keep a local copy this time."""
+    archived = [r for r in requests if r.source is Source.ARCHIVE]
+    if not archived:
+        return list(requests)
+    owned = origins(root, [r.path for r in archived])
+    serving = served(root, set(owned.values()))
+    out = []
+    for r in requests:
+        origin = owned.get(r.path)
+        if r.source is Source.ARCHIVE and (
+                origin is None or origin not in serving
+                or (origin.package, origin.version) != (r.package, r.version)):
+            r = replace(r, source=Source.STASH, version=None)
+        out.append(r)
+    return out
