@@ -4,10 +4,13 @@ the stash's stored frames for compressed modules, and the restore source in reco
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
+from kmodtrim.engine.journal import Journal
 from kmodtrim.errors import StoreError
 from kmodtrim.records import Source, StashedFile
 from kmodtrim.sources.choice import STASH_KEEP, Candidate, choose_local_copies
@@ -91,3 +94,24 @@ def test_an_archive_record_round_trips_and_needs_no_blob() -> None:
 def test_a_bad_source_is_refused_naming_the_file(bad: dict[str, object]) -> None:
     with pytest.raises(StoreError, match=r"a\.ko\.xz"):
         StashedFile.from_json({**RECORD, **bad})
+
+
+JOURNAL: dict[str, Any] = {
+    "version": 2, "action": "apply", "number": 1, "from": 0, "kernels": ["K1"],
+    "stash": [{"path": "/lib/modules/K1/kernel/a.ko.xz", "kind": "module", "module": "a",
+               "kernel": "K1", "package": "linux-image-K1", "source": "archive",
+               "version": "6.12.57-1"}]}
+
+
+def test_a_journal_item_left_to_the_archive_round_trips() -> None:
+    journal = Journal.from_json(Path("/nonexistent-unit-root"), JOURNAL)
+    [item] = journal.stash
+    assert (item.source, item.version) == (Source.ARCHIVE, "6.12.57-1")
+    assert Journal.from_json(Path("/nonexistent-unit-root"), journal.to_json()) == journal
+
+
+@pytest.mark.parametrize("source", ["cloud", ["archive"], 3])
+def test_a_journal_item_with_an_unknown_source_is_refused(source: object) -> None:
+    doc = {**JOURNAL, "stash": [{**JOURNAL["stash"][0], "source": source}]}
+    with pytest.raises(StoreError, match="unknown source"):
+        Journal.from_json(Path("/nonexistent-unit-root"), doc)
