@@ -45,9 +45,9 @@ def test_only_the_named_verb_is_built() -> None:
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["--help"], ["-h"], ["--he"], ["--version"], ["--json"], ["statu"], ["--root"],
+    [], ["--help"], ["-h"], ["--he"], ["--json"], ["statu"], ["--root"],
     ["--root", "/mnt", "--bogus", "status"], ["--verify", "status"], ["-h", "status"],
-    ["--version", "status"], ["--", "status"],
+    ["--root", "/mnt", "--version"], ["--", "status"],
 ], ids=lambda argv: " ".join(argv) or "(nothing)")
 def test_help_and_errors_come_from_the_whole_parser(argv: list[str]) -> None:
     assert verb_of(argv) is None
@@ -75,3 +75,17 @@ def test_a_verbs_help_reads_the_same(verb: str) -> None:
         return str(verbs.choices[verb].format_help())
 
     assert verb_help(parser_for([verb])) == verb_help(build_parser())
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["--version", "status"],
+                                  ["--version", "--bogus"], ["--version", "statu"]],
+                         ids=" ".join)
+def test_version_first_answers_as_the_whole_parser(argv: list[str],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    answers = []
+    for parser in (parser_for(argv), build_parser()):
+        with pytest.raises(SystemExit) as stop:
+            parser.parse_args(argv)
+        answers.append((stop.value.code, capsys.readouterr()))
+    assert answers[0] == answers[1]
+    assert answers[0][1].out.startswith("kmodtrim ")

@@ -157,7 +157,8 @@ def _change(parser: argparse.ArgumentParser, verb: str) -> None:
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole command line (also what man pages and completion are generated from);
-    with ``only``, just that verb's parser under the top level (see parser_for)."""
+    with ``only``, just that verb's parser under the top level (none for ``""``; see
+    parser_for)."""
     parser = Parser(
         prog="kmodtrim",
         description="Keep installed kernel modules down to what this machine uses.",
@@ -210,7 +211,10 @@ def verb_of(argv: Sequence[str]) -> str | None:
 def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser to parse ``argv`` with: the verb's own and the top level only, when the
     verb is plain (most of the parser's cost is the verbs it does not need), else the
-    whole one, which gives help and every error as it always has."""
+    whole one, which gives help and every error as it always has. ``--version`` first
+    needs no verb at all: argparse answers it before it reads anything after it."""
+    if argv[:1] == ["--version"]:
+        return build_parser(only="")
     return build_parser(verb_of(argv))
 
 
