@@ -65,6 +65,28 @@ def test_closure_contains_everything_modprobe_loads_for_every_module(
     assert not missing, f"closure misses modules modprobe loads: {dict(list(missing.items())[:5])}"
 
 
+def test_closure_contains_every_dependency_depmod_wrote_on_the_whole_generic_tree(
+    each_generic_kernel: KernelTree,
+) -> None:
+    # Every module of Debian's generic kernel (4,000+; 13's as .ko.xz): what depmod wrote
+    # into modules.dep for a module, the closure of that module keeps.
+    tree = each_generic_kernel
+    index, _ = build_index(tree.root, tree.kver, use_cache=False, symvers=tree.symvers)
+    depends: dict[str, list[str]] = {}
+    for line in (tree.moddir / "modules.dep").read_text().splitlines():
+        module, _, deps = line.partition(":")
+        depends[module] = deps.split()
+    by_relpath = {entry.relpath: name for name, entry in index.modules.items()}
+    assert set(by_relpath) == set(depends) and len(depends) > 4000
+    missing = {}
+    for relpath, deps in depends.items():
+        closure = closure_of({by_relpath[relpath]: [Reason("policy", "test")]}, index)
+        kept = {index.modules[m].relpath for m in closure.kept}
+        if not set(deps) <= kept:
+            missing[relpath] = set(deps) - kept
+    assert not missing, f"closure misses modules.dep entries: {dict(list(missing.items())[:5])}"
+
+
 def test_softdep_alias_resolved_like_modprobe(
     each_cloud_kernel: KernelTree, cloud_index: ModuleIndex, tmp_path: Path
 ) -> None:
