@@ -74,8 +74,8 @@ def test_closure_contains_every_dependency_depmod_wrote_on_the_whole_generic_tre
     index, _ = build_index(tree.root, tree.kver, use_cache=False, symvers=tree.symvers)
     depends: dict[str, list[str]] = {}
     for line in (tree.moddir / "modules.dep").read_text().splitlines():
-        module, _, deps = line.partition(":")
-        depends[module] = deps.split()
+        module, _, listed = line.partition(":")
+        depends[module] = listed.split()
     by_relpath = {entry.relpath: name for name, entry in index.modules.items()}
     assert set(by_relpath) == set(depends) and len(depends) > 4000
     missing = {}
