@@ -138,7 +138,10 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
     except FileNotFoundError as exc:
         raise _Unavailable(f"{argv[0]} is not installed (run scripts/setup)") from exc
     if proc.returncode != 0:
-        raise _Unavailable(f"`{' '.join(argv)}` exited {proc.returncode}:\n{proc.stderr.strip()}")
+        # The private apt configuration's `-o` pairs are left out of the message.
+        shown = [a for i, a in enumerate(argv) if a != "-o" and (i == 0 or argv[i - 1] != "-o")]
+        raise _Unavailable(f"`{' '.join(shown)}` exited {proc.returncode}:\n"
+                           f"{proc.stderr.strip()}")
     return proc.stdout
 
 
@@ -180,8 +183,9 @@ def apt_options(cache: Path, release: Release) -> list[str]:
     return [arg for key, value in options.items() for arg in ("-o", f"{key}={value}")]
 
 
-def _refresh_indexes(cache: Path, release: Release) -> list[str]:
-    """The apt options for the release, its signed indexes fetched if older than a day."""
+def _refresh_indexes(cache: Path, release: Release, force: bool = False) -> list[str]:
+    """The apt options for the release, its signed indexes fetched if older than a day
+    (or ``force``)."""
     home = cache / "apt" / release.name
     for sub in ("sources.list.d", "preferences.d", "lists/partial", "cache/archives/partial"):
         (home / sub).mkdir(parents=True, exist_ok=True)
@@ -193,7 +197,7 @@ def _refresh_indexes(cache: Path, release: Release) -> list[str]:
         (home / "status").touch()
     options = apt_options(cache, release)
     stamp = home / "updated"
-    if not stamp.exists() or time.time() - stamp.stat().st_mtime > _REFRESH_SECONDS:
+    if force or not stamp.exists() or time.time() - stamp.stat().st_mtime > _REFRESH_SECONDS:
         # apt-get update checks InRelease against the Debian archive keyring and every
         # index against InRelease; `-o APT::Update::Error-Mode=any` makes a failed source
         # an error instead of a warning.
@@ -312,12 +316,18 @@ def _resolve(cache: Path, release: Release, flavour: str) -> tuple[Path, Path]:
     """(image .deb, headers .deb) the release's archive serves today for a flavour, fetched.
     Offline, the pair last resolved (if cached)."""
     record = cache / "resolved" / f"{release.name}-{flavour}"
-    try:
-        options = _refresh_indexes(cache, release)
+
+    def fetch(options: list[str]) -> tuple[Path, Path]:
         image_pkg = _resolve_metapackage(options, f"linux-image-{flavour}")
-        image_deb = _fetch(cache, options, image_pkg)
         kver = image_pkg.removeprefix("linux-image-")
-        headers_deb = _fetch(cache, options, f"linux-headers-{kver}")
+        return _fetch(cache, options, image_pkg), _fetch(cache, options, f"linux-headers-{kver}")
+
+    try:
+        try:
+            image_deb, headers_deb = fetch(_refresh_indexes(cache, release))
+        except _Unavailable:
+            # Lists less than a day old may name a version the archive has dropped since.
+            image_deb, headers_deb = fetch(_refresh_indexes(cache, release, force=True))
     except _Unavailable:
         if not _offline():
             raise
