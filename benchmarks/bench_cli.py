@@ -5,11 +5,13 @@ plan ≤ 0.3 s.
 
     .venv/bin/python benchmarks/bench_cli.py [--runs N] [--json] [--compare REV]
 
-Every process runs with its modules' bytecode cached (as an installed package has it),
-in a private cache directory, whatever ``PYTHONDONTWRITEBYTECODE`` says here; the warm-up
-run writes it. ``--compare REV`` also times the package as it was at git revision REV,
-on its own copy of the same trimmed root (its own index cache), each command's runs
-alternating between the two so both see the same machine.
+Each figure is the median wall time, with the median CPU time (user + system, which
+hardly moves when other work shares the machine) beside it. Every process runs with its
+modules' bytecode cached (as an installed package has it), in a private cache directory,
+whatever ``PYTHONDONTWRITEBYTECODE`` says here; the warm-up run writes it.
+``--compare REV`` (repeatable) also times the package as it was at git revision REV, on
+its own copy of the same trimmed root (its own records and index cache), each command's
+runs alternating between the variants so that all see the same machine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -101,28 +104,52 @@ def main() -> int:
         for argvs, env in variants.values():
             for argv in argvs.values():
                 timed(argv, env=env)  # bytecode, page cache and index cache warm
-        samples: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+        walls: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
+        cpus: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         names = list(variants["working tree"][0])
         for name in names:
             for _ in range(args.runs):
                 for variant, (argvs, env) in variants.items():
-                    samples[variant].setdefault(name, []).append(timed(argvs[name], env=env))
-    medians = {variant: {name: statistics.median(times) for name, times in by_name.items()}
-               for variant, by_name in samples.items()}
+                    wall, cpu = timed_with_cpu(argvs[name], env)
+                    walls[variant].setdefault(name, []).append(wall)
+                    cpus[variant].setdefault(name, []).append(cpu)
+    wall_medians = medians(walls)
+    cpu_medians = medians(cpus)
     if args.json:
         print(json.dumps({"kernel": tree.kver, "runs": args.runs, "cpus": os.cpu_count(),
-                          "seconds": {variant: {k: round(v, 3) for k, v in by_name.items()}
-                                      for variant, by_name in medians.items()}}, indent=2))
+                          "seconds": rounded(wall_medians), "cpu_seconds": rounded(cpu_medians)},
+                         indent=2))
         return 0
-    print(f"kernel {tree.kver}, trimmed; medians of {args.runs} whole-process runs"
+    print(f"kernel {tree.kver}, trimmed; medians of {args.runs} whole-process runs, wall "
+          "time (CPU time, user + system)"
           + ("; variants alternating run by run" if args.compare else ""))
-    print(f"  {'':28} " + "  ".join(f"{variant[:12]:>12}" for variant in medians)
+    print(f"  {'':28} " + "  ".join(f"{variant[:18]:>18}" for variant in wall_medians)
           + "  target")
     for name in names:
         target = f"≤ {TARGETS[name]} s" if name in TARGETS else ""
-        print(f"  {name:28} " + "  ".join(f"{by_name[name]:10.3f} s" for by_name in
-                                          medians.values()) + f"  {target}")
+        print(f"  {name:28} " + "  ".join(
+            f"{wall_medians[v][name]:7.3f} s ({cpu_medians[v][name]:5.3f})" for v in variants)
+            + f"  {target}")
     return 0
+
+
+def timed_with_cpu(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Wall time and CPU time (user + system) of one run of ``argv``: the CPU time hardly
+    moves when other work shares the machine."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall = timed(argv, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def medians(samples: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {variant: {name: statistics.median(values) for name, values in by_name.items()}
+            for variant, by_name in samples.items()}
+
+
+def rounded(table: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    return {variant: {k: round(v, 3) for k, v in by_name.items()}
+            for variant, by_name in table.items()}
 
 
 if __name__ == "__main__":
