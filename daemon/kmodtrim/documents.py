@@ -134,15 +134,57 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
 }
 OPTIONAL = frozenset({"job"})  # keys a document may lack
 
+# The fleet's documents are files passed between hosts and tools (an export is read back
+# by `fleet merge` and `--observed`, a merge by `fleet export`, `apply --observed` and
+# Ansible): each carries "kind" and its own "schema", bumped on its own.
+FLEET_SCHEMA = 1
+EXPORT_KIND = "kmodtrim-observation-export"
+MERGE_KIND = "kmodtrim-fleet-merge"
+FLEET_DOCUMENTS: dict[str, dict[str, Field]] = {
+    EXPORT_KIND: {
+        "schema": ((int,), "document schema (FLEET_SCHEMA)"),
+        "kind": ((str,), EXPORT_KIND),
+        "host": ((dict,), "machine_id_sha256 (sha256 of /etc/machine-id, or HMAC-SHA256 "
+                          "keyed with --salt; never the id itself), salted"),
+        "image": ((dict,), "os-release id, version_id, image_id, image_version (null when "
+                           "absent)"),
+        "platform": ((dict,), "DMI sys_vendor, product_name and /sys/hypervisor type "
+                              "(null when absent)"),
+        "kernels": ((list,), "kernels installed under the root"),
+        "kernel": ((str, _N), "the kernel meant by default"),
+        "kernel_family": ((str, _N), "its MAJOR.MINOR: merges take one family"),
+        "boots": ((int,), "boots recorded"),
+        "modules": ((list,), "name, first_seen, last_seen (ISO 8601), boots, how "
+                             "(proc-modules, uevent, modalias, restored, recorded) — by name"),
+        "exported": ((str,), "when the export was made (ISO 8601)"),
+    },
+    MERGE_KIND: {
+        "schema": ((int,), "document schema (FLEET_SCHEMA)"),
+        "kind": ((str,), MERGE_KIND),
+        "kernel_family": ((str, _N), "the inputs' kernel family"),
+        "hosts": ((int,), "distinct hosts merged (a host exported twice counts once)"),
+        "threshold": ((dict,), "min_hosts, min_share (null unless given) and the hosts "
+                               "a module needs"),
+        "images": ((list,), "image (ID VERSION), hosts — by image"),
+        "inputs": ((list,), "host (hashed id), kind (export or osquery) — by host"),
+        "keep": ((list,), "the modules seen on at least the threshold's hosts, by name"),
+        "modules": ((list,), "every module seen: name, hosts, images, boots, how, "
+                             "first_seen, last_seen, kept — by name"),
+    },
+}
+
 
 def problems(verb: str, doc: Any) -> list[str]:
-    """What in ``doc`` does not match the description of ``verb``'s document."""
-    described = DOCUMENTS[verb]
+    """What in ``doc`` does not match the description of ``verb``'s document (a verb, or
+    a fleet document's kind)."""
+    fleet = verb in FLEET_DOCUMENTS
+    described = FLEET_DOCUMENTS[verb] if fleet else DOCUMENTS[verb]
+    schema = FLEET_SCHEMA if fleet else SCHEMA
     if not isinstance(doc, dict):
         return [f"{verb}: not an object"]
     found = []
-    if doc.get("schema") != SCHEMA:
-        found.append(f"{verb}: schema is {doc.get('schema')!r}, not {SCHEMA}")
+    if doc.get("schema") != schema:
+        found.append(f"{verb}: schema is {doc.get('schema')!r}, not {schema}")
     for key, value in doc.items():
         if key not in described:
             found.append(f"{verb}: undescribed key {key!r}")

@@ -36,13 +36,28 @@ class KernelAction(StrEnum):
     REMOVE = "remove"
 
 
+class FleetAction(StrEnum):
+    """``kmodtrim fleet ACTION``."""
+
+    MERGE = "merge"
+    EXPORT = "export"
+
+
+class FleetFormat(StrEnum):
+    """What ``kmodtrim fleet export`` writes a merge as."""
+
+    MKOSI = "mkosi"  # a mkosi.conf.d drop-in: [Content] KernelModules=
+    DRACUT = "dracut"  # a dracut.conf.d file: add_drivers+=
+    POLICY = "policy"  # a kmodtrim policy.d drop-in: rules
+
+
 @dataclass(frozen=True)
 class Option:
     """One option: its key (the D-Bus ``a{sv}`` key and the argparse dest), D-Bus
     signature, CLI flag, help, choices and the verbs / D-Bus members that take it."""
 
     key: str
-    signature: str  # "s", "as" or "b"
+    signature: str  # "s", "as" or "b" ("u", "d" for CLI-only numbers)
     flag: str  # "" for a D-Bus-only option
     help: str
     verbs: frozenset[str]  # CLI verbs
@@ -82,6 +97,23 @@ OPTIONS: tuple[Option, ...] = (
            choices=tuple(Backend)),
     Option("latest", "b", "", "roll back the latest generation (no GEN given)",
            frozenset(), frozenset({"Rollback"})),
+    # The fleet's options (CLI only: fleets run them through their own tools).
+    Option("export", "b", "--export",
+           "print this host's observation export (a JSON document for 'fleet merge')",
+           frozenset({"observe"})),
+    Option("salt", "s", "--salt",
+           "hash /etc/machine-id keyed with SALT (HMAC-SHA256) rather than plain sha256",
+           frozenset({"observe"}), metavar="SALT"),
+    Option("min_hosts", "u", "--min-hosts",
+           "keep a module seen on at least N hosts (default 1)", frozenset({"fleet"}),
+           metavar="N"),
+    Option("min_share", "d", "--min-share",
+           "keep a module seen on at least this share of the hosts: 0.5 or 50%%",
+           frozenset({"fleet"}), metavar="P"),
+    Option("format", "s", "--format", "what to write the merge as", frozenset({"fleet"}),
+           choices=tuple(FleetFormat)),
+    Option("output", "s", "--output", "write to FILE (atomically) instead of stdout",
+           frozenset({"observe", "fleet"}), metavar="FILE", short="-o"),
 )
 
 OPTION_BY_KEY = {option.key: option for option in OPTIONS}

@@ -22,6 +22,7 @@ import os
 import stat
 import time
 from collections.abc import Iterable, Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -396,7 +397,8 @@ def _check_observations(path: Path, doc: Any) -> dict[str, Any]:
         if (not isinstance(boot, dict) or not isinstance(boot.get("modules"), list)
                 or not all(isinstance(m, str) for m in boot["modules"])
                 or not all(isinstance(boot.get(k, 0), int | float)
-                           for k in ("first_seen", "last_seen"))):
+                           for k in ("first_seen", "last_seen"))
+                or not all(_is_sighting(s) for s in _as_dict(boot.get("seen", {})))):
             raise StoreError(f"{path}: a boot record has an unexpected structure")
     for key in ("supplied", "restored"):
         if not is_names(doc.get(key, {})):
@@ -426,8 +428,29 @@ def _observations_doc(root: Path, *, for_update: bool = False) -> dict[str, Any]
         return {"boots": {}}
 
 
+class HowSeen(StrEnum):
+    """How a module was seen loaded (a boot record's ``seen`` says it per module)."""
+
+    PROC_MODULES = "proc-modules"  # the /proc/modules snapshot at start-up or --record
+    UEVENT = "uevent"  # a module's uevent while the daemon ran
+    MODALIAS = "modalias"  # restored for a device's modalias (self-healing)
+
+
+def _as_dict(value: Any) -> list[Any]:
+    return list(value.values()) if isinstance(value, dict) else [None]
+
+
+def _is_sighting(value: Any) -> bool:
+    return (isinstance(value, dict) and isinstance(value.get("first"), int | float)
+            and isinstance(value.get("last"), int | float)
+            and isinstance(value.get("how"), list)
+            and all(isinstance(h, str) for h in value["how"]))
+
+
 def read_observations(root: Path) -> dict[str, dict[str, Any]]:
-    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}."""
+    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}, and since
+    the fleet export, ``"seen"``: name → {"first", "last", "how": [HowSeen]} for the
+    modules recorded since (older boot records lack it: their boot's times stand)."""
     boots: dict[str, dict[str, Any]] = _observations_doc(root)["boots"]
     return boots
 
@@ -478,12 +501,19 @@ def forget_restored(root: Path, names: set[str]) -> set[str]:
 
 
 def record_observation(
-    root: Path, boot_id: str, modules: list[str], now: float | None = None
+    root: Path, boot_id: str, modules: list[str], now: float | None = None,
+    how: HowSeen = HowSeen.PROC_MODULES,
 ) -> None:
-    """Add modules seen loaded during boot ``boot_id`` (union with what was recorded)."""
+    """Add modules seen loaded during boot ``boot_id`` (union with what was recorded),
+    each with when (first and last) and ``how`` it was seen."""
     now = time.time() if now is None else now
     doc = _observations_doc(root, for_update=True)
     boot = doc["boots"].setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
     boot["last_seen"] = now
     boot["modules"] = sorted(set(boot["modules"]) | set(modules))
+    seen = boot.setdefault("seen", {})
+    for name in modules:
+        sighting = seen.setdefault(name, {"first": now, "last": now, "how": []})
+        sighting["last"] = now
+        sighting["how"] = sorted(set(sighting["how"]) | {str(how)})
     atomic_write_json(observations_path(root), doc)

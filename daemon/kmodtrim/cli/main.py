@@ -24,6 +24,7 @@ VERBS = {
     "index": ("read", "index"), "forget": ("read", "forget"),
     "apply": ("change", "apply"), "rollback": ("change", "rollback"),
     "restore": ("change", "restore"), "kernel-event": ("change", "kernel_event"),
+    "fleet": ("fleet", "fleet"),
 }
 
 
@@ -55,6 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.error(f"--kernel {args.kernel[:80]!r}: not a kernel version")
             return 2
         module, function = VERBS[args.verb]
+        if args.verb == "observe" and args.export:
+            module, function = "fleet", "observe_export"
         run: Callable[[argparse.Namespace, Console], int] = getattr(
             importlib.import_module(f"kmodtrim.cli.{module}"), function)
         return int(run(args, console))

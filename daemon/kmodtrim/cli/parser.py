@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .. import __version__
-from ..request import OPTION_BY_KEY, KernelAction
+from ..request import OPTION_BY_KEY, FleetAction, KernelAction
 
 EXIT_CODES = """exit status:
   0    success
@@ -100,6 +100,15 @@ VERBS: tuple[Verb, ...] = (
     Verb("index", "index the kernel's modules and show a summary",
          "Read every module's metadata (cached) and print what the kernel has.",
          ("kmodtrim index --rebuild",)),
+    Verb("fleet", "merge many hosts' observations; export the merge for image builders",
+         "The merge action reads observation exports (kmodtrim observe --export) and "
+         "osquery kernel_modules result logs and writes one merge document: per module how "
+         "many hosts and which images saw it, and the modules seen on enough hosts. The "
+         "export action writes a merge as a mkosi KernelModules= drop-in, a dracut "
+         "add_drivers conf or a kmodtrim policy drop-in; kmodtrim apply --root IMAGE "
+         "--observed MERGE trims an image root to it.",
+         ("kmodtrim fleet merge host*.json --min-hosts 2 -o merged.json",
+          "kmodtrim fleet export --format mkosi merged.json -o mkosi.conf.d/50-fleet.conf")),
     Verb("kernel-event", "(for kernel install hooks) a kernel was added or removed",
          "Called by the kernel-install plugin and the Debian hooks. An added kernel is "
          "trimmed like the ones before it; a removed kernel's stash is forgotten.",
@@ -230,6 +239,11 @@ def _arguments(p: argparse.ArgumentParser, verb: str) -> None:
     elif verb == "observe":
         p.add_argument("--record", action="store_true",
                        help="remember the modules loaded now (for this boot)")
+        _option(p, "export", action="store_true")
+        _option(p, "salt")
+        _option(p, "output", type=Path)
+    elif verb == "fleet":
+        _fleet(p)
     elif verb == "apply":
         option = OPTION_BY_KEY["force"]
         p.add_argument(option.flag, dest="force", action="store_true", help=option.help)
@@ -246,3 +260,35 @@ def _arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("action", choices=list(KernelAction))
         p.add_argument("kver", metavar="KVER")
         p.set_defaults(dry_run=False, yes=True)
+
+
+def _option(p: argparse.ArgumentParser, key: str, **kwargs: object) -> None:
+    """A verb's own option as request.OPTIONS declares it."""
+    option = OPTION_BY_KEY[key]
+    flags = [option.flag] + ([option.short] if option.short else [])
+    if option.choices:
+        kwargs["choices"] = list(option.choices)
+    if option.metavar:
+        kwargs["metavar"] = option.metavar
+    p.add_argument(*flags, dest=key, help=option.help, **kwargs)  # type: ignore[arg-type]
+
+
+def _fleet(p: argparse.ArgumentParser) -> None:
+    actions = p.add_subparsers(dest="fleet_action", metavar="ACTION", parser_class=Parser,
+                               required=True)
+    merge = actions.add_parser(
+        FleetAction.MERGE, help="merge observation exports and osquery result logs",
+        description="Merge observation exports and osquery kernel_modules result logs "
+                    "(JSON lines) into one document, printed or written with --output.")
+    merge.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    threshold = merge.add_mutually_exclusive_group()
+    _option(threshold, "min_hosts")  # type: ignore[arg-type]
+    _option(threshold, "min_share")  # type: ignore[arg-type]
+    _option(merge, "output", type=Path)
+    export = actions.add_parser(
+        FleetAction.EXPORT, help="write a merge for mkosi, dracut or a kmodtrim policy",
+        description="Write the modules a merge keeps as a mkosi KernelModules= drop-in, "
+                    "a dracut add_drivers conf or a kmodtrim policy drop-in.")
+    export.add_argument("merge", type=Path, metavar="MERGE")
+    _option(export, "format", required=True)
+    _option(export, "output", type=Path)

@@ -7,7 +7,8 @@ are normalised (``-`` → ``_``) as kmod does.
 
 The package's files: loaded.py reads loaded modules, devices.py device modaliases,
 filesystems.py mounts and fstab, rootdev.py the root device's driver chain, inroot.py the
-root-relative file access they share.
+root-relative file access they share, exported.py the names in an ``--observed`` file that
+is an observation export or a fleet merge (JSON).
 """
 
 from __future__ import annotations

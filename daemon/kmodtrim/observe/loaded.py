@@ -11,6 +11,7 @@ from pathlib import Path
 from ..errors import ObservationError
 from ..inputs import MAX_OBSERVATION_BYTES, quote_input, read_input, read_optional_input
 from ..names import is_valid_module_name, module_name_from_path, normalize
+from .exported import looks_like_document, parse_observation_document
 from .inroot import _host, _scandir
 
 PROC_MODULES = "/proc/modules"
@@ -68,7 +69,8 @@ def parse_observed_text(text: str, origin: str) -> list[ObservedName]:
 
 
 def read_observed_file(path: Path) -> list[ObservedName]:
-    """The module names in an ``--observed`` file (format: see parse_observed_text).
+    """The module names in an ``--observed`` file (format: see parse_observed_text; or a
+    JSON observation export or fleet merge, see exported.py).
 
     Raises ObservationError if the file cannot be read, is not a regular file (a FIFO or
     device is never opened), is larger than MAX_OBSERVATION_BYTES, is not UTF-8, or has a
@@ -84,6 +86,9 @@ def read_observed_file(path: Path) -> list[ObservedName]:
             f"{path}: not UTF-8 text (byte {exc.start}): not an observed-modules file",
             hint="give a text file with one module name per line",
         ) from exc
+    if looks_like_document(text):  # an observation export or a fleet merge
+        return [ObservedName(name, source, None)
+                for name, source in parse_observation_document(text, str(path))]
     return parse_observed_text(text, str(path))
 
 

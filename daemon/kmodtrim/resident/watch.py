@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BusyError, KmodtrimError
-from ..store import record_observation
+from ..store import HowSeen, record_observation
 from ..uevent import parse_uevent
 from .jobs import Events, Job, JobSlot, Request
 from .spawn import Worker
@@ -157,7 +157,7 @@ class Watch:
             self._pending_modules.clear()
             try:
                 await asyncio.to_thread(record_observation, root, self.daemon.boot_id,
-                                        names)
+                                        names, None, HowSeen.UEVENT)
             except (OSError, KmodtrimError) as exc:
                 log_event("error", f"cannot record observed modules {names}: {exc}",
                           error=True)
@@ -219,7 +219,8 @@ class Watch:
         # The device needs these from now on: a later plan (a re-trim, the next kernel)
         # must keep them even if loading them below fails or the device goes away.
         try:
-            await asyncio.to_thread(record_observation, daemon.root, daemon.boot_id, names)
+            await asyncio.to_thread(record_observation, daemon.root, daemon.boot_id, names,
+                                    None, HowSeen.MODALIAS)
         except (OSError, KmodtrimError) as exc:
             log_event("error", f"self-heal: cannot record {names} as observed: {exc}",
                       error=True)
