@@ -28,7 +28,7 @@ from pathlib import Path
 
 from common import OBSERVED, timed  # first: it puts tests/ on the path
 
-from kernels import KernelTree, prepare_kernel
+from kernels import FLAVOURS, RELEASES, KernelTree, prepare_kernel
 
 KMODTRIM = [sys.executable, "-m", "kmodtrim.cli"]
 
@@ -155,13 +155,13 @@ def side_by_side(results: list[dict[str, object]], rows: tuple[tuple[str, str, s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
-    parser.add_argument("--release", default="both", choices=["bookworm", "trixie", "both"])
+    parser.add_argument("--flavour", default="generic", choices=sorted(FLAVOURS))
+    parser.add_argument("--release", default="both", choices=[*RELEASES, "both"])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    releases = ["bookworm", "trixie"] if args.release == "both" else [args.release]
+    releases = list(RELEASES) if args.release == "both" else [args.release]
     results = [measure(prepare_kernel(args.flavour, release), args.runs)
                for release in releases]
     if args.json:

@@ -24,7 +24,7 @@ from pathlib import Path
 from bench_index import side_by_side  # imports common, which puts tests/ on the path
 from common import OBSERVED, timed
 
-from kernels import KernelTree, copy_kernel_tree, prepare_kernel
+from kernels import FLAVOURS, RELEASES, KernelTree, copy_kernel_tree, prepare_kernel
 from kmodtrim.state.stash import Stash
 from kmodtrim.store import current_generation
 
@@ -85,13 +85,13 @@ ROWS = (
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--flavour", default="generic", choices=["generic", "cloud"])
-    parser.add_argument("--release", default="both", choices=["bookworm", "trixie", "both"])
+    parser.add_argument("--flavour", default="generic", choices=sorted(FLAVOURS))
+    parser.add_argument("--release", default="both", choices=[*RELEASES, "both"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    releases = ["bookworm", "trixie"] if args.release == "both" else [args.release]
+    releases = list(RELEASES) if args.release == "both" else [args.release]
     results = [measure(prepare_kernel(args.flavour, release), args.runs)
                for release in releases]
     if args.json:
