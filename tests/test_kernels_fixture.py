@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import KernelTree, apt_options, copy_kernel_tree, kernel_cache_dir
+from kernels import KernelTree, apt_options, copy_kernel_tree, kernel_cache_dir, prepare_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -131,3 +131,12 @@ def test_copy_kernel_tree_refuses_non_empty_destination(
     (tmp_path / "junk").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         copy_kernel_tree(cloud_kernel, tmp_path)
+
+
+@pytest.mark.parametrize(("flavour", "release"), [("generic", "sid"), ("rt", "trixie")])
+def test_prepare_kernel_names_the_flavours_and_releases_it_knows(
+    flavour: str, release: str
+) -> None:
+    with pytest.raises(RuntimeError, match=r"flavours \['cloud', 'generic'\], releases "
+                                           r"\['bookworm', 'trixie'\]"):
+        prepare_kernel(flavour, release)
