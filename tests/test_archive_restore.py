@@ -244,7 +244,8 @@ def test_tampered_md5sums_are_refused(tmp_path: Path, debs: dict[str, Path],
     sums.write_text("".join(ln + "\n" for ln in lines if not ln.endswith("unused_b.ko.xz")))
     proc = kmodtrim(root, "restore", "unused_b", "--yes")
     assert proc.returncode == 1
-    assert "the package database has no md5sum for it" in proc.stderr
+    assert "the package database has no digest for it" in proc.stderr
+    assert f"info/{IMAGE}.md5sums" in proc.stderr
     assert snapshot(root) == trimmed and stray_files(root) == []
 
 
