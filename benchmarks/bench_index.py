@@ -95,6 +95,7 @@ def measure(tree: KernelTree, runs: int) -> dict[str, object]:
     d, c, w, s, p = (statistics.median(x) for x in (depmod, cold, warm, symbols, plan))
     return {
         "release": tree.release.name,
+        "debian": tree.release.debian,
         "kernel": tree.kver,
         "modules": modules,
         "depmod_seconds": round(d, 3),
@@ -144,7 +145,7 @@ def side_by_side(results: list[dict[str, object]], rows: tuple[tuple[str, str, s
                  ) -> str:
     """The figures of each release in a column of its own, one row per figure."""
     width = max(len(label) for _, label, _ in rows) + 2
-    columns = [f"Debian {r['release']} ({r['kernel']})" for r in results]
+    columns = [f"Debian {r['debian']} ({r['kernel']})" for r in results]
     col = max(18, *(len(c) for c in columns)) + 2
     lines = [" " * width + "".join(c.rjust(col) for c in columns)]
     for key, label, fmt in rows:

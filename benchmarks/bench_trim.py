@@ -57,6 +57,7 @@ def measure(pristine: KernelTree, runs: int) -> dict[str, object]:
     a, r, d = (statistics.median(x) for x in (applies, restores, depmods))
     return {
         "release": pristine.release.name,
+        "debian": pristine.release.debian,
         "kernel": pristine.kver,
         "apply_seconds": round(a, 3),
         "apply_over_depmod": round(a / d, 2),
