@@ -47,7 +47,8 @@ __all__ = ["MESSAGE_IDS", "build_parser", "main", "serve", "start"]
 log = logging.getLogger("kmodtrim.daemon")
 
 
-async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConnection]:
+async def start(root: Path, bus: str, observe: bool, metrics: Path | None = None
+                ) -> tuple[Daemon, DaemonConnection]:
     """Build the daemon, connect it to the bus and claim the name, listen to the kernel's
     uevents (live root, ``observe``), then load (recover, snapshot observations). Returns
     the loaded daemon and its connection. Raises KmodtrimError (bus unreachable, name
@@ -57,7 +58,7 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
     from .dbus.service import connect
     from .resident.core import Daemon
 
-    daemon = Daemon(root, observe=observe)
+    daemon = Daemon(root, observe=observe, metrics=metrics)
     connection = await connect(daemon, bus)
     if observe and daemon.live:
         # Before start-up's work, which runs in workers and takes a while: a device that
@@ -74,7 +75,7 @@ async def start(root: Path, bus: str, observe: bool) -> tuple[Daemon, DaemonConn
     return daemon, connection
 
 
-async def serve(root: Path, bus: str, observe: bool) -> int:
+async def serve(root: Path, bus: str, observe: bool, metrics: Path | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT. Returns the exit status."""
     import asyncio
 
@@ -90,7 +91,7 @@ async def serve(root: Path, bus: str, observe: bool) -> int:
             watchdog = loop.call_later(interval, ping)
         ping()
     try:
-        daemon, connection = await start(root, bus, observe)
+        daemon, connection = await start(root, bus, observe, metrics)
     except KmodtrimError as exc:
         if watchdog is not None:
             watchdog.cancel()
@@ -129,6 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the bus to claim org.kmodtrim.KmodTrim1 on (default: system)")
     parser.add_argument("--no-observe", action="store_true",
                         help="do not record loaded modules nor listen to kernel uevents")
+    parser.add_argument("--metrics-dir", type=Path, metavar="DIR",
+                        help="write node_exporter textfile metrics (kmodtrim.prom) here "
+                             "(default for the live root: /var/lib/prometheus/node-exporter "
+                             "if it exists; an image root's daemon writes none unless given)")
     parser.add_argument("--debug", action="store_true", help="debug logging")
     parser.add_argument("--version", action="version", version=f"kmodtrimd {__version__}")
     return parser
@@ -149,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import asyncio
 
     started = time.monotonic()
-    status = asyncio.run(serve(args.root, args.bus, not args.no_observe))
+    status = asyncio.run(serve(args.root, args.bus, not args.no_observe, args.metrics_dir))
     log.debug("ran for %.1f s", time.monotonic() - started)
     return status
 

@@ -11,6 +11,7 @@ through ``attach`` and calls the methods here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Sequence
@@ -21,9 +22,25 @@ from .. import __version__
 from ..errors import KmodtrimError, StoreError
 from ..names import normalize
 from ..paths import default_kernel
-from ..store import current_generation, generation_numbers, load_generation, read_observations
+from ..store import (
+    Generation,
+    current_generation,
+    generation_numbers,
+    load_generation,
+    read_observations,
+)
 from .jobs import EventRelay, Events, Job, JobSlot, Request
 from .kernel_events import KernelEventQueue
+from .metrics import (
+    TRIM_ACTIONS,
+    MetricsState,
+    RestoreCounters,
+    created_epoch,
+    metrics_dir,
+    render_metrics,
+    stash_bytes,
+    write_metrics,
+)
 from .spawn import Worker, call_worker
 from .systemd import log_event, sd_notify
 from .watch import Watch
@@ -39,10 +56,16 @@ log = logging.getLogger("kmodtrim.daemon")
 class Daemon:
     """State and operations of one kmodtrimd, for one root (``/`` or an image root)."""
 
-    def __init__(self, root: Path, *, observe: bool = True) -> None:
+    def __init__(self, root: Path, *, observe: bool = True,
+                 metrics: Path | None = None) -> None:
         self.root = root
         self.live = root.resolve() == Path("/")
         self.observe = observe
+        self.metrics_dir = metrics_dir(root, metrics, self.live)
+        self.restores = RestoreCounters()
+        self._heal_jobs: set[int] = set()  # restore jobs self-healing started
+        self._last_trim: float | None = None
+        self._last_trim_known = False
         self.events = EventRelay()
         self.loaded = asyncio.Event()  # set when start-up (recovery, snapshot) is done
         self.slot = JobSlot(self.events, self._settle)
@@ -139,6 +162,7 @@ class Daemon:
         boots = read_observations(self.root)
         self._observed_since = int(min(
             (float(b.get("first_seen", 0)) for b in boots.values()), default=0))
+        self._write_metrics(generation, len(boots))
         kernel = self.kernel_release
         self._trimmed = frozenset(
             f.module for f in generation.removed
@@ -158,8 +182,35 @@ class Daemon:
             self.events.generation_new(self._generation)
         return changed
 
+    def _write_metrics(self, generation: Generation, boots: int) -> None:
+        """The node_exporter textfile (metrics.py), if a directory is set."""
+        if self.metrics_dir is None:
+            return
+        if generation.action in TRIM_ACTIONS:
+            self._last_trim, self._last_trim_known = created_epoch(generation), True
+        elif not self._last_trim_known:  # once: the latest trim before a rollback/restore
+            for number in reversed(generation_numbers(self.root)[:-1]):
+                with contextlib.suppress(StoreError):
+                    earlier = load_generation(self.root, number)
+                    if earlier.action in TRIM_ACTIONS:
+                        self._last_trim = created_epoch(earlier)
+                        break
+            self._last_trim_known = True
+        write_metrics(self.metrics_dir, render_metrics(MetricsState(
+            generation, stash_bytes(self.root), boots, self._last_trim, self.restores)))
+
     async def _settle(self) -> dict[str, object]:
-        # After each job, before it is removed.
+        # After each job, before it is removed: count its restores for the metrics.
+        job = self.slot.job
+        if job is not None and job.type == "restore" and job.result == "done" \
+                and not job.outcome.get("dry_run"):
+            restored = len(job.key[1]) if isinstance(job.key, tuple) else 0
+            if job.id in self._heal_jobs:
+                self.restores.self_heal += restored
+            else:
+                self.restores.on_demand += restored
+        if job is not None:
+            self._heal_jobs.discard(job.id)
         changed = await self.refresh()
         sd_notify(f"STATUS=idle (generation {self._generation})")
         return changed
@@ -218,9 +269,12 @@ class Daemon:
         worker waiting to do it). Raises BusyError; the job fails with UnknownModuleError
         for a name the kernel does not know."""
         key = ("restore", tuple(sorted(normalize(n) for n in names)), request)
-        return self.slot.start("restore", key, {
+        job, started = self.slot.start("restore", key, {
             "op": "restore", "root": str(self.root), "names": list(names),
             "request": request.to_json()}, worker)
+        if started and worker is not None:
+            self._heal_jobs.add(job.id)
+        return job, started
 
     def kernel_event(self, action: str, kernel: str, request: Request) -> int:
         """Queue a kernel install or removal (see KernelEventQueue.add)."""
