@@ -4,11 +4,11 @@ sizes, no raw JSON (``--json`` prints the document itself)."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any, TextIO
 
 from ..sizes import human_bytes
+from .jsonout import dumps_indented
 
 TOP_SAVINGS = 15
 
@@ -16,9 +16,9 @@ TOP_SAVINGS = 15
 
 
 def dump(doc: Any, out: TextIO) -> None:
-    """The document as indented JSON, in one write (json.dump writes each token: ~10⁵
-    writes for a plan)."""
-    out.write(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    """The document as indented JSON (as json.dumps writes it; see jsonout.py), in one
+    write (json.dump writes each token: ~10⁵ writes for a plan)."""
+    out.write(dumps_indented(doc) + "\n")
 
 
 def plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> list[str]:
