@@ -115,6 +115,18 @@ def test_three_hosts_export_and_merge_to_the_hand_computed_keep_sets(
     assert share["keep"] == ["core", "virtio_net"]
 
 
+def test_merge_takes_osquery_result_logs_beside_exports(hosts: list[Path],
+                                                        tmp_path: Path) -> None:
+    """osquery's lines are written in osqueryd's result-log format (tests/data; osquery is
+    not installable here, so they are not captured from a running osqueryd)."""
+    exported = tmp_path / "a.json"
+    export(hosts[0], exported)
+    log = Path(__file__).resolve().parent / "data/osquery-kernel-modules-results.log"
+    doc = merge([exported, log], tmp_path / "m.json", "--min-hosts", "2")
+    assert doc["hosts"] == 4
+    assert doc["keep"] == ["isofs", "virtio_net"]
+
+
 def test_observed_takes_an_export_and_a_merge(hosts: list[Path], tmp_path: Path) -> None:
     image = scratch_root(tmp_path / "image", KVER, SPECS, policy=POLICY)
     exported = tmp_path / "a.json"
