@@ -28,9 +28,16 @@ def _json(doc: object) -> str:
 
 def observe_export(args: argparse.Namespace, console: Console) -> int:
     """This host's (or image root's) observation export."""
+    from ..errors import InputError
     from ..fleet.export import export_document
     from ..fleet.host import read_host_facts
     from ..store import read_observations, read_restored
+
+    if not args.export:
+        raise InputError("--salt and --output go with --export",
+                         hint="kmodtrim observe --export [--salt SALT] [--output FILE]")
+    if args.record:
+        raise InputError("--record and --export are two runs: record, then export")
 
     facts = read_host_facts(args.root, args.salt)
     doc = export_document(facts, read_observations(args.root), read_restored(args.root),

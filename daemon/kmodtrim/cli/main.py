@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.error(f"--kernel {args.kernel[:80]!r}: not a kernel version")
             return 2
         module, function = VERBS[args.verb]
-        if args.verb == "observe" and args.export:
+        if args.verb == "observe" and (args.export or args.salt or args.output):
             module, function = "fleet", "observe_export"
         run: Callable[[argparse.Namespace, Console], int] = getattr(
             importlib.import_module(f"kmodtrim.cli.{module}"), function)
