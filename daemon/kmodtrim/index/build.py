@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..elf import ModuleInfo, decompress, parse_module, read_module
+from ..elf import ModuleInfo, decompress, parse_module
 from ..errors import ModuleParseError
 from ..modprobe import ModprobeConfig, read_modprobe_config
 from ..names import compression_of
@@ -29,6 +29,7 @@ from .cache import (
 from .discover import _priority, _walk_modules, module_dir, read_builtins
 from .exports import _ExportsMemo, derived_kernel_exports, read_kernel_exports
 from .model import ModuleEntry, ModuleIndex, StashedModule
+from .parallel import read_modules
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,10 @@ def _build_index(
             else -1
             for relpath, stat in files
         ]
+    # The new or changed files, read ahead (compressed ones on every CPU) in file order.
+    reads = read_modules(moddir, [relpath for (relpath, _), row in zip(files, rows,
+                                                                        strict=True)
+                                  if row < 0])
     new, set_cache, set_row = _new_cached_info, _set_cache, _set_row
     fresh: list[tuple[str, Any, ModuleInfo]] = []  # what the cache will hold: (relpath, stat, info)
     # By name, in the order names first appear (relpath order): the first file's entry,
@@ -115,11 +120,11 @@ def _build_index(
             set_row(info, row)
             name = names[row]
         else:
-            try:
-                info = read_module(moddir / relpath)
-            except ModuleParseError as exc:
-                errors.append(exc)
+            read = next(reads)
+            if isinstance(read, ModuleParseError):
+                errors.append(read)
                 continue
+            info = read
             parsed += 1
             name = info.name
         fresh.append((relpath, stat, info))
@@ -131,6 +136,7 @@ def _build_index(
             if same_name is None:
                 same_name = shadowing[name] = [(entry.relpath, entry.size, entry.info)]
             same_name.append((relpath, stat[0], info))
+    reads.close()  # every read was taken: this ends the reading threads
     for name, same_name in shadowing.items():
         same_name.sort(key=lambda one: _priority(one[0]))
         best = same_name[0]
