@@ -162,7 +162,7 @@ def test_trim_then_rollback_over_dbus_moves_real_files(
     assert client.manager_properties()["CurrentGeneration"] == 1
 
     outcome = client.rollback(None, {"initramfs": "skip"})  # undo the latest
-    assert outcome["generation"] == 2 and len(outcome["restore"]) == 2
+    assert outcome["generation"] == 2 and len(outcome["put_back"]) == 2
     assert _module(root, "unused_c").exists() and _module(root, "unused_d").exists()
     assert "unused_c" in (root / f"lib/modules/{KVER}/modules.dep").read_text()
     assert generation_numbers(root) == [0, 1, 2]
@@ -354,7 +354,7 @@ def test_typed_results_and_versioned_documents_over_the_bus(
     dry = client.trim({"observed": [observed], "initramfs": "skip", "dry_run": True})
     assert dry["generation"] is None and dry["dry_run"] is True  # null, put back
     outcome = client.trim({"observed": [observed], "initramfs": "skip"})
-    assert outcome["generation"] == 1 and len(outcome["stash"]) == 2
+    assert outcome["generation"] == 1 and len(outcome["taken_out"]) == 2
     reply = _raw_call(daemon_on, "ShowGeneration", "u", [1])
     assert reply.signature == "a{sv}"
     manifest = reply.body[0]
@@ -392,9 +392,12 @@ def test_typed_documents_come_back_as_the_same_json() -> None:
     assert encoded["packages"].value[0]["metadata"].signature == "s"
     assert typed.from_dbus(encoded, typed.GENERATION) == generation
 
-    outcome = {"damaged": [], "generation": None, "dry_run": True, "stash": ["/a.ko"],
-               "restore": [], "notes": [], "regen": REGEN, "packages_removed": [],
-               "packages_reinstalled": [],
+    outcome = {"schema": 1, "damaged": [], "generation": None, "description": None,
+               "removed_files": None, "removed_bytes": None, "dry_run": True,
+               "taken_out": ["/a.ko"], "put_back": [], "notes": [], "regen": REGEN,
+               "packages_removed": [], "packages_reinstalled": [],
+               "stash_bytes_on_disk": 0, "tree_bytes_out": 1, "tree_bytes_in": 0,
+               "stash_growth_bytes": 0, "net_freed_bytes": 1,
                "kernel_event": {"action": "add", "kernel": "6.1", "initramfs": "auto",
                                 "backend": None}}
     assert typed.from_dbus(typed.to_dbus(outcome, typed.OUTCOME), typed.OUTCOME) == outcome
@@ -463,7 +466,7 @@ def test_second_trim_is_busy_identical_one_joins_and_nobody_cannot_cancel(
         assert first_box["result"]["job"] == joined_box["result"]["job"] == 1
         assert first_box["result"]["generation"] == 1
     after = sum(1 for _ in moddir.rglob("*.ko"))
-    assert after == before - len(first_box["result"]["stash"]) and after < before / 2
+    assert after == before - len(first_box["result"]["taken_out"]) and after < before / 2
     assert (moddir / "kernel/drivers/net/virtio_net.ko").exists()
 
 

@@ -28,6 +28,7 @@ from .store import generation_numbers, load_generation, read_observations, read_
 
 if TYPE_CHECKING:
     from .engine.transition import Options, Outcome
+    from .index import ModuleIndex
     from .operations import PlanResult, Target
 
 Progress = Callable[[str, int, int], None]
@@ -241,40 +242,57 @@ def outcome_document(outcome: Outcome, root: Path) -> dict[str, Any]:
     return doc
 
 
-def recover(root: Path) -> str | None:
+def recover(root: Path, options: Options | None = None) -> str | None:
     """Finish or undo an interrupted operation (or write rebuilt state). Returns what was
-    done, or None."""
+    done, or None. A dry run (``options.dry_run``) changes nothing, so it recovers nothing
+    either: it answers from the state as recovery will leave it."""
+    if options is not None and options.dry_run:
+        return None
     from .executor import recover as engine_recover
 
     return engine_recover(root)
 
 
-def trim(target: Target, options: Options) -> dict[str, Any]:
-    """Plan and apply for the target's kernel. Raises PolicyViolation, BusyError, …"""
-    from .executor import apply_plan
+def plan_for_trim(target: Target) -> PlanResult:
+    """Recover, then plan the target's kernel: what a trim would apply (the faces show it
+    and ask before ``apply_trim``). Raises PolicyViolation, KmodtrimError on bad input."""
     from .operations import make_plan_for
 
     recover(target.root)
-    result = make_plan_for(target)
-    outcome = apply_plan(target.root, result.plan, result.index, result.evidence,
-                         result.policy, options)
-    return outcome_document(outcome, target.root)
+    return make_plan_for(target)
+
+
+def apply_trim(result: PlanResult, root: Path, options: Options) -> dict[str, Any]:
+    """Apply a plan ``plan_for_trim`` made (or the CLI's dry-run plan); the outcome
+    document. Raises BusyError, Canceled, KmodtrimError."""
+    from .executor import apply_plan
+
+    outcome = apply_plan(root, result.plan, result.index, result.evidence, result.policy,
+                         options)
+    return outcome_document(outcome, root)
+
+
+def trim(target: Target, options: Options) -> dict[str, Any]:
+    """Plan and apply for the target's kernel. Raises PolicyViolation, BusyError, …"""
+    return apply_trim(plan_for_trim(target), target.root, options)
 
 
 def rollback(root: Path, to: int | None, options: Options) -> dict[str, Any]:
     from .executor import rollback as engine_rollback
 
-    recover(root)
+    recover(root, options)
     return outcome_document(engine_rollback(root, to, options), root)
 
 
 def restore(target: Target, names: list[str], options: Options,
-            how: str = "restored by hand") -> dict[str, Any]:
+            how: str = "restored by hand", index: ModuleIndex | None = None) -> dict[str, Any]:
+    """Bring ``names`` back with their closure. ``index``: the target's, when the caller
+    has it already (recovery that changed the tree makes it index again)."""
     from .executor import restore_modules
     from .operations import load_index
 
-    recover(target.root)
-    index, _ = load_index(target)
+    if recover(target.root, options) or index is None:
+        index, _ = load_index(target)
     return outcome_document(restore_modules(target.root, names, index, options, how),
                             target.root)
 
@@ -282,6 +300,6 @@ def restore(target: Target, names: list[str], options: Options,
 def kernel_event(target: Target, action: str, kernel: str, options: Options) -> dict[str, Any]:
     from .operations import kernel_event as operations_kernel_event
 
-    recover(target.root)
+    recover(target.root, options)
     return outcome_document(operations_kernel_event(target, action, kernel, options),
                             target.root)

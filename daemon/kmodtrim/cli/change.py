@@ -61,8 +61,7 @@ def apply(args: argparse.Namespace, console: Console) -> int:
                                dry_run=args.dry_run):
             return _declined(console)
         outcome = bus.trim(remote.options(args, "Trim"), console.fraction)
-        return _finish(remote.complete_outcome(outcome, args.root), args, console)
-    from ..executor import apply_plan
+        return _finish(remote.complete_outcome(outcome), args, console)
     from ..operations import make_plan_for
 
     _recover(args, console)
@@ -74,9 +73,9 @@ def apply(args: argparse.Namespace, console: Console) -> int:
         print(file=console.out)
     if not console.confirm(render.plan_summary(doc) + "?", yes=args.yes, dry_run=args.dry_run):
         return _declined(console)
-    outcome = apply_plan(args.root, result.plan, result.index, result.evidence, result.policy,
-                         _options(args, console, result.policy.settings.backend))
-    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+    return _finish(usecases.apply_trim(result, args.root,
+                                       _options(args, console, result.policy.settings.backend)),
+                   args, console)
 
 
 def _rollback_question(args: argparse.Namespace) -> str:
@@ -99,15 +98,12 @@ def rollback(args: argparse.Namespace, console: Console) -> int:
             return _declined(console)
         doc = remote.client().rollback(args.generation, remote.options(args, "Rollback"),
                                        console.fraction)
-        return _finish(remote.complete_outcome(doc, args.root), args, console)
-    from ..executor import rollback as engine_rollback
-
+        return _finish(remote.complete_outcome(doc), args, console)
     _recover(args, console)
     if not console.confirm(_rollback_question(args), yes=args.yes, dry_run=args.dry_run):
         return _declined(console)
-
-    outcome = engine_rollback(args.root, args.generation, _options(args, console, "auto"))
-    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+    return _finish(usecases.rollback(args.root, args.generation,
+                                     _options(args, console, "auto")), args, console)
 
 
 def restore(args: argparse.Namespace, console: Console) -> int:
@@ -120,16 +116,12 @@ def restore(args: argparse.Namespace, console: Console) -> int:
             return _declined(console)
         doc = remote.client().restore(args.names, remote.options(args, "Restore"),
                                       console.fraction)
-        return _finish(remote.complete_outcome(doc, args.root), args, console)
-    from ..executor import restore_modules
-    from ..operations import load_index
-
+        return _finish(remote.complete_outcome(doc), args, console)
     _recover(args, console)
     if not console.confirm(question, yes=args.yes, dry_run=args.dry_run):
         return _declined(console)
-    index, _ = load_index(target(args))
-    outcome = restore_modules(args.root, args.names, index, _options(args, console, "auto"))
-    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+    return _finish(usecases.restore(target(args), list(args.names),
+                                    _options(args, console, "auto")), args, console)
 
 
 def kernel_event(args: argparse.Namespace, console: Console) -> int:
@@ -148,12 +140,11 @@ def kernel_event(args: argparse.Namespace, console: Console) -> int:
             print(f"kmodtrimd {what} kernel {args.kver} once the package manager has "
                   f"finished ({pending} kernel event(s) queued)", file=console.out)
         return 0
-    from ..operations import kernel_event as run_kernel_event
     from ..operations import load_target_policy
 
     _recover(args, console)
     tgt = target(args)
     policy = load_target_policy(tgt)
-    outcome = run_kernel_event(tgt, args.action, args.kver,
-                               _options(args, console, policy.settings.backend))
-    return _finish(usecases.outcome_document(outcome, args.root), args, console)
+    return _finish(usecases.kernel_event(tgt, args.action, args.kver,
+                                         _options(args, console, policy.settings.backend)),
+                   args, console)

@@ -59,25 +59,15 @@ def options(args: argparse.Namespace, member: str) -> dict[str, Any]:
     return out
 
 
-def complete_outcome(doc: dict[str, Any], root: Path) -> dict[str, Any]:
-    """A daemon job's outcome as the in-process document: the generation's description,
-    files out and the stash on disk are read from the same root."""
+def complete_outcome(doc: dict[str, Any]) -> dict[str, Any]:
+    """A daemon job's outcome as the in-process document. The daemon's worker made it with
+    the same use case (usecases.outcome_document), so only what D-Bus cannot carry (a null
+    is left out) is put back; ``job`` stays: which kmodtrimd job did it."""
     from ..documents import SCHEMA
-    from ..state.stash import Stash
-    from ..store import load_generation
 
-    full = dict(doc)  # "job" stays: which kmodtrimd job did it
-    full["schema"] = SCHEMA
-    if "taken_out" not in full:
-        full["taken_out"] = full.pop("stash", [])
-        full["put_back"] = full.pop("restore", [])
-    number = full.get("generation")
-    g = load_generation(root, number) if number is not None else None
-    full.update({
-        "description": g.description if g else None,
-        "removed_files": len(g.removed) if g else None,
-        "removed_bytes": g.removed_bytes if g else None,
-        "stash_bytes_on_disk": Stash(root).size_on_disk(),
-    })
+    full = dict(doc)
+    full.setdefault("schema", SCHEMA)
+    for key in ("generation", "description", "removed_files", "removed_bytes"):
+        full.setdefault(key, None)
     full.setdefault("damaged", [])
     return full

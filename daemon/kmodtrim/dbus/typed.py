@@ -37,9 +37,10 @@ GENERATION: Shape = {
     "rollback_to": NULL, "removed": _NULLABLE_FILE, "regen": _REGEN,
     "packages": {"files": _NULLABLE_FILE, "control": _NULLABLE_FILE, "metadata": JSON},
 }
-# Job.Outcome: what a job did (the engine's Outcome.to_json(), plus the kernel event a
-# kernel-install job handled).
-OUTCOME: Shape = {"generation": NULL, "regen": _REGEN, "kernel_event": {"backend": NULL}}
+# Job.Outcome: what a job did (the use cases' outcome document, as `kmodtrim apply --json`
+# prints it, plus the kernel event a kernel-install job handled).
+OUTCOME: Shape = {"generation": NULL, "description": NULL, "removed_files": NULL,
+                  "removed_bytes": NULL, "regen": _REGEN, "kernel_event": {"backend": NULL}}
 # ListGenerations: generation summaries (no nulls).
 SUMMARY: Shape = {}
 

@@ -226,8 +226,8 @@ def _log_result(job: Job) -> None:
         kind = job.type if job.type in MESSAGE_IDS else "error"
         what = "would change" if job.outcome.get("dry_run") else "changed"
         log_event(kind, f"{job.type} job {job.id} done: {what} "
-                        f"{len(job.outcome.get('stash', []))} files out, "
-                        f"{len(job.outcome.get('restore', []))} back",
+                        f"{len(job.outcome.get('taken_out', []))} files out, "
+                        f"{len(job.outcome.get('put_back', []))} back",
                   generation=job.outcome.get("generation"), job=job.id)
     else:
         log_event("error", f"{job.type} job {job.id} {job.result}: {job.error_message}",

@@ -159,46 +159,35 @@ def explain(ctx: Context) -> dict[str, Any]:
 
 
 def trim(ctx: Context) -> dict[str, Any]:
-    from ..executor import apply_plan, recover
-    from ..operations import make_plan_for
+    from .. import usecases
 
-    recover(ctx.root)
-    result = make_plan_for(_target(ctx.root, ctx.spec["request"]))
+    result = usecases.plan_for_trim(_target(ctx.root, ctx.spec["request"]))
     if ctx.cancel.is_set():
         raise Canceled(f"job {ctx.spec.get('job')} (trim) was canceled before it changed "
                        "anything")
     options = _options(ctx.spec["request"], result.policy.settings.backend, ctx.report)
-    doc: dict[str, Any] = apply_plan(ctx.root, result.plan, result.index, result.evidence,
-                                     result.policy, options).to_json()
-    return doc
+    return usecases.apply_trim(result, ctx.root, options)
 
 
 def rollback(ctx: Context) -> dict[str, Any]:
-    from ..executor import recover
-    from ..executor import rollback as engine_rollback
+    from .. import usecases
 
-    recover(ctx.root)
     options = _options(ctx.spec["request"], "auto", ctx.report)
-    doc: dict[str, Any] = engine_rollback(ctx.root, ctx.spec.get("to"), options).to_json()
-    return doc
+    return usecases.rollback(ctx.root, ctx.spec.get("to"), options)
 
 
 def restore(ctx: Context) -> dict[str, Any]:
-    from ..executor import recover, restore_modules
-    from ..operations import load_index
+    from .. import usecases
 
-    recover(ctx.root)
-    index, _ = load_index(_target(ctx.root, ctx.spec["request"]))
     options = _options(ctx.spec["request"], "auto", ctx.report)
-    doc: dict[str, Any] = restore_modules(ctx.root, list(ctx.spec["names"]), index,
-                                          options).to_json()
-    return doc
+    return usecases.restore(_target(ctx.root, ctx.spec["request"]), list(ctx.spec["names"]),
+                            options)
 
 
 def heal(ctx: Context) -> dict[str, Any] | None:
     """Match the devices' modaliases to trimmed modules of the kernel, ask, then restore
     them as a job (None when nothing matched or the daemon said no)."""
-    from ..executor import recover, restore_modules
+    from .. import usecases
     from ..operations import Target, load_index
 
     target = Target(root=ctx.root, kernel=ctx.spec.get("kernel"))
@@ -210,26 +199,22 @@ def heal(ctx: Context) -> dict[str, Any] | None:
                 wanted.setdefault(name, modalias)
     if not wanted or not ctx.ask({"matched": wanted}):
         return None
-    if recover(ctx.root):  # an interrupted operation changed the tree: index it again
-        index, _ = load_index(target)
     options = _options({}, "auto", ctx.report)
-    doc: dict[str, Any] = restore_modules(ctx.root, sorted(wanted), index,
-                                          options).to_json()
-    return doc
+    return usecases.restore(target, sorted(wanted), options,
+                            "restored for a device that appeared", index=index)
 
 
 def kernel_event(ctx: Context) -> dict[str, Any]:
-    from ..executor import recover
+    from .. import usecases
     from ..operations import Target, load_target_policy
-    from ..operations import kernel_event as handle
 
     event = ctx.spec["event"]
-    recover(ctx.root)
+    usecases.recover(ctx.root)
     target = Target(root=ctx.root)
     backend = event.get("backend") or load_target_policy(target).settings.backend
     request = {"initramfs": event.get("initramfs"), "backend": backend}
-    doc: dict[str, Any] = handle(target, event["action"], event["kernel"],
-                                 _options(request, backend, ctx.report)).to_json()
+    doc = usecases.kernel_event(target, event["action"], event["kernel"],
+                                _options(request, backend, ctx.report))
     doc["kernel_event"] = event
     return doc
 
