@@ -40,9 +40,10 @@ READ_ONLY_METHODS = {m.name for m in api.MANAGER.methods if m.read_only}
 MUTATING_METHODS = {m.name for m in api.MANAGER.methods if not m.read_only}
 NOBODY = 65534
 
-# Measured with systemd 252: 3.0 ("OK"). A change that loosens the sandbox fails here;
-# one that tightens it should lower this number.
-MAX_EXPOSURE = 3.0
+# Measured with systemd 252: 3.5 ("OK"); 3.0 before restores from the package archive
+# needed IP for apt's downloader. A change that loosens the sandbox fails here; one that
+# tightens it should lower this number.
+MAX_EXPOSURE = 3.5
 
 C_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "SYSTEMD_COLORS": "0"}
 
@@ -158,8 +159,9 @@ def test_service_keeps_what_a_module_writing_daemon_needs() -> None:
     caps = set(" ".join(s[("Service", "CapabilityBoundingSet")]).split())
     assert "CAP_SYS_MODULE" in caps
     assert not caps & {"CAP_SYS_ADMIN", "CAP_NET_ADMIN", "CAP_SYS_PTRACE", "CAP_SYS_RAWIO"}
-    assert s[("Service", "RestrictAddressFamilies")] == ["AF_UNIX AF_NETLINK"]
-    assert s[("Service", "IPAddressDeny")] == ["any"]
+    # IP only for the package manager's downloader (restores from the archive).
+    assert s[("Service", "RestrictAddressFamilies")] == ["AF_UNIX AF_NETLINK AF_INET AF_INET6"]
+    assert ("Service", "IPAddressAllow") not in s
     assert ("Service", "PrivateNetwork") not in s  # hides /sys/class/net, see the unit
 
 
