@@ -34,7 +34,6 @@ from .observe import (
     root_device_drivers,
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
-from .policy import LoadedPolicy, load_policy
 from .records import StashedFile
 from .sizes import human_bytes
 from .sources.reader import OutOfTreeReader
@@ -50,6 +49,7 @@ from .store import (
 
 if TYPE_CHECKING:  # the engine loads only when a change runs
     from .executor import Options, Outcome
+    from .policy import LoadedPolicy
 
 @dataclass(frozen=True)
 class Target:
@@ -130,6 +130,8 @@ def gather_evidence(target: Target) -> Evidence:
 
 def load_target_policy(target: Target) -> LoadedPolicy:
     """The policy under the root (or the explicit file). Raises PolicyError."""
+    from .policy import load_policy
+
     return load_policy(target.root, target.policy_file)
 
 

@@ -12,7 +12,7 @@ import stat
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .closure import Closure, Reason, ReasonKind, UnresolvedSymbol, closure_of, verify_symbols
 from .index import ModuleIndex
@@ -23,7 +23,9 @@ from .observe import (
     RootDriver,
     filesystem_module_aliases,
 )
-from .policy import LoadedPolicy
+
+if TYPE_CHECKING:  # the policy (pydantic) loads only where a policy is read
+    from .policy import LoadedPolicy
 
 FIRMWARE_BASES = ("lib/firmware", "usr/lib/firmware")
 _FIRMWARE_SUFFIXES = ("", ".xz", ".zst")

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import fsutil
 from ..closure import Reason, closure_of
@@ -17,8 +18,6 @@ from ..index import ModuleIndex
 from ..names import normalize
 from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
-from ..planner import Evidence, Plan
-from ..policy import LoadedPolicy
 from ..sources.decide import recheck_archive
 from ..state.stash import PutRequest
 from ..store import (
@@ -33,8 +32,11 @@ from ..store import (
 )
 from . import transition
 from .exclusions import resolve_backend
-from .plansources import assign_plan_sources
 from .transition import Change, Options, Outcome
+
+if TYPE_CHECKING:  # restores and rollbacks (self-healing) need neither
+    from ..planner import Evidence, Plan
+    from ..policy import LoadedPolicy
 
 
 def protected_modules(
@@ -118,6 +120,8 @@ def apply_plan(
                 f"not trimming yet: {shortfall}",
                 hint="keep observing, give --observed FILE, or pass --force",
             )
+        from .plansources import assign_plan_sources
+
         to_stash = assign_plan_sources(root, plan, index, policy, current,
                                        options.backend).requests
         kept_names = {m.name for m in plan.keep}

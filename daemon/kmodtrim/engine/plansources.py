@@ -6,16 +6,19 @@ decides), so that ``kmodtrim plan`` answers without importing it."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import fsutil
 from ..index import ModuleIndex
-from ..planner import Plan
-from ..policy import LoadedPolicy
 from ..records import Generation
 from ..sources.decide import Assigned, assign_sources
 from ..sources.likely import likely_offline
 from ..state.stash import PutRequest
 from .exclusions import resolve_backend
+
+if TYPE_CHECKING:
+    from ..planner import Plan
+    from ..policy import LoadedPolicy
 
 
 def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutRequest]:
