@@ -35,24 +35,30 @@ KMODTRIM = [sys.executable, "-m", "kmodtrim.cli"]
 _INDEX_CHILD = """
 import resource, sys, time
 from pathlib import Path
-from kmodtrim.index import build_index
+from kmodtrim.index import build_index, parallel
+if sys.argv[4] == "cold1":  # the cold build as before threads: every file in one thread
+    parallel.usable_cpus = lambda: 1
 started = time.perf_counter()
 index, _ = build_index(Path(sys.argv[1]), sys.argv[2], cache_dir=Path(sys.argv[3]),
-                       rebuild=sys.argv[4] == "cold", symvers=Path(sys.argv[5]))
+                       rebuild=sys.argv[4].startswith("cold"), symvers=Path(sys.argv[5]))
 if sys.argv[4] == "symbols":
     sum(len(e.info.undefined) + len(e.info.weak_undefined) for e in index.modules.values())
 elapsed = time.perf_counter() - started
-print(elapsed, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(elapsed, usage.ru_maxrss, usage.ru_utime + usage.ru_stime)
 """
 
 
-def _index_in_child(tree: KernelTree, root: Path, cache: Path, mode: str) -> tuple[float, int]:
+def _index_in_child(tree: KernelTree, root: Path, cache: Path, mode: str
+                    ) -> tuple[float, int, float]:
+    """Wall seconds of one build_index in a process of its own, its peak RSS (KiB) and the
+    process's CPU seconds (start-up included)."""
     out = subprocess.run(
         [sys.executable, "-c", _INDEX_CHILD, str(root), tree.kver, str(cache), mode,
          str(tree.symvers)],
         check=True, capture_output=True, text=True,
     ).stdout.split()
-    return float(out[0]), int(out[1])
+    return float(out[0]), int(out[1]), float(out[2])
 
 
 def measure(tree: KernelTree, runs: int) -> dict[str, object]:
@@ -66,18 +72,31 @@ def measure(tree: KernelTree, runs: int) -> dict[str, object]:
         cache = scratch / "cache"
         modules = sum(1 for _ in (root / "lib/modules" / tree.kver).rglob("*.ko*"))
 
-        depmod = [timed(["depmod", "-b", str(root), tree.kver]) for _ in range(runs)]
-        cold = []
-        cold_rss = 0
+        # depmod and the cold builds take turns, so that a change in the machine's load
+        # during the run weighs on both alike.
+        depmod: list[float] = []
+        depmod_cpu: list[float] = []
+        cold: list[float] = []
+        cold_cpu: list[float] = []
+        cold1: list[float] = []
+        cold_rss = cold1_rss = 0
         for _ in range(runs):
+            seconds, cpu = _timed_cpu(["depmod", "-b", str(root), tree.kver])
+            depmod.append(seconds)
+            depmod_cpu.append(cpu)
             shutil.rmtree(cache, ignore_errors=True)
-            seconds, rss = _index_in_child(tree, root, cache, "cold")
+            seconds, rss, cpu = _index_in_child(tree, root, cache, "cold")
             cold.append(seconds)
+            cold_cpu.append(cpu)
             cold_rss = max(cold_rss, rss)
+            shutil.rmtree(cache, ignore_errors=True)
+            seconds, rss, _ = _index_in_child(tree, root, cache, "cold1")
+            cold1.append(seconds)
+            cold1_rss = max(cold1_rss, rss)
         warm = []
         warm_rss = 0
         for _ in range(runs):
-            seconds, rss = _index_in_child(tree, root, cache, "warm")
+            seconds, rss, _ = _index_in_child(tree, root, cache, "warm")
             warm.append(seconds)
             warm_rss = max(warm_rss, rss)
         symbols = [_index_in_child(tree, root, cache, "symbols")[0] for _ in range(runs)]
@@ -92,7 +111,8 @@ def measure(tree: KernelTree, runs: int) -> dict[str, object]:
             plan.append(seconds)
             plan_rss = max(plan_rss, rss)
 
-    d, c, w, s, p = (statistics.median(x) for x in (depmod, cold, warm, symbols, plan))
+    d, c, c1, w, s, p = (statistics.median(x)
+                         for x in (depmod, cold, cold1, warm, symbols, plan))
     return {
         "release": tree.release.name,
         "debian": tree.release.debian,
@@ -102,15 +122,32 @@ def measure(tree: KernelTree, runs: int) -> dict[str, object]:
         "cold_index_seconds": round(c, 3),
         "warm_index_seconds": round(w, 4),
         "cold_over_depmod": round(c / d, 2),
+        "cold_one_thread_seconds": round(c1, 3),
+        "cold_one_thread_over_depmod": round(c1 / d, 2),
+        "depmod_cpu_seconds": round(statistics.median(depmod_cpu), 2),
+        "cold_index_cpu_seconds": round(statistics.median(cold_cpu), 2),
         "warm_over_depmod": round(w / d, 3),
         "warm_index_all_symbols_seconds": round(s, 4),
         "plan_process_seconds": round(p, 3),
         "peak_rss_mib_cold_index": round(cold_rss / 1024, 1),
+        "peak_rss_mib_cold_one_thread": round(cold1_rss / 1024, 1),
         "peak_rss_mib_warm_index": round(warm_rss / 1024, 1),
         "peak_rss_mib_plan": round(plan_rss / 1024, 1),
         "runs": runs,
         "cpus": os.cpu_count(),
     }
+
+
+def _timed_cpu(argv: list[str]) -> tuple[float, float]:
+    """Wall time and CPU seconds (user + system) of one run of argv."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        stderr = proc.stderr.read().decode() if proc.stderr else ""
+        raise SystemExit(f"{' '.join(argv)} failed:\n{stderr}")
+    return elapsed, usage.ru_utime + usage.ru_stime
 
 
 def _timed_child(argv: list[str]) -> tuple[float, int]:
@@ -131,11 +168,16 @@ ROWS = (
     ("depmod_seconds", "depmod -b (s)", "{:.3f}"),
     ("cold_index_seconds", "cold index (s)", "{:.3f}"),
     ("cold_over_depmod", "  ÷ depmod (≤ 1.5; xz ≤ 0.6)", "{:.2f}"),
+    ("cold_one_thread_seconds", "cold index, one thread (s)", "{:.3f}"),
+    ("cold_one_thread_over_depmod", "  ÷ depmod", "{:.2f}"),
+    ("depmod_cpu_seconds", "CPU: depmod (s)", "{:.2f}"),
+    ("cold_index_cpu_seconds", "CPU: cold index process (s)", "{:.2f}"),
     ("warm_index_seconds", "warm index (s)", "{:.4f}"),
     ("warm_over_depmod", "  ÷ depmod (≤ 0.1)", "{:.3f}"),
     ("warm_index_all_symbols_seconds", "warm + all symbol lists (s)", "{:.4f}"),
     ("plan_process_seconds", "kmodtrim plan, process (≤ 0.5 s)", "{:.3f}"),
     ("peak_rss_mib_cold_index", "peak RSS cold index (MiB)", "{:.0f}"),
+    ("peak_rss_mib_cold_one_thread", "peak RSS cold, one thread (MiB)", "{:.0f}"),
     ("peak_rss_mib_warm_index", "peak RSS warm index (MiB)", "{:.0f}"),
     ("peak_rss_mib_plan", "peak RSS plan (MiB)", "{:.0f}"),
 )

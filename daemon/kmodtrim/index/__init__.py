@@ -7,7 +7,8 @@ rebuild re-read only the files that changed; from the cache, a module's undefine
 lists are only read when something asks for them.
 
 model.py is the index itself, discover.py finds the tree and its builtins, exports.py the
-kernel's exported symbols, cache.py the cache file, build.py puts them together.
+kernel's exported symbols, cache.py the cache file, parallel.py reads compressed modules on
+every CPU, build.py puts them together.
 """
 
 from __future__ import annotations

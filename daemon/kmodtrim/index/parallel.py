@@ -1,11 +1,12 @@
-"""Reading many module files at once: compressed ones on every CPU.
+"""Reading many module files at once: compressed ones on every CPU (up to MAX_THREADS).
 
-On a compressed tree (Debian 13's ``.ko.xz``) a cold index spends about three quarters of
-its time decompressing. lzma, zlib and zstandard release the GIL while they work, so
-threads decompress on every CPU while one of them parses (parsing holds the GIL, and is
+On a compressed tree (Debian 13's ``.ko.xz``) a cold index spends about 85 % of its CPU
+time in liblzma, the same work depmod does. lzma, zlib and zstandard release the GIL while
+they work, so threads decompress on every CPU while one of them parses (parsing holds the GIL, and is
 the smaller part). Uncompressed modules are mapped and parsed, which is all Python: they
 are read in this thread, in order, as before. A thread holds at most one module's bytes
-at a time, so memory grows by one decompressed module per thread, not by the tree.
+at a time, so memory grows by one decompressed module per thread (at most MAX_THREADS),
+not by the tree.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ from ..names import compression_of
 # Fewer compressed files than this are read in this thread: starting threads for a
 # handful of files (an update of a few modules) costs more than it saves.
 _MIN_PARALLEL_FILES = 16
+# At most this many threads: each may hold one module's bytes, up to the module cap
+# (inputs.MAX_MODULE_BYTES) for a decompression bomb, so a tree of bombs costs at most
+# this many caps at once. Beyond 4 the parsing, which holds the GIL, is what is left.
+MAX_THREADS = 4
 
 
 def usable_cpus() -> int:
@@ -31,6 +36,11 @@ def usable_cpus() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+def thread_count(cpus: int) -> int:
+    """How many threads read compressed modules on a machine with ``cpus`` usable CPUs."""
+    return max(1, min(cpus, MAX_THREADS))
 
 
 def _read_one(path: Path) -> ModuleInfo | ModuleParseError:
@@ -45,9 +55,9 @@ def read_modules(
 ) -> Generator[ModuleInfo | ModuleParseError, None, None]:
     """read_module for each of ``relpaths`` (under ``moddir``), in their order: its
     ModuleInfo, or the ModuleParseError it raised. Compressed files are read by up to
-    ``workers`` threads (default: usable_cpus()), at most a few files ahead of the
-    caller."""
-    workers = usable_cpus() if workers is None else max(1, workers)
+    ``workers`` threads (default: thread_count(usable_cpus())), at most a few dozen
+    files ahead of the caller."""
+    workers = thread_count(usable_cpus()) if workers is None else max(1, workers)
     compressed = sum(1 for relpath in relpaths if compression_of(relpath) is not None)
     if workers == 1 or compressed < _MIN_PARALLEL_FILES:
         for relpath in relpaths:
