@@ -73,17 +73,23 @@ def plan_summary(doc: dict[str, Any]) -> str:
                 f"{doc['kernel']}, {human_bytes(doc['remove_bytes'])} out of the tree "
                 f"(keep {doc['totals']['keep_modules']:,}, {human_bytes(doc['keep_bytes'])})")
     return (f"remove {doc['totals']['remove_modules']:,} modules from kernel {doc['kernel']}, "
-            f"frees {human_bytes(sources['net_freed_bytes'])} net of the stash "
+            f"frees {_net(sources)} net of the stash "
             f"({human_bytes(sources['tree_bytes_out'])} out of the tree, at most "
             f"{human_bytes(sources['local_bytes'])} kept locally)")
+
+
+def _net(sources: dict[str, Any]) -> str:
+    """The bytes a trim frees net of the stash, as far as a plan knows: the stash
+    compresses the uncompressed files it keeps, so with local copies that is a floor."""
+    net = human_bytes(sources["net_freed_bytes"])
+    return f"at least {net}" if sources["local_bytes"] else net
 
 
 def _sources(sources: dict[str, Any], out: TextIO) -> None:
     print(f"  come back from: the archive {sources['archive_files']} files "
           f"({human_bytes(sources['archive_bytes'])}), the stash {sources['local_files']} "
-          f"files ({human_bytes(sources['local_bytes'])}; [stash] keep = "
-          f"\"{sources['keep']}\"); frees {human_bytes(sources['net_freed_bytes'])} net",
-          file=out)
+          f"files ({human_bytes(sources['local_bytes'])} before compression; [stash] keep = "
+          f"\"{sources['keep']}\"); frees {_net(sources)} net", file=out)
 
 
 def outcome(doc: dict[str, Any], out: TextIO, *, quiet: bool = False) -> list[str]:
