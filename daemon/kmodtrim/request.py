@@ -95,6 +95,10 @@ OPTIONS: tuple[Option, ...] = (
            "package-manager backend (default: the policy's)", _CHANGE,
            frozenset({"Trim", "Rollback", "Restore", "KernelEvent"}),
            choices=tuple(Backend)),
+    Option("on_demand", "b", "--on-demand",
+           "(for modprobe's install lines, see kmodtrim(8)) restore one module modprobe asked "
+           "for and load it: waits at most a few seconds for a running operation, records "
+           "it as requested by modprobe", frozenset({"restore"})),
     Option("latest", "b", "", "roll back the latest generation (no GEN given)",
            frozenset(), frozenset({"Rollback"})),
     # The fleet's options (CLI only: fleets run them through their own tools).

@@ -107,6 +107,10 @@ def rollback(args: argparse.Namespace, console: Console) -> int:
 
 
 def restore(args: argparse.Namespace, console: Console) -> int:
+    if args.on_demand:  # modprobe's install line (kmodtrim/ondemand.py)
+        from .ondemand import restore_on_demand
+
+        return restore_on_demand(args, console)
     from ..names import normalize
 
     names = ", ".join(normalize(n) for n in args.names)

@@ -253,6 +253,8 @@ def _arguments(p: argparse.ArgumentParser, verb: str) -> None:
         p.add_argument("generation", type=int, nargs="?", metavar="GEN")
     elif verb in ("restore", "forget"):
         p.add_argument("names", nargs="+", metavar="NAME")
+        if verb == "restore":
+            _option(p, "on_demand", action="store_true")
     elif verb == "status":
         p.add_argument("--verify", action="store_true",
                        help="read and hash every stash copy (default: check each is present)")

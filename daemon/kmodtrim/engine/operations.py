@@ -32,6 +32,7 @@ from ..store import (
 )
 from . import transition
 from .exclusions import resolve_backend
+from .ondemand import recorded_excluded
 from .transition import Change, Options, Outcome
 
 if TYPE_CHECKING:  # restores and rollbacks (self-healing) need neither
@@ -133,6 +134,14 @@ def apply_plan(
         required = {plan.kernel: {
             m.name for m in plan.keep if any(r.kind == "boot-critical" for r in m.reasons)
         }}
+        # Modules the policy excludes get no on-demand lines (engine/ondemand.py); this
+        # kernel's are decided now, other kernels' stay as the file recorded them.
+        excluded = {name for name in recorded_excluded(root) if name not in index.modules}
+        for m in plan.remove:
+            entry = index.modules.get(m.name)
+            rule = policy.decide(m.name, entry.relpath, entry.info.aliases) if entry else None
+            if rule is not None and rule.exclude:
+                excluded.add(m.name)
         method = options.initramfs if options.initramfs != "auto" else policy.settings.initramfs
         opts = replace(options, initramfs=method)
         outcome = transition.run(root, current, Change(
@@ -143,6 +152,7 @@ def apply_plan(
             required=required,
             keep_reasons={m.name: m.reasons[0].describe() for m in plan.keep},
             remove_packages=policy.settings.remove_packages,
+            index=index, excluded=excluded,
         ), opts)
         supplied = {o.name: o.source for o in evidence.observed
                     if not o.source.startswith(("recorded on", "supplied earlier"))}
@@ -237,7 +247,7 @@ def restore_modules(
             description=f"restore {', '.join(normalize(n) for n in names)}"
                         + (f" (+{len(wanted) - len(names)} dependencies)"
                            if len(wanted) > len(names) else ""),
-            to_stash=[], to_restore=to_restore,
+            to_stash=[], to_restore=to_restore, index=index,
         ), options)
         if not options.dry_run:
             # A restore sticks: later plans keep these until the admin forgets them.

@@ -3,7 +3,8 @@ one new generation, under a write-ahead journal:
 
     journal → exclusions (superset) → stash copies → package removal → unlink
             → archive fetch → restores → package reinstall → depmod → initramfs
-            → manifest (commit) → exclusions (final) → GC → clear journal
+            → manifest (commit) → exclusions (final) → on-demand modprobe.d file
+            → GC → clear journal
 
 Each file taken out comes back from its record's source (sources/): a stash copy, or the
 package archive for files it serves (no local copy; sources/choice.py decides which). A
@@ -31,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import fsutil
 from ..backends.package import PackageBackend
@@ -49,9 +50,13 @@ from .exclusions import (
     write_all_exclusions,
 )
 from .journal import Journal, Phase
+from .ondemand import write_conf
 from .outcome import Bytes
 from .outcome import Outcome as Outcome  # re-exported: callers import it from here
 from .regenerate import regenerate, restore_initramfs
+
+if TYPE_CHECKING:
+    from ..index import ModuleIndex
 
 Progress = Callable[[str, int, int], None]
 FAULT_STEPS = (
@@ -59,7 +64,7 @@ FAULT_STEPS = (
     "after-package-remove", "unlink", "after-unlink", "after-fetch", "restore",
     "after-restore",
     "before-package-reinstall", "after-package-reinstall", "after-depmod", "after-initramfs",
-    "after-commit", "after-final-exclude",
+    "after-commit", "after-final-exclude", "after-on-demand",
 )
 
 
@@ -100,6 +105,11 @@ class Change:
     keep_reasons: dict[str, str] = field(default_factory=dict)
     remove_packages: bool = False
     package_candidates: set[str] | None = None
+    # For the on-demand modprobe.d file (ondemand.py): an index that knows this change's
+    # trimmed modules (saves building one), and the modules the policy excludes (None:
+    # as the file says now: a change that reads no policy).
+    index: ModuleIndex | None = None
+    excluded: set[str] | None = None
 
 
 class Transition:
@@ -362,7 +372,8 @@ class Transition:
         )
         write_generation(self.root, generation)  # the commit point
         fault_point("after-commit")
-        finish(self.root, generation, self.backend, self.current.exclusion_backends)
+        finish(self.root, generation, self.backend, self.current.exclusion_backends,
+               index=self.change.index, excluded=self.change.excluded)
         tool = self.pm.name
         restored = {e.path: e.size for e in self.change.to_restore}
         moved = Bytes(sum(e.size for e in self.new_entries),
@@ -402,11 +413,16 @@ def run(root: Path, current: Generation, change: Change, options: Options) -> Ou
 
 
 def finish(root: Path, generation: Generation, backend: PackageBackend,
-           previous: Iterable[str] = ()) -> None:
-    """After the commit point: final exclusions, garbage collection, journal cleared."""
+           previous: Iterable[str] = (), *, index: ModuleIndex | None = None,
+           excluded: set[str] | None = None) -> None:
+    """After the commit point: final exclusions, the on-demand modprobe.d file, garbage
+    collection, journal cleared."""
     write_all_exclusions(root, backend, {f.path for f in generation.removed},
                          {*generation.exclusion_backends, *previous})
     fault_point("after-final-exclude")
+    write_conf(root, generation, {index.kernel: index} if index is not None else None,
+               excluded)
+    fault_point("after-on-demand")
     shutil.rmtree(pkg.rebuild_dir(root), ignore_errors=True)
     sweep(root)
     Stash(root).collect_garbage(generation.referenced_blobs, generation.number)

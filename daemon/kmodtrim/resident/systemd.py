@@ -17,6 +17,7 @@ MESSAGE_IDS = {
     "kernel-install": "3a0af944b1e740f0896733f498825fe0",
     "error": "78f0466ff63c4c71aefe3c383115d2dd",
     "self-heal": "1af01a0c7a424d05a2691782ac6f090f",
+    "on-demand": "c3e2a1f6b9d84f0e8a51d7b2e4c90a67",  # restored for modprobe's install line
 }
 
 

@@ -1,0 +1,166 @@
+"""``kmodtrim restore --on-demand NAME``: what the ``install`` lines of kmodtrim's own
+modprobe.d file run (kmodtrim/ondemand.py) when modprobe — the kernel's request_module,
+udev or a person — asks for a trimmed module.
+
+It restores NAME with its closure (through kmodtrimd when it serves the root: one job;
+in-process otherwise, under the same lock), records it as requested by modprobe (later
+plans keep it), logs it with its MESSAGE_ID and loads it with ``modprobe
+--ignore-install NAME``. On an image root it loads nothing: it asks ``modprobe -n`` of the
+root's tree instead (a dry load proving depmod knows the module again).
+
+It never hangs its caller: a running operation is waited for at most LOCK_WAIT seconds,
+then it fails with one line; a missing stash copy or an unreachable archive is the
+restore's own one-line error. The initramfs is not rebuilt (a module modprobe asks for
+after boot was trimmed, so it is in no image); the next change rebuilds it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..documents import SCHEMA
+from ..errors import BusyError, CommandError, InputError, StashError, UnknownModuleError
+from . import remote, render
+from .read import target
+from .term import Console
+
+LOCK_WAIT = 5.0  # seconds a running operation is waited for
+HOW = "requested by modprobe"
+LOAD_TIMEOUT = 60.0
+
+T = TypeVar("T")
+
+
+def _waiting(call: Callable[[], T], name: str) -> T:
+    """``call()``, retried while another operation holds the lock, for LOCK_WAIT seconds
+    at most; then BusyError saying NAME was not restored."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            return call()
+        except BusyError as exc:
+            if time.monotonic() >= deadline:
+                raise BusyError(f"{name} not restored for modprobe: {exc.message} (waited "
+                                f"{LOCK_WAIT:g} s)",
+                                hint=f"run 'modprobe {name}' again once it has finished"
+                                ) from None
+            time.sleep(0.2)
+
+
+def _record(root: Path, name: str) -> None:
+    from ..store import operation_lock, record_restored
+
+    when = time.strftime("%Y-%m-%d %H:%M")
+    with operation_lock(root, f"record {name} as requested by modprobe"):
+        record_restored(root, {name: f"{HOW} on {when}"})
+
+
+def _via_daemon(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """One Restore job in kmodtrimd, then the record says who asked."""
+    options = remote.options(args, "Restore")
+    options["initramfs"] = args.initramfs if args.initramfs != "auto" else "skip"
+    doc = _waiting(lambda: remote.client().restore([name], options, None), name)
+    if not args.dry_run:
+        _waiting(lambda: _record(args.root, name), name)
+    return remote.complete_outcome(doc)
+
+
+def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | None, str]:
+    """Restore NAME here (None when it is in the tree already); and the kernel."""
+    from .. import usecases
+    from ..executor import Options
+    from ..operations import load_index
+
+    tgt = target(args)
+    index, _ = load_index(tgt)
+    names = [name] if name in index.modules else index.resolve(name)
+    if not names:
+        raise UnknownModuleError(f"kernel {index.kernel} has no module {name!r}",
+                                 hint="modprobe asked kmodtrim for a name its index "
+                                      "does not know (kmodtrim explain NAME)")
+    if not any(index.modules[n].stashed for n in names if n in index.modules):
+        return None, index.kernel
+    options = Options(dry_run=args.dry_run,
+                      initramfs=args.initramfs if args.initramfs != "auto" else "skip",
+                      backend=args.backend or "auto")
+    doc = _waiting(lambda: usecases.restore(tgt, names, options, HOW, index), name)
+    return doc, index.kernel
+
+
+def _load(root: Path, kernel: str, name: str) -> str:
+    """Load NAME on the live root; on an image root, a dry load of its tree. Returns what
+    was done. Raises CommandError."""
+    from ..paths import is_live_root
+    from ..run import run
+
+    if is_live_root(root):
+        run(["modprobe", "--ignore-install", name], timeout=LOAD_TIMEOUT)
+        return "loaded"
+    argv = ["modprobe", "-n", "-v", "--ignore-install", "-d", str(root), "-S", kernel]
+    conf = root / "etc/modprobe.d"
+    if conf.is_dir():
+        argv += ["-C", str(conf)]
+    done = run([*argv, name], timeout=LOAD_TIMEOUT)
+    shown = done.stdout.strip().splitlines()
+    if not shown or not shown[-1].startswith("insmod "):
+        raise CommandError(f"{name} was restored, but modprobe -n does not load it from "
+                           f"the tree of {kernel}: {' / '.join(shown) or 'no output'}",
+                           hint=f"check with: modprobe -n -v -d {root} -S {kernel} {name}")
+    return "image root: not loaded; modprobe -n: " + shown[-1]
+
+
+def _journal(message: str, *, error: bool = False, **fields: object) -> None:
+    """The journal line (MESSAGE_ID "on-demand") when the journal is reachable; the
+    caller prints its own line either way."""
+    from ..resident import systemd
+
+    if systemd._journal_available():
+        systemd.log_event("on-demand", message, error=error, **fields)
+
+
+def restore_on_demand(args: argparse.Namespace, console: Console) -> int:
+    from ..names import is_valid_module_name, normalize
+    if len(args.names) != 1 or not is_valid_module_name(args.names[0]):
+        raise InputError("restore --on-demand takes one module name (modprobe's install "
+                         f"line gives one), not {' '.join(args.names)!r}")
+    name = normalize(args.names[0])
+    started = time.monotonic()
+    kernel = args.kernel
+    if remote.via_daemon(args):
+        doc: dict[str, Any] | None = _via_daemon(args, name)
+    else:
+        doc, kernel = _in_process(args, name)
+    if kernel is None:
+        from ..paths import default_kernel
+
+        kernel = default_kernel(args.root)
+    damaged = (doc or {}).get("damaged") or []
+    if damaged:  # those files stay out (and recorded so): nothing to load
+        for why in damaged[1:]:
+            console.warn(why)
+        _journal(f"{name} not restored for modprobe: {damaged[0]}",
+                  error=True, module=name, kernel=kernel)
+        raise StashError(f"{name} not restored for modprobe: {damaged[0]}",
+                         hint="kmodtrim status --verify names every damaged copy")
+    loaded = "dry run: not loaded" if args.dry_run else _load(args.root, kernel, name)
+    seconds = time.monotonic() - started
+    if doc is None:
+        line = f"{name} is in the tree of kernel {kernel}: nothing to restore; {loaded}"
+    else:
+        files = len(doc.get("put_back") or [])
+        line = (f"restored {name} for modprobe ({files} file{'s' if files != 1 else ''} "
+                f"back, generation {doc.get('generation')}); {loaded} in {seconds:.2f} s")
+    if not args.dry_run:
+        _journal(line, module=name, kernel=kernel,
+                  generation=doc.get("generation") if doc else None)
+    if args.json:
+        render.dump({**(doc or {"schema": SCHEMA}), "on_demand": {
+            "module": name, "kernel": kernel, "load": loaded, "seconds": round(seconds, 3)}},
+            console.out)
+    elif not console.quiet:
+        print(line, file=console.out)
+    return 0

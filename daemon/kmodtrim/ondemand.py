@@ -1,0 +1,123 @@
+"""Restore on demand through modprobe itself: the text of kmodtrim's own modprobe.d file.
+
+After each change the engine (engine/ondemand.py) writes ``CONF_PATH`` for the modules
+trimmed from any installed kernel, so that ``modprobe NAME`` or ``modprobe ALIAS`` runs
+kmodtrim's restore (``kmodtrim restore --on-demand NAME``), which puts the module and its
+closure back, reruns depmod and loads it with ``modprobe --ignore-install NAME``.
+
+How kmod (30) reads it:
+
+- modprobe.d has no per-kernel directory: one file serves every kernel. A name trimmed
+  from one kernel and still installed in another gets its ``install`` line for both; the
+  restore then finds the file in the running kernel's tree and only loads it.
+- ``install NAME CMD`` is honoured for a name with no module file in the tree (kmod's
+  lookup ends with the names modprobe.d has commands for), and for one that has a file.
+- modprobe.d ``alias PATTERN NAME`` lines are looked up *before* modules.alias, and the
+  first source that matches ends the lookup: an alias line here that matched a string a
+  kept module's alias also matches would hide the kept module. So only the aliases the
+  kernel and programs request by name get lines (``fs-xfs``, ``net-pf-10``,
+  ``crypto-sha256``, ``char-major-10-237``, ``nft-chain-2-nat`` …: no ``bus:`` prefix), and
+  none that a module still in any kernel's tree also has under another name. Device
+  modaliases (``pci:…``, ``usb:…``) stay with kmodtrimd's self-healing on uevents.
+- Patterns are fnmatch patterns, as in modules.alias; they are written as the module
+  declares them.
+- Modules the policy excludes get no lines: they are not restored by this path. The
+  names are kept in the file's ``# excluded:`` line, so a change that does not read the
+  policy (a restore, a rollback) writes the same exclusions again.
+
+Everything here is pure: the engine gathers the inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from .names import normalize
+
+CONF_PATH = "/etc/modprobe.d/kmodtrim-on-demand.conf"
+COMMAND = "/usr/bin/kmodtrim restore --on-demand"
+HEADER = "# kmodtrim: trimmed modules come back when modprobe asks for them. Generated"
+EXCLUDED_PREFIX = "# excluded:"
+_WILDCARDS = frozenset("*?[")
+
+
+@dataclass(frozen=True)
+class KernelModules:
+    """One kernel's modules as the conf needs them: the trimmed ones (name → aliases) and
+    the aliases of the modules still in its tree (name → aliases)."""
+
+    kernel: str
+    trimmed: Mapping[str, tuple[str, ...]]
+    kept: Mapping[str, tuple[str, ...]]
+
+
+def requested_by_name(alias: str) -> bool:
+    """Whether an alias is one the kernel or a program asks for by name (``fs-xfs``,
+    ``net-pf-10``), not a device's modalias (``pci:v…``), which udev and self-healing
+    handle."""
+    return ":" not in alias and bool(alias.strip()) and not any(c.isspace() for c in alias)
+
+
+def _overlaps(a: str, b: str) -> bool:
+    """Whether two alias patterns can match one string (exact for literal patterns; for
+    a wildcard, whether either matches the other as a string)."""
+    if a == b:
+        return True
+    if _WILDCARDS & set(a) or _WILDCARDS & set(b):
+        return fnmatchcase(a, b) or fnmatchcase(b, a)
+    return False
+
+
+def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) -> str | None:
+    """The file's text, or None when no kernel has a trimmed module that gets a line (then
+    the file must not exist)."""
+    excluded_names = {normalize(n) for n in excluded}
+    trimmed: dict[str, set[str]] = {}
+    kept_by_alias: list[tuple[str, str]] = []  # (pattern, module still in a tree)
+    kept_names: set[str] = set()
+    for k in kernels:
+        for name, aliases in k.trimmed.items():
+            name = normalize(name)
+            if name in excluded_names:
+                continue
+            trimmed.setdefault(name, set()).update(a for a in aliases if requested_by_name(a))
+        for name, aliases in k.kept.items():
+            kept_names.add(normalize(name))
+            kept_by_alias.extend((a, normalize(name)) for a in aliases if requested_by_name(a))
+    if not trimmed:
+        return None
+    lines = [HEADER + " after each change; do not edit (kmodtrim forget/restore).",
+             EXCLUDED_PREFIX + "".join(f" {n}" for n in sorted(excluded_names))]
+    for name in sorted(trimmed):
+        lines.append(f"install {name} {COMMAND} {name}")
+        for alias in sorted(trimmed[name]):
+            if normalize(alias) in trimmed or normalize(alias) in kept_names:
+                continue  # a module's own name: kmod finds it without an alias
+            if any(module != name and _overlaps(alias, pattern)
+                   for pattern, module in kept_by_alias):
+                continue  # would hide a module still installed
+            lines.append(f"alias {alias} {name}")
+    return "\n".join(lines) + "\n"
+
+
+def excluded_of(text: str) -> set[str] | None:
+    """The exclusions a file this module wrote names (None: not such a file)."""
+    lines = text.splitlines()
+    if not lines or not lines[0].startswith(HEADER):
+        return None
+    for line in lines[1:3]:
+        if line.startswith(EXCLUDED_PREFIX):
+            return set(line[len(EXCLUDED_PREFIX):].split())
+    return set()
+
+
+def installs_of(text: str) -> dict[str, str]:
+    """``install`` lines of a file this module wrote: name → command."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        words = line.split(None, 2)
+        if len(words) == 3 and words[0] == "install":
+            out[words[1]] = words[2]
+    return out

@@ -1,0 +1,182 @@
+"""Restore on demand through modprobe itself, with real kmod on a scratch root: a trim
+writes kmodtrim's modprobe.d file, ``modprobe -n -v`` (by name and by alias) resolves a
+trimmed module to kmodtrim's restore command, that command restores the module and its
+closure (depmod knows it again) and records it, and rollback 0 removes the file."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dbusfixture import PrivateBus, private_bus, running_daemon
+from kmodtrim.ondemand import CONF_PATH
+from kmodtrim.store import load_generation, operation_lock, read_restored
+from modbuild import ModSpec, scratch_root
+
+__all__ = ["private_bus"]  # the fixture, re-exported for pytest
+
+KVER = "6.1.0-ondemand"
+SPECS = (
+    ModSpec("core", exports=("core_fn",)),
+    ModSpec("fs_x", aliases=("fs-xtest",), imports=("core_fn",), depends=("core",)),
+    ModSpec("dev_y", aliases=("pci:v00001234d00005678sv*sd*bc*sc*i*", "net-pf-99")),
+    ModSpec("unused_d", exports=("d_fn",)),
+    ModSpec("unused_e", imports=("d_fn",), depends=("unused_d",), aliases=("crypto-etest",)),
+    ModSpec("excluded_z", aliases=("fs-ztest",)),
+)
+POLICY = 'presets = []\nrules = ["-excluded_z"]\n[min_observation]\nboots = 1\ndays = 0\n'
+MODDIR = f"lib/modules/{KVER}/kernel/drivers/test"
+
+
+def _cli(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmodtrim.cli", *args, "--root", str(root), "--kernel", KVER,
+         "--offline"], capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL)
+
+
+def _modprobe(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The root's own kmod view: its tree and only its modprobe.d (-C)."""
+    return subprocess.run(["modprobe", "-d", str(root), "-S", KVER, "-C",
+                           str(root / "etc/modprobe.d"), "-n", "-v", *args],
+                          capture_output=True, text=True, check=False)
+
+
+def _install_command(root: Path, request: str) -> list[str]:
+    """What modprobe would run for ``request``: the install line's command, run here
+    as this test's kmodtrim on the scratch root."""
+    proc = _modprobe(root, request)
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().splitlines()[-1]
+    assert line.startswith("install /usr/bin/kmodtrim restore --on-demand "), line
+    words = shlex.split(line)[2:]  # 'install', '/usr/bin/kmodtrim'
+    return [sys.executable, "-m", "kmodtrim.cli", *words, "--root", str(root), "--kernel",
+            KVER, "--offline"]
+
+
+@pytest.fixture
+def trimmed(tmp_path: Path) -> Path:
+    root = scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
+    (root / "etc/modprobe.d").mkdir(parents=True)  # as on every real root
+    observed = tmp_path / "observed.txt"
+    observed.write_text("core\n")
+    proc = _cli(root, "apply", "--yes", "--initramfs", "skip", "--observed", str(observed))
+    assert proc.returncode == 0, proc.stderr
+    assert not (root / MODDIR / "fs_x.ko").exists()
+    return root
+
+
+def test_a_trim_writes_install_and_by_name_alias_lines(trimmed: Path) -> None:
+    text = (trimmed / CONF_PATH.lstrip("/")).read_text()
+    lines = [line for line in text.splitlines() if not line.startswith("#")]
+    assert lines == [
+        "install dev_y /usr/bin/kmodtrim restore --on-demand dev_y",
+        "alias net-pf-99 dev_y",  # the pci: modalias stays with self-healing
+        "install fs_x /usr/bin/kmodtrim restore --on-demand fs_x",
+        "alias fs-xtest fs_x",
+        "install unused_d /usr/bin/kmodtrim restore --on-demand unused_d",
+        "install unused_e /usr/bin/kmodtrim restore --on-demand unused_e",
+        "alias crypto-etest unused_e",
+    ]
+    assert "# excluded: excluded_z" in text
+    # kmod resolves names and aliases to the restore command; the excluded one is gone.
+    for request, name in (("fs-xtest", "fs_x"), ("fs_x", "fs_x"), ("unused-e", "unused_e"),
+                          ("net-pf-99", "dev_y"), ("crypto-etest", "unused_e")):
+        proc = _modprobe(trimmed, request)
+        assert proc.returncode == 0, (request, proc.stderr)
+        assert proc.stdout.strip().endswith(
+            f"install /usr/bin/kmodtrim restore --on-demand {name}"), proc.stdout
+    assert _modprobe(trimmed, "fs-ztest").returncode != 0
+    assert _modprobe(trimmed, "core").stdout.strip().startswith("insmod ")
+
+
+def test_the_install_command_restores_the_closure_and_modprobe_finds_it(
+        trimmed: Path) -> None:
+    command = _install_command(trimmed, "crypto-etest")
+    assert command[-6:-5] == ["unused_e"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert (trimmed / MODDIR / "unused_e.ko").exists()
+    assert (trimmed / MODDIR / "unused_d.ko").exists()  # its closure
+    assert not (trimmed / MODDIR / "fs_x.ko").exists()
+    assert "image root: not loaded; modprobe -n: insmod " in proc.stdout, proc.stdout
+    # depmod knows it again: the dry load goes to the files, no install line is left.
+    shown = _modprobe(trimmed, "crypto-etest").stdout
+    assert "insmod" in shown and "unused_d.ko" in shown and "unused_e.ko" in shown, shown
+    text = (trimmed / CONF_PATH.lstrip("/")).read_text()
+    assert "unused_e" not in text.replace("# excluded: excluded_z", "")
+    assert "install fs_x " in text
+    assert read_restored(trimmed)["unused_e"].startswith("requested by modprobe on ")
+    # Later plans keep it for that reason.
+    explained = _cli(trimmed, "explain", "unused_e")
+    assert "requested by modprobe" in explained.stdout, explained.stdout
+
+
+def test_a_module_still_in_the_tree_is_only_loaded(trimmed: Path) -> None:
+    proc = _cli(trimmed, "restore", "--on-demand", "core")
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing to restore" in proc.stdout and "insmod" in proc.stdout
+
+
+def test_a_running_operation_is_waited_for_briefly_then_a_clear_error(
+        trimmed: Path) -> None:
+    with operation_lock(trimmed, "a long trim"):
+        started = time.monotonic()
+        proc = _cli(trimmed, "restore", "--on-demand", "fs_x")
+        took = time.monotonic() - started
+    assert proc.returncode == 1
+    assert "fs_x not restored for modprobe: another kmodtrim operation is running: a long " \
+           "trim" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 2  # one line and its hint
+    assert took < 30
+    assert not (trimmed / MODDIR / "fs_x.ko").exists()
+
+
+def test_without_a_stash_copy_it_fails_with_a_clear_error(trimmed: Path) -> None:
+    for pack in (trimmed / "var/lib/kmodtrim/stash").rglob("*.pack"):
+        pack.unlink()
+    proc = _cli(trimmed, "restore", "--on-demand", "fs_x")
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("kmodtrim: error: fs_x not restored for modprobe: stash "
+                                  f"copy of /{MODDIR}/fs_x.ko is missing"), proc.stderr
+    assert not (trimmed / MODDIR / "fs_x.ko").exists()
+
+
+def test_bad_input_is_one_line(trimmed: Path) -> None:
+    proc = _cli(trimmed, "restore", "--on-demand", "a", "b")
+    assert proc.returncode == 2 and "takes one module name" in proc.stderr
+    proc = _cli(trimmed, "restore", "--on-demand", "no_such_module")
+    assert proc.returncode == 2 and "has no module 'no_such_module'" in proc.stderr
+
+
+def test_rollback_0_removes_the_file(trimmed: Path) -> None:
+    proc = _cli(trimmed, "rollback", "0", "--yes", "--initramfs", "skip")
+    assert proc.returncode == 0, proc.stderr
+    assert not (trimmed / CONF_PATH.lstrip("/")).exists()
+    assert os.listdir(trimmed / "etc/modprobe.d") == []
+    assert _modprobe(trimmed, "fs-xtest").stdout.strip().startswith("insmod ")
+
+
+def test_through_kmodtrimd_when_it_serves_the_root(trimmed: Path,
+                                                  private_bus: PrivateBus) -> None:
+    """The same install command, with kmodtrimd serving the root: one Restore job in the
+    daemon, then the record says modprobe asked."""
+    command = [word for word in _install_command(trimmed, "fs-xtest") if word != "--offline"]
+    with running_daemon(private_bus, trimmed):
+        proc = subprocess.run([*command, "--json"], capture_output=True, text=True,
+                              check=False, stdin=subprocess.DEVNULL, env=private_bus.env())
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc.get("job") and doc["on_demand"]["module"] == "fs_x", doc
+    assert doc["on_demand"]["load"].startswith("image root: not loaded; modprobe -n: insmod ")
+    assert (trimmed / MODDIR / "fs_x.ko").exists()
+    assert load_generation(trimmed, doc["generation"]).action == "restore"
+    assert read_restored(trimmed)["fs_x"].startswith("requested by modprobe on ")
+    assert "install fs_x " not in (trimmed / CONF_PATH.lstrip("/")).read_text()
