@@ -4,7 +4,12 @@ Reports, for Debian 12 (bookworm: 6.1, plain ``.ko``) and Debian 13 (trixie: 6.1
 ``.ko.xz`` under ``/usr/lib/modules``) side by side: cold index ÷ ``depmod -b`` (target
 ≤ 1.5; on a compressed tree ≤ 0.6), warm index ÷ depmod (target ≤ 0.1), whole-process
 ``kmodtrim plan`` wall time with a warm cache (target ≤ 0.5 s), and peak memory. Each
-figure is the median of several runs; the page cache is warm for both tools. A warm index
+figure is the median of several runs; the page cache is warm for both tools, and depmod
+and the cold builds take turns. The cold build is also timed with every module read in
+one thread (as before compressed modules were read on every CPU), and the CPU seconds of
+depmod and of the cold-build process are shown: on a busy machine (with the kernel's
+autogroup scheduling, CPUs are shared between sessions, not threads) extra threads buy
+little and the wall ratio tends to the CPU ratio. A warm index
 decodes a module's undefined-symbol lists only when asked for them; the "warm + all symbol
 lists" figure (no target) is a warm build that then reads every module's lists, the most
 any caller can ask for.

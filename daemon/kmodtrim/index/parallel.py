@@ -1,12 +1,12 @@
 """Reading many module files at once: compressed ones on every CPU (up to MAX_THREADS).
 
 On a compressed tree (Debian 13's ``.ko.xz``) a cold index spends about 85 % of its CPU
-time in liblzma, the same work depmod does. lzma, zlib and zstandard release the GIL while
-they work, so threads decompress on every CPU while one of them parses (parsing holds the GIL, and is
-the smaller part). Uncompressed modules are mapped and parsed, which is all Python: they
-are read in this thread, in order, as before. A thread holds at most one module's bytes
-at a time, so memory grows by one decompressed module per thread (at most MAX_THREADS),
-not by the tree.
+time in liblzma, the same work depmod does. lzma, zlib and zstandard release the GIL
+while they work, so threads decompress on every CPU while one of them parses (parsing
+holds the GIL, and is the smaller part). Uncompressed modules are mapped and parsed,
+which is all Python: they are read in this thread, in order, as before. A thread holds at
+most one module's bytes at a time, so memory grows by one decompressed module per thread
+(at most MAX_THREADS), not by the tree.
 """
 
 from __future__ import annotations
