@@ -60,14 +60,37 @@ def requested_by_name(alias: str) -> bool:
     return ":" not in alias and bool(alias.strip()) and not any(c.isspace() for c in alias)
 
 
-def _overlaps(a: str, b: str) -> bool:
-    """Whether two alias patterns can match one string (exact for literal patterns; for
-    a wildcard, whether either matches the other as a string)."""
-    if a == b:
-        return True
-    if _WILDCARDS & set(a) or _WILDCARDS & set(b):
-        return fnmatchcase(a, b) or fnmatchcase(b, a)
-    return False
+def _wild(pattern: str) -> bool:
+    return not _WILDCARDS.isdisjoint(pattern)
+
+
+class _Kept:
+    """The by-name aliases of modules still in a tree: is an alias line for a trimmed
+    module safe, i.e. can no string it matches also match another module's alias?
+    (Exact for literal patterns; with a wildcard on either side, whether either matches
+    the other as a string.)"""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self.literal: dict[str, set[str]] = {}
+        self.wild: list[tuple[str, str]] = []
+        for pattern, module in pairs:
+            if _wild(pattern):
+                self.wild.append((pattern, module))
+            else:
+                self.literal.setdefault(pattern, set()).add(module)
+
+    def hides_another(self, alias: str, name: str) -> bool:
+        if _wild(alias):
+            return any(module != name and (fnmatchcase(pattern, alias)
+                                           or fnmatchcase(alias, pattern))
+                       for pattern, modules in self.literal.items() for module in modules) \
+                or any(module != name and (fnmatchcase(pattern, alias)
+                                           or fnmatchcase(alias, pattern))
+                       for pattern, module in self.wild)
+        if self.literal.get(alias, set()) - {name}:
+            return True
+        return any(module != name and fnmatchcase(alias, pattern)
+                   for pattern, module in self.wild)
 
 
 def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) -> str | None:
@@ -88,6 +111,7 @@ def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) ->
             kept_by_alias.extend((a, normalize(name)) for a in aliases if requested_by_name(a))
     if not trimmed:
         return None
+    kept = _Kept(kept_by_alias)
     lines = [HEADER + " after each change; do not edit (kmodtrim forget/restore).",
              EXCLUDED_PREFIX + "".join(f" {n}" for n in sorted(excluded_names))]
     for name in sorted(trimmed):
@@ -95,8 +119,7 @@ def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) ->
         for alias in sorted(trimmed[name]):
             if normalize(alias) in trimmed or normalize(alias) in kept_names:
                 continue  # a module's own name: kmod finds it without an alias
-            if any(module != name and _overlaps(alias, pattern)
-                   for pattern, module in kept_by_alias):
+            if kept.hides_another(alias, name):
                 continue  # would hide a module still installed
             lines.append(f"alias {alias} {name}")
     return "\n".join(lines) + "\n"
