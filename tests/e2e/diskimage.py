@@ -1,0 +1,202 @@
+"""A Debian 13 system on a bootloader-less ext4 disk for the from-disk end-to-end test.
+
+The base root is ``debootstrap --variant=minbase`` of trixie with systemd, udev, dbus,
+systemd-networkd (DHCP on every ethernet link), initramfs-tools and Debian's *cloud* kernel
+(``linux-image-cloud-amd64``: the kernel Debian's cloud images ship, a third of the
+generic kernel's modules, so indexing, depmod and mkinitramfs inside a TCG guest take
+minutes, not tens of minutes), plus kmodtrim's run-time dependencies, so that installing
+the .deb with apt later needs no network. It is built once and cached under
+.cache/e2e/SUITE-cloud (a ``.partial`` directory renamed when complete, a lock file against
+concurrent sessions).
+
+Each test copies the root, installs the built .deb with apt inside it (chroot, services
+kept from starting by policy-rc.d, which is removed afterwards), and writes it to a sparse
+ext4 image with ``mkfs.ext4 -d`` (no loop device, no mount). qemu boots that image as a
+virtio disk with ``-kernel``/``-initrd`` read out of the image's own /boot with
+``debugfs`` before every boot, so a boot always uses the initramfs the guest last wrote.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent.parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+from debroots import CHROOT_ENV, MIRROR, chroot  # noqa: E402
+from kernels import kernel_cache_dir  # noqa: E402
+from pkgbuild import sh  # noqa: E402
+from vm import Guest  # noqa: E402
+
+SUITE = "trixie"
+KERNEL_PACKAGE = "linux-image-cloud-amd64"
+BASE_PACKAGES = (
+    "systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", "e2fsprogs",
+    "initramfs-tools", KERNEL_PACKAGE, "python3",
+)
+# kmodtrim's Depends, installed with apt in the chroot (debootstrap's resolver does not
+# follow virtual packages such as python3-zstandard's python3-cffi-backend-api-*), so
+# that `apt install ./kmodtrim_*.deb` needs no network later.
+PYTHON_PACKAGES = ("python3-dbus-next", "python3-pydantic", "python3-pyelftools",
+                   "python3-systemd", "python3-zstandard")
+DISK_BYTES = 3 * 1024**3
+TOOLS = ("qemu-system-x86_64", "debootstrap", "chroot", "mkfs.ext4", "debugfs")
+
+
+def need_e2e_tools() -> None:
+    missing = [t for t in TOOLS if shutil.which(t) is None]
+    if missing or os.geteuid() != 0:
+        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'} "
+                    "(apt-get install qemu-system-x86 debootstrap e2fsprogs)")
+
+
+def e2e_cache() -> Path:
+    return kernel_cache_dir().parent / "e2e"
+
+
+@contextmanager
+def _locked(cache: Path) -> Iterator[None]:
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def base_root() -> Path:
+    """The cached trixie root with the cloud kernel and its initramfs (built once:
+    a few minutes and about 700 MB)."""
+    cache = e2e_cache()
+    base = cache / f"{SUITE}-cloud"
+    with _locked(cache):
+        if (base / "etc/os-release").exists():
+            return base
+        partial = cache / f"{SUITE}-cloud.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
+               SUITE, partial, MIRROR)
+        except AssertionError:
+            shutil.rmtree(partial, ignore_errors=True)
+            if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
+                pytest.skip(f"cannot debootstrap {SUITE} offline")
+            raise
+        chroot(partial, "apt-get", "update", "-qq")
+        chroot(partial, "apt-get", "install", "-y", "-q", "--no-install-recommends",
+               *PYTHON_PACKAGES)
+        chroot(partial, "apt-get", "clean")
+        _configure(partial)
+        partial.rename(base)
+    return base
+
+
+def _configure(root: Path) -> None:
+    """Boot from /dev/vda without a boot loader; DHCP with systemd-networkd; no login
+    prompt on the serial console (the check service owns it)."""
+    (root / "etc/fstab").write_text("/dev/vda / ext4 defaults,errors=remount-ro 0 1\n")
+    (root / "etc/hostname").write_text("kmodtrim-e2e\n")
+    (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 kmodtrim-e2e\n")
+    network = root / "etc/systemd/network/20-dhcp.network"
+    network.parent.mkdir(parents=True, exist_ok=True)
+    network.write_text("[Match]\nType=ether\n\n[Network]\nDHCP=yes\n")
+    chroot(root, "systemctl", "enable", "systemd-networkd.service")
+    (root / "etc/systemd/system/serial-getty@ttyS0.service").symlink_to("/dev/null")
+    (root / "etc/machine-id").write_text("")
+    chroot(root, "systemd-machine-id-setup")
+
+
+def kernel_release(root: Path) -> str:
+    kvers = sorted(p.name for p in (root / "usr/lib/modules").iterdir())
+    assert len(kvers) == 1, kvers
+    return kvers[0]
+
+
+def install_deb(root: Path, deb: Path) -> str:
+    """``apt-get install ./kmodtrim_*.deb`` inside ``root``; apt's output."""
+    policy = root / "usr/sbin/policy-rc.d"
+    policy.write_text("#!/bin/sh\nexit 101\n")
+    policy.chmod(0o755)
+    try:
+        shutil.copy2(deb, root / "tmp" / deb.name)
+        proc = chroot(root, "apt-get", "install", "-y", "-q",
+                      f"/tmp/{deb.name}")
+        (root / "tmp" / deb.name).unlink()
+    finally:
+        policy.unlink()
+    return proc.stdout
+
+
+def make_disk(root: Path, image: Path) -> Path:
+    """``root`` as a sparse ext4 file system image (``mkfs.ext4 -d``)."""
+    with open(image, "wb") as f:
+        f.truncate(DISK_BYTES)
+    sh("mkfs.ext4", "-q", "-F", "-L", "root", "-E", "root_owner=0:0", "-d", root, image)
+    return image
+
+
+def debugfs(image: Path, request: str) -> str:
+    proc = subprocess.run(["debugfs", "-R", request, str(image)], capture_output=True,
+                          text=True, env=CHROOT_ENV, check=False)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
+
+
+def read_out(image: Path, path: str, dest: Path) -> Path:
+    """Copy the regular file ``path`` out of the (unmounted) image."""
+    dest.unlink(missing_ok=True)
+    out = debugfs(image, f"dump -p {path} {dest}")
+    assert dest.is_file() and dest.stat().st_size > 0, f"cannot read {path}: {out}"
+    return dest
+
+
+def read_tree(image: Path, path: str, dest: Path) -> Path:
+    """Copy the directory ``path`` out of the image into ``dest`` (dest/NAME)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = debugfs(image, f"rdump {path} {dest}")
+    found = dest / Path(path).name
+    assert found.is_dir(), f"cannot read {path}: {out}"
+    return found
+
+
+@contextmanager
+def boot_disk(image: Path, kver: str, workdir: Path, *, memory_mb: int = 2048
+              ) -> Iterator[Guest]:
+    """Boot ``image`` (virtio disk, virtio NIC on user networking, TCG) with the kernel
+    and initramfs its /boot holds now; powered off when the block ends."""
+    kernel = read_out(image, f"/boot/vmlinuz-{kver}", workdir / "vmlinuz")
+    initrd = read_out(image, f"/boot/initrd.img-{kver}", workdir / "initrd.img")
+    qmp_path = workdir / "qmp.sock"
+    qmp_path.unlink(missing_ok=True)
+    argv = [
+        "qemu-system-x86_64", "-accel", "tcg", "-machine", "pc", "-m", str(memory_mb),
+        "-smp", "2", "-display", "none", "-serial", "stdio", "-monitor", "none",
+        "-no-reboot", "-qmp", f"unix:{qmp_path},server=on,wait=off",
+        "-drive", f"file={image},format=raw,if=virtio,cache=unsafe",
+        "-nic", "user,model=virtio-net-pci",
+        "-kernel", str(kernel), "-initrd", str(initrd),
+        "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not qmp_path.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield Guest(proc, qmp_path)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
