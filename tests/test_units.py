@@ -143,7 +143,8 @@ def test_service_can_write_every_path_the_daemon_writes_and_nothing_else() -> No
     assert s[("Service", "ProtectSystem")] == ["strict"]
     writable = {p.lstrip("-") for v in s[("Service", "ReadWritePaths")] for p in v.split()}
     for path in ("/lib/modules", "/usr/lib/modules", "/lib/firmware", "/boot",
-                 "/etc/dpkg/dpkg.cfg.d", "/etc/rpm", "/var/lib/dpkg", "/var/lib/rpm"):
+                 "/etc/dpkg/dpkg.cfg.d", "/etc/rpm", "/etc/modprobe.d", "/var/lib/dpkg",
+                 "/var/lib/rpm"):
         assert path in writable, f"{path} is not writable for kmodtrimd"
     assert "/etc" not in writable and "/" not in writable and "/usr" not in writable
     assert not any(p.startswith("/etc/kmodtrim") for p in writable)
