@@ -164,6 +164,25 @@ def test_rollback_0_removes_the_file(trimmed: Path) -> None:
     assert _modprobe(trimmed, "fs-xtest").stdout.strip().startswith("insmod ")
 
 
+def test_a_modprobe_d_that_cannot_be_written_does_not_fail_the_change(
+        tmp_path: Path) -> None:
+    # /etc/modprobe.d is a file here, so the on-demand file cannot be written: the trim is
+    # committed all the same, says so, and nothing is left pending for recovery.
+    root = scratch_root(tmp_path / "root", KVER, SPECS, policy=POLICY)
+    (root / "etc/modprobe.d").write_text("not a directory\n")
+    observed = tmp_path / "observed.txt"
+    observed.write_text("core\n")
+    proc = _cli(root, "apply", "--yes", "--initramfs", "skip", "--observed", str(observed))
+    assert proc.returncode == 0, proc.stderr
+    assert "on-demand restore configuration not written" in proc.stderr
+    assert not (root / MODDIR / "fs_x.ko").exists()
+    assert load_generation(root, 1).action == "apply"
+    status = _cli(root, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["pending"] is None
+    assert (root / "etc/modprobe.d").read_text() == "not a directory\n"
+
+
 def test_through_kmodtrimd_when_it_serves_the_root(trimmed: Path,
                                                   private_bus: PrivateBus) -> None:
     """The same install command, with kmodtrimd serving the root: one Restore job in the

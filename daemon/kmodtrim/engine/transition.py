@@ -25,6 +25,7 @@ disk would; the tests use it to prove recovery.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import shutil
 import signal
@@ -36,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import fsutil
 from ..backends.package import PackageBackend
-from ..errors import DamagedCopyError, StashError, StoreError
+from ..errors import DamagedCopyError, KmodtrimError, StashError, StoreError
 from ..paths import kernel_installed
 from ..records import Generation, RemovedPackage, Source, StashedFile
 from ..sources.restore import Restorer, sweep
@@ -57,6 +58,8 @@ from .regenerate import regenerate, restore_initramfs
 
 if TYPE_CHECKING:
     from ..index import ModuleIndex
+
+log = logging.getLogger("kmodtrim.engine")
 
 Progress = Callable[[str, int, int], None]
 FAULT_STEPS = (
@@ -420,8 +423,15 @@ def finish(root: Path, generation: Generation, backend: PackageBackend,
     write_all_exclusions(root, backend, {f.path for f in generation.removed},
                          {*generation.exclusion_backends, *previous})
     fault_point("after-final-exclude")
-    write_conf(root, generation, {index.kernel: index} if index is not None else None,
-               excluded)
+    try:
+        write_conf(root, generation, {index.kernel: index} if index is not None else None,
+                   excluded)
+    except (OSError, KmodtrimError) as exc:
+        # The change is committed; the on-demand file is a convenience on top of it. A
+        # root whose /etc cannot be written must not turn every later recovery into the
+        # same failure: say so, and let the next change write the file.
+        message = exc.message if isinstance(exc, KmodtrimError) else str(exc)
+        log.warning("on-demand restore configuration not written: %s", message)
     fault_point("after-on-demand")
     shutil.rmtree(pkg.rebuild_dir(root), ignore_errors=True)
     sweep(root)
