@@ -10,8 +10,11 @@ files). A record that fails any check raises StoreError naming the field.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
+from functools import partial
+from itertools import repeat
 from typing import Any
 
 from .errors import StoreError
@@ -154,9 +157,9 @@ class StashedFile:
     @staticmethod
     def from_json(doc: object) -> StashedFile:
         """Raises StoreError for a wrong type, a missing field or an unsafe path."""
-        fast = _fast_stashed_file(doc)
+        fast = _fast_stashed_files([doc])
         if fast is not None:
-            return fast
+            return fast[0]
         f = _Fields(doc, "stashed file record")
         kind = f.text("kind", "module")
         if kind not in KINDS:
@@ -200,41 +203,124 @@ def _archive_origin(package: str | None, version: str | None) -> bool:
             and _PLAIN_NAME.match(version) is not None and not version.startswith("-"))
 
 
-_SAFE_PATH = re.compile(r"(?:/(?!\.\.?(?:/|\Z))[^/\x00]+)+\Z")  # as check_relative
 _TREES = {"module": MODULE_TREES, "firmware": FIRMWARE_TREES, "package": PACKAGE_TREES,
           "package-control": ("/",)}
-_NUMBERS = ("size", "mode", "uid", "gid", "mtime_ns")
-_OPTIONAL = ("module", "kernel", "package", "link")
 _SOURCES = {str(s): s for s in Source}
+_HEX = re.compile(r"[0-9a-f]*\Z")
+_CANONICAL = ("path", "size", "sha256", "mode", "uid", "gid", "mtime_ns", "kind", "module",
+              "kernel", "package", "link")
+_ONE_SHAPE = {_CANONICAL}
+_ONLY_DICT, _ONLY_INT, _ONLY_STR, _STR_OR_NONE = {dict}, {int}, {str}, {str, type(None)}
+_FILE_KINDS = {"module", "firmware", "package"}
+_SHA_LENGTH = {64}
+# Written as a dataclass's own __init__ would, without its 14 frozen setattr calls each.
+_new = object.__new__
+_set = object.__setattr__
 
 
-def _fast_stashed_file(doc: object) -> StashedFile | None:
-    """The record when every check passes at once (thousands per manifest); None sends
-    the caller to the field-by-field reading, which names what is wrong."""
-    if type(doc) is not dict:
+def stashed_files(docs: list[Any]) -> tuple[StashedFile, ...]:
+    """``docs`` as records, in order. Raises StoreError for a wrong type, a missing field
+    or an unsafe path, as StashedFile.from_json does for each."""
+    fast = _column_stashed_files(docs)
+    if fast is None:
+        fast = _fast_stashed_files(docs)
+    if fast is not None:
+        return fast
+    return tuple(StashedFile.from_json(x) for x in docs)
+
+
+def _column_stashed_files(docs: list[Any]) -> tuple[StashedFile, ...] | None:
+    """The records when every one is a stash record as to_json writes it (the keys of
+    _CANONICAL, in that order) and passes every check, each check run over a whole column
+    at once; None sends the caller to the record-by-record reading. Accepts only what
+    StashedFile.from_json accepts, and builds equal records."""
+    if not docs or set(map(type, docs)) != _ONLY_DICT or set(map(tuple, docs)) != _ONE_SHAPE:
         return None
-    path, sha256, kind = doc.get("path"), doc.get("sha256"), doc.get("kind", "module")
-    numbers: list[Any] = [doc.get(key) for key in _NUMBERS]
-    optional: list[Any] = [doc.get(key) for key in _OPTIONAL]
-    if (type(path) is not str or type(sha256) is not str or type(kind) is not str
-            or kind not in _TREES or not path.startswith(_TREES[kind])
-            or not _SAFE_PATH.match(path) or not _SHA256.match(sha256)
-            or not all(type(v) is int and v >= 0 for v in numbers)
-            or not all(v is None or type(v) is str for v in optional)):
+    (paths, sizes, shas, modes, uids, gids, mtimes, kinds, modules, kernels, packages,
+     links) = zip(*map(dict.values, docs), strict=True)
+    numbers = sizes + modes + uids + gids + mtimes
+    if not (set(map(type, numbers)) == _ONLY_INT and min(numbers) >= 0
+            and max(modes) <= 0o7777
+            and set(map(type, paths + shas + kinds)) == _ONLY_STR
+            and set(map(type, modules + kernels + packages + links)) <= _STR_OR_NONE
+            and set(kinds) <= _FILE_KINDS
+            and all(map(str.startswith, paths, map(_TREES.__getitem__, kinds)))
+            and set(map(len, shas)) == _SHA_LENGTH and _HEX.match("".join(shas))
+            and paths_are_normalised(paths)):
         return None
-    size, mode, uid, gid, mtime_ns = numbers
-    module, kernel, package, link = optional
-    raw_source = doc.get("source", "stash")
-    source = _SOURCES.get(raw_source) if type(raw_source) is str else None
-    version = doc.get("version")
-    if mode > 0o7777 or (kind == "package-control"
-                         and (module is None or not _PLAIN_NAME.match(module))):
+    records = tuple(map(_new, repeat(StashedFile, len(docs))))
+    with_defaults: Iterable[dict[str, Any]] = map(
+        partial(dict, source=Source.STASH, version=None), docs)
+    any(map(_set, records, repeat("__dict__"), with_defaults))  # each record's fields
+    return records
+
+
+def paths_are_normalised(paths: Sequence[str]) -> bool:
+    """Whether every string in ``paths`` is a normalised absolute path other than ``/``
+    (no NUL, no empty, ``.`` or ``..`` component, no trailing slash), as check_relative
+    requires: one pass over them all, joined by NUL (which no accepted path contains)."""
+    if not paths:
+        return True
+    joined = "\x00".join(paths) + "\x00"
+    return (joined.count("\x00") == len(paths) and joined[0] == "/"
+            and joined.count("\x00/") == len(paths) - 1
+            and "//" not in joined and "/./" not in joined and "/../" not in joined
+            and "/\x00" not in joined and "/.\x00" not in joined and "/..\x00" not in joined)
+
+
+def _fast_stashed_files(docs: list[Any]) -> tuple[StashedFile, ...] | None:
+    """The records when every check passes at once (thousands per manifest); None sends
+    the caller to the field-by-field reading, which names what is wrong. Accepts only
+    what StashedFile.from_json accepts, and builds equal records."""
+    out: list[StashedFile] = []
+    paths: list[str] = []
+    shas: list[str] = []
+    trees, sources, stash, canonical = _TREES, _SOURCES, Source.STASH, _CANONICAL
+    for doc in docs:
+        if type(doc) is not dict:
+            return None
+        if len(doc) == 12 and tuple(doc) == canonical:  # as to_json writes a stash record
+            (path, size, sha256, mode, uid, gid, mtime_ns, kind, module, kernel, package,
+             link) = doc.values()
+            raw_source, version = "stash", None
+        else:
+            get = doc.get
+            path, sha256, kind = get("path"), get("sha256"), get("kind", "module")
+            size, mode, uid, gid, mtime_ns = (get("size"), get("mode"), get("uid"),
+                                              get("gid"), get("mtime_ns"))
+            module, kernel, package, link = (get("module"), get("kernel"), get("package"),
+                                             get("link"))
+            raw_source, version = get("source", "stash"), get("version")
+        if not (type(path) is str and type(sha256) is str and len(sha256) == 64
+                and type(kind) is str and kind in trees and path.startswith(trees[kind])
+                and type(size) is int and type(mode) is int and type(uid) is int
+                and type(gid) is int and type(mtime_ns) is int
+                and (size | mode | uid | gid | mtime_ns) >= 0 and mode <= 0o7777
+                and (module is None or type(module) is str)
+                and (kernel is None or type(kernel) is str)
+                and (package is None or type(package) is str)
+                and (link is None or type(link) is str)
+                and (version is None or type(version) is str)
+                and type(raw_source) is str):
+            return None
+        source = sources.get(raw_source)
+        if source is not stash and (source is None
+                                    or not _archive_origin(package, version)):
+            return None
+        if kind == "package-control" and (module is None or not _PLAIN_NAME.match(module)):
+            return None
+        paths.append(path)
+        shas.append(sha256)
+        record = _new(StashedFile)
+        _set(record, "__dict__", {
+            "path": path, "size": size, "sha256": sha256, "mode": mode, "uid": uid,
+            "gid": gid, "mtime_ns": mtime_ns, "kind": kind, "module": module,
+            "kernel": kernel, "package": package, "link": link, "source": source,
+            "version": version})
+        out.append(record)
+    if not paths_are_normalised(paths) or not _HEX.match("".join(shas)):
         return None
-    if source is None or not (version is None or type(version) is str) or (
-            source is Source.ARCHIVE and not _archive_origin(package, version)):
-        return None
-    return StashedFile(path, size, sha256, mode, uid, gid, mtime_ns, kind, module, kernel,
-                       package, link, source, version)
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -290,8 +376,8 @@ class RemovedPackage:
         return RemovedPackage(
             name=name, version=f.text("version"), arch=f.text("arch"),
             backend=f.text("backend"), metadata=f.mapping("metadata"),
-            files=tuple(StashedFile.from_json(x) for x in f.objects("files")),
-            control=tuple(StashedFile.from_json(x) for x in f.objects("control")),
+            files=stashed_files(f.objects("files")),
+            control=stashed_files(f.objects("control")),
             dirs=tuple(dirs),
             absent=tuple(package_listing_path(p) for p in f.texts("absent")),
         )
@@ -356,7 +442,7 @@ class Generation:
         return Generation(
             number=f.number("number"), created=f.text("created", ""), action=f.text("action"),
             description=f.text("description", ""),
-            removed=tuple(StashedFile.from_json(x) for x in f.objects("removed")),
+            removed=stashed_files(f.objects("removed")),
             stashed=f.texts("stashed"), restored=f.texts("restored"), kernels=f.texts("kernels"),
             rollback_to=f.opt_number("rollback_to"),
             keep_reasons={str(k): str(v) for k, v in f.mapping("keep_reasons").items()},

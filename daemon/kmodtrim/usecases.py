@@ -97,8 +97,7 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
     if verify:
         damaged = [why for _entry, why in stash.verify(g.removed)] + _unserved(root, g)
     else:
-        damaged = [f"stash copy of {f.path} is missing" for f in g.removed
-                   if not stash.has_copy(f)]
+        damaged = [f"stash copy of {f.path} is missing" for f in stash.missing_copies(g.removed)]
     if state.interrupted:
         pending: str | None = (f"an interrupted {state.interrupted}: the tree is part-way; the "
                                "next change command (apply, rollback, restore) first finishes "

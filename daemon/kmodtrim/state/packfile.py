@@ -33,7 +33,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,6 +135,8 @@ class PackWriter:
 
     def _open(self) -> None:
         if self._file is None:
+            import tempfile  # only a writer needs it: status and history read packs only
+
             try:
                 make_dirs(self.directory)
                 fd, self._tmp = tempfile.mkstemp(dir=self.directory, prefix=".",

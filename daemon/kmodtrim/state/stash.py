@@ -318,6 +318,14 @@ class Stash:
         serves needs no blob, any other file its blob."""
         return not entry.has_blob or self.has(entry.sha256)
 
+    def missing_copies(self, entries: Iterable[StashedFile]) -> list[StashedFile]:
+        """The entries ``has_copy`` is false for, in order (the pack index looked up
+        once, not once per entry)."""
+        packed = self._pack_index()
+        stash = Source.STASH
+        return [e for e in entries if e.link is None and e.source is stash  # has_blob
+                and e.sha256 not in packed and not self._blob(e.sha256).exists()]
+
     def matches(self, entry: StashedFile) -> bool:
         """True if the file at entry.path exists with entry's content."""
         try:
