@@ -17,7 +17,7 @@ user rules in file order; the last matching rule decides.
 The package's files: rules.py parses one rule, model.py declares the settings, matcher.py
 decides which rule applies, load.py reads and merges the files, messages.py words their
 errors; compat.py is the one place that meets pydantic (compat_v2.py for pydantic 2,
-compat_v1.py for 1.10).
+compat_v1.py for 1.10; vcontext.py the validation context both give their validators).
 """
 
 from __future__ import annotations

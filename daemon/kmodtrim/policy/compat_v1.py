@@ -10,11 +10,10 @@ it is imported only where ``pydantic`` itself is 1.10. Tests may also run it on
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
-from types import MappingProxyType
+from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
+
+from .vcontext import validation_context, with_context
 
 if TYPE_CHECKING:
     import pydantic.v1 as _pydantic
@@ -104,29 +103,10 @@ def checked_str(check: Callable[[str], str]) -> Any:
     return Checked
 
 
-_NO_CONTEXT: Mapping[str, object] = MappingProxyType({})
-_context: ContextVar[Mapping[str, object]] = ContextVar("policy_validation",
-                                                       default=_NO_CONTEXT)
-
-
-def validation_context() -> Mapping[str, object]:
-    """The ``context`` of the ``validate`` call running (empty outside one)."""
-    return _context.get()
-
-
-@contextmanager
-def _with_context(context: Mapping[str, object]) -> Iterator[None]:
-    token = _context.set(context)
-    try:
-        yield
-    finally:
-        _context.reset(token)
-
-
 def validate(model: type[M], data: Mapping[str, Any],
              context: Mapping[str, object] | None = None) -> M:
     """``data`` validated as ``model``; raises ValidationError."""
-    with _with_context(context or {}):
+    with with_context(context or {}):
         return model.parse_obj(data)
 
 

@@ -5,13 +5,12 @@ same names with the same behaviour."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from contextvars import ContextVar
-from types import MappingProxyType
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, TypedDict, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from .vcontext import validation_context, with_context
 
 __all__ = [
     "ErrorDetail",
@@ -62,29 +61,10 @@ def checked_str(check: Callable[[str], str]) -> Any:
     return Annotated[str, AfterValidator(check)]
 
 
-_NO_CONTEXT: Mapping[str, object] = MappingProxyType({})
-_context: ContextVar[Mapping[str, object]] = ContextVar("policy_validation",
-                                                       default=_NO_CONTEXT)
-
-
-def validation_context() -> Mapping[str, object]:
-    """The ``context`` of the ``validate`` call running (empty outside one)."""
-    return _context.get()
-
-
-@contextmanager
-def _with_context(context: Mapping[str, object]) -> Iterator[None]:
-    token = _context.set(context)
-    try:
-        yield
-    finally:
-        _context.reset(token)
-
-
 def validate(model: type[M], data: Mapping[str, Any],
              context: Mapping[str, object] | None = None) -> M:
     """``data`` validated as ``model``; raises ValidationError."""
-    with _with_context(context or {}):
+    with with_context(context or {}):
         return model.model_validate(data)
 
 
