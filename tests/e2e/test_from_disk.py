@@ -16,12 +16,8 @@ kernel, initramfs-tools) gets the built .deb with apt and a policy drop-in (``mo
 Figures (module tree, stash, initramfs in MB; boot to multi-user in seconds, before and
 after) are printed and written to the test's tmp dir with each boot's serial log.
 
-Not collected by default yet (the file name does not match ``test_*.py``): it passed on
-31f19b5 and failed on 118ef59, where kmodtrimd's automatic trim could not write
-/etc/modprobe.d/kmodtrim-on-demand.conf under the unit's ProtectSystem=strict (73b10e3 makes
-that directory writable; not yet run against it). Run it by path:
-``pytest tests/e2e/e2e_from_disk.py`` (as root; the first run builds the cached image).
-Rename it to test_from_disk.py once it passes on main.
+Part of the suite (system tier): about 9–18 minutes under TCG; the first run builds the
+cached image (root and network needed). Run alone: ``pytest tests/e2e/test_from_disk.py``.
 """
 
 from __future__ import annotations
