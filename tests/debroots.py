@@ -11,7 +11,6 @@ once a day. Nothing is mounted: apt, dpkg and Python need no /proc for this.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from kernels import kernel_cache_dir
+from kernels import cache_lock, kernel_cache_dir
 from pkgbuild import sh
 
 MIRROR = "http://deb.debian.org/debian"
@@ -43,22 +42,11 @@ def roots_cache() -> Path:
     return kernel_cache_dir().parent / "roots"
 
 
-@contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def minbase(suite: str) -> Path:
     """The cached minbase root of ``suite`` with fresh package lists."""
     cache = roots_cache()
     base = cache / f"{suite}-minbase"
-    with _locked(cache):
+    with cache_lock(cache):
         if not (base / "etc/os-release").exists():
             partial = cache / f"{suite}-minbase.partial"
             shutil.rmtree(partial, ignore_errors=True)

@@ -146,7 +146,8 @@ def _run(argv: list[str], cwd: Path | None = None) -> str:
 
 
 @contextmanager
-def _locked(cache: Path) -> Iterator[None]:
+def cache_lock(cache: Path) -> Iterator[None]:
+    """Hold ``cache``'s lock file: one session at a time fills a cache directory."""
     cache.mkdir(parents=True, exist_ok=True)
     with open(cache / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -347,7 +348,7 @@ def _resolve(cache: Path, release: Release, flavour: str) -> tuple[Path, Path]:
 def _prepare(release: Release, flavour: str) -> KernelTree:
     """Fetch, unpack and depmod the current kernel of a release and flavour ("cloud-amd64")."""
     cache = kernel_cache_dir()
-    with _locked(cache):
+    with cache_lock(cache):
         image_deb, headers_deb = _resolve(cache, release, flavour)
         kver = _deb_field(image_deb, "Package").removeprefix("linux-image-")
         root = _unpack(cache, image_deb, release)

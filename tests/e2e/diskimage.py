@@ -18,7 +18,6 @@ virtio disk with ``-kernel``/``-initrd`` read out of the image's own /boot with
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import subprocess
@@ -35,7 +34,7 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 from debroots import CHROOT_ENV, MIRROR, chroot  # noqa: E402
-from kernels import kernel_cache_dir  # noqa: E402
+from kernels import cache_lock, kernel_cache_dir  # noqa: E402
 from pkgbuild import sh  # noqa: E402
 from vm import Guest  # noqa: E402
 
@@ -65,23 +64,12 @@ def e2e_cache() -> Path:
     return kernel_cache_dir().parent / "e2e"
 
 
-@contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def base_root() -> Path:
     """The cached trixie root with the cloud kernel and its initramfs (built once:
     a few minutes and about 700 MB)."""
     cache = e2e_cache()
     base = cache / f"{SUITE}-cloud"
-    with _locked(cache):
+    with cache_lock(cache):
         if (base / "etc/os-release").exists():
             return base
         partial = cache / f"{SUITE}-cloud.partial"
