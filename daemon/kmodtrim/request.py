@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from .platforms import CHOICES as PLATFORM_CHOICES
+
 
 class Initramfs(StrEnum):
     """Which initramfs generator runs after a change."""
@@ -83,6 +85,11 @@ OPTIONS: tuple[Option, ...] = (
            "policy file to use instead of ROOT/etc/kmodtrim/policy.toml",
            frozenset({"plan", "explain", "apply", "kernel-event", "status"}),
            frozenset({"Plan", "Explain", "Trim"}), metavar="FILE"),
+    Option("cloud", "as", "--cloud",
+           "keep the boot-disk and NIC drivers of this platform (repeatable; 'auto' detects "
+           "the running one, 'all' every one; default: the policy's clouds, 'auto')",
+           frozenset({"plan", "explain", "apply"}), frozenset({"Plan", "Explain", "Trim"}),
+           choices=PLATFORM_CHOICES, metavar="NAME"),
     Option("force", "b", "--force", "trim even before the minimum observation is met",
            frozenset({"apply"}), frozenset({"Trim"})),
     Option("dry_run", "b", "--dry-run", "show what would happen, change nothing",
