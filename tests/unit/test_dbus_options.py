@@ -19,6 +19,7 @@ SAMPLES: dict[str, Any] = {
     "policy": Variant("s", "/etc/p.toml"), "force": Variant("b", True),
     "dry_run": Variant("b", True), "initramfs": Variant("s", "dracut"),
     "backend": Variant("s", "dpkg"), "latest": Variant("b", True),
+    "cloud": Variant("as", ["kvm", "aws"]),
 }
 
 
@@ -30,7 +31,7 @@ def refused(member: str, options: dict[str, Any]) -> str:
 
 
 DEFAULTS = {"kernel": None, "observed": (), "policy": None, "force": False,
-            "dry_run": False, "initramfs": "auto", "backend": None}
+            "dry_run": False, "initramfs": "auto", "backend": None, "cloud": ()}
 
 
 def fields(request: object) -> dict[str, object]:
@@ -49,7 +50,7 @@ def test_trim_options_make_the_request() -> None:
     assert fields(request) == {
         "kernel": "6.1.0-9-amd64", "observed": (Path("/tmp/o.txt"),),
         "policy": Path("/etc/p.toml"), "force": True, "dry_run": True,
-        "initramfs": "dracut", "backend": "dpkg"}
+        "initramfs": "dracut", "backend": "dpkg", "cloud": ("kvm", "aws")}
     assert latest is False
 
 
@@ -70,7 +71,7 @@ def test_every_allowed_key_has_a_declared_type() -> None:
 
 def test_unknown_key_is_refused_naming_the_keys_allowed() -> None:
     assert refused("Plan", {"frobnicate": Variant("b", True)}) == \
-        "Plan: unknown option 'frobnicate' (allowed: kernel, observed, policy)"
+        "Plan: unknown option 'frobnicate' (allowed: kernel, observed, policy, cloud)"
 
 
 @pytest.mark.parametrize(("member", "key"), [
@@ -127,3 +128,17 @@ def test_cli_and_dbus_accept_the_same_choices(key: str) -> None:
     for near_miss in ("", "AUTO", "none", "apt"):
         assert near_miss not in cli_choices
         refused("Trim", {key: Variant("s", near_miss)})
+
+
+def test_each_cloud_must_be_a_platform_the_cli_also_takes() -> None:
+    assert refused("Plan", {"cloud": Variant("as", ["kvm", "ec2"])}) == (
+        "Plan: option 'cloud': 'ec2' is not one of auto, all, kvm, aws, gcp, azure, "
+        "hyperv, oci, alibaba, vmware, xen")
+    (verbs,) = (a for a in build_parser()._actions
+                if isinstance(a, argparse._SubParsersAction))
+    (action,) = (a for a in verbs.choices["plan"]._actions if a.dest == "cloud")
+    cli_choices = [str(choice) for choice in action.choices or ()]
+    request, _ = parse_options("Plan", {"cloud": Variant("as", cli_choices)})
+    assert request.cloud == tuple(cli_choices)
+    assert refused("Rollback", {"cloud": Variant("as", ["kvm"])}).startswith(
+        "Rollback: unknown option 'cloud'")

@@ -53,9 +53,11 @@ def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request,
             raise InputError(f"{member}: option {key!r} must be "
                              f"{_TYPE_NAMES[option.signature]}, not of type "
                              f"{variant.signature}")
-        if option.choices and variant.value not in option.choices:
-            raise InputError(f"{member}: option {key!r}: {variant.value!r} is not one of "
-                             f"{', '.join(option.choices)}")
+        given = variant.value if option.signature == "as" else [variant.value]
+        for value in given:
+            if option.choices and value not in option.choices:
+                raise InputError(f"{member}: option {key!r}: {value!r} is not one of "
+                                 f"{', '.join(option.choices)}")
         values[key] = variant.value
     kernel = values.get("kernel")
     if kernel is not None and not is_valid_kernel_version(kernel):
@@ -68,5 +70,6 @@ def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request,
         dry_run=bool(values.get("dry_run", False)),
         initramfs=str(values.get("initramfs", "auto")),
         backend=values.get("backend"),
+        cloud=tuple(dict.fromkeys(values.get("cloud", ()))),
     )
     return request, bool(values.get("latest", False))

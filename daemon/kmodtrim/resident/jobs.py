@@ -38,13 +38,14 @@ class Request:
     dry_run: bool = False
     initramfs: str = "auto"
     backend: str | None = None  # None: the policy's (trim) or "auto"
+    cloud: tuple[str, ...] = ()  # platforms whose drivers to keep (); the policy's
 
     def to_json(self) -> dict[str, Any]:
         """The request as a worker takes it (worker.py)."""
         return {"kernel": self.kernel, "observed": [str(p) for p in self.observed],
                 "policy": str(self.policy) if self.policy else None, "force": self.force,
                 "dry_run": self.dry_run, "initramfs": self.initramfs,
-                "backend": self.backend}
+                "backend": self.backend, "cloud": list(self.cloud)}
 
 
 @dataclass(eq=False)
