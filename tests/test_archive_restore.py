@@ -97,7 +97,7 @@ def make_root(base: Path, deb: Path, repo: Path, *, keep: str = "none",
         (root / "lib").symlink_to("usr/lib")
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
-        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n'
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n'
         f'[stash]\nkeep = "{keep}"\n')
     sh(*dpkg_command(root), "--install", deb)
     sh("depmod", "-b", root, KVER)

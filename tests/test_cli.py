@@ -22,7 +22,7 @@ SPECS = (
     ModSpec("unused", exports=("unused_fn",)),
     ModSpec("unused_user", imports=("unused_fn",), depends=("unused",)),
 )
-POLICY = 'presets = []\nrules = ["helper", "-nothing_here", "no_such_module"]\n'
+POLICY = 'presets = []\nclouds = []\nrules = ["helper", "-nothing_here", "no_such_module"]\n'
 
 
 def kmodtrim(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -68,7 +68,7 @@ def trimmed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     build_tree(root, KVER, SPECS)
     policy = root / "etc/kmodtrim/policy.toml"
     policy.parent.mkdir(parents=True)
-    policy.write_text('presets = []\nrules = ["user"]\n')
+    policy.write_text('presets = []\nclouds = []\nrules = ["user"]\n')
     proc = subprocess.run([sys.executable, "-m", "kmodtrim.cli", "apply", "--yes",
                            "--force", "--initramfs", "skip", "--offline", "--root", str(root)],
                           capture_output=True, text=True, check=False,

@@ -45,7 +45,7 @@ SPECS = (
     ModSpec("nic_x", imports=("nic_fn",), depends=("nic_lib",), aliases=(NIC_ALIAS,)),
     ModSpec("unused_c", imports=("core_fn",), depends=("core",)),
 )
-POLICY = "presets = []\nrules = []\n[min_observation]\nboots = 1\ndays = 0\n"
+POLICY = "presets = []\nclouds = []\nrules = []\n[min_observation]\nboots = 1\ndays = 0\n"
 BOOT_ID = "5b7a6f36-3c7e-4a51-9d63-1f1e2f0e1a01"
 # Recorded from a bookworm VM (udevadm monitor --kernel --property), as the kernel sends
 # them: "ACTION@DEVPATH" then NUL-separated KEY=VALUE pairs.

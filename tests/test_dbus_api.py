@@ -57,7 +57,7 @@ SPECS = (
     ModSpec("unused_c", imports=("core_fn",), depends=("core",)),
     ModSpec("unused_d"),
 )
-POLICY = "presets = []\nrules = []\n[min_observation]\nboots = 2\ndays = 0\n"
+POLICY = "presets = []\nclouds = []\nrules = []\n[min_observation]\nboots = 2\ndays = 0\n"
 CONTRACT = Path(__file__).resolve().parent.parent / "units" / "org.kmodtrim.KmodTrim1.xml"
 
 

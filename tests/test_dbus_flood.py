@@ -227,7 +227,7 @@ def test_root_is_answered_promptly_and_memory_recovers_under_an_unprivileged_flo
 
 
 KVER = "6.1.0-test"
-POLICY = "presets = []\nrules = []\n"
+POLICY = "presets = []\nclouds = []\nrules = []\n"
 SPECS = (
     ModSpec("core", exports=("core_fn",)),
     ModSpec("net_a", imports=("core_fn",), depends=("core",)),

@@ -29,6 +29,7 @@ SPECS = (
 )
 POLICY = """
 presets = []
+clouds = []
 rules = []
 [min_observation]
 boots = 2

@@ -32,7 +32,7 @@ SPECS = (
     ModSpec("unused_a"),
     ModSpec("unused_b"),
 )
-POLICY = "presets = []\nrules = []\n"
+POLICY = "presets = []\nclouds = []\nrules = []\n"
 
 
 def need(*tools: str) -> None:

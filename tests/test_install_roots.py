@@ -118,7 +118,7 @@ def test_plan_and_explain_on_a_module_tree_in_the_root(installed: tuple[str, Pat
     (root / OBSERVED.lstrip("/")).write_text("virtio-thing 16384 0 - Live 0x0\n")
     policy = image / "etc/kmodtrim/policy.toml"
     policy.parent.mkdir(parents=True)
-    policy.write_text("presets = []\n")
+    policy.write_text("presets = []\nclouds = []\n")
 
     proc = run(root, "kmodtrim", "plan", "--root", IMAGE, "--observed", OBSERVED, "--json")
     assert proc.returncode == 0, proc.stderr

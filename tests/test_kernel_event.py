@@ -52,7 +52,7 @@ def root(tmp_path: Path) -> Path:
     build_tree(root, OLD, SPECS)
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
-        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 1\ndays = 0\n')
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 1\ndays = 0\n')
     observed = tmp_path / "observed"
     observed.write_text("nic\n")
     subprocess.run(["depmod", "-b", str(root), OLD], check=True)

@@ -133,7 +133,7 @@ def root(tmp_path: Path, debs: dict[str, Path], request: pytest.FixtureRequest) 
         (root / "lib").symlink_to("usr/lib")
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
-        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
     done = dpkg(root, "--install", *map(str, debs.values()))
     assert done.returncode == 0, done.stderr
     subprocess.run(["depmod", "-b", str(root), KVER], check=True)
@@ -300,7 +300,7 @@ def scripted_root(tmp_path: Path, debs: dict[str, Path]) -> Path:
     root = init_dpkg_root(tmp_path / "root")
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
-        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
     done = dpkg(root, "--install", str(debs[IMAGE]), str(deb))
     assert done.returncode == 0, done.stderr
     subprocess.run(["depmod", "-b", str(root), KVER], check=True)
@@ -457,7 +457,7 @@ def rpm_root(tmp_path: Path) -> Path:
     assert done.returncode == 0, done.stderr
     (root / "etc/kmodtrim").mkdir(parents=True)
     (root / "etc/kmodtrim/policy.toml").write_text(
-        'presets = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\ndays = 0\n')
     subprocess.run(["depmod", "-b", str(root), KVER], check=True)
     (root / "observed").write_text("nic\n")
     return root

@@ -22,7 +22,7 @@ from .index import ModuleIndex
 
 # Root causes (seeds) and the edges a closure follows.
 ReasonKind = Literal[
-    "observed", "hardware", "boot-critical", "policy", "loaded", "restored",
+    "observed", "hardware", "boot-critical", "platform", "policy", "loaded", "restored",
     "depends", "symbol", "softdep-pre", "softdep-post", "weakdep",
 ]
 

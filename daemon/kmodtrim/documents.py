@@ -98,6 +98,8 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "unresolved_symbols": ((list,), "symbols no kept module or the kernel provides"),
         "warnings": ((list,), "what to look at"),
         "kernel_exports_source": ((str,), "where the kernel's exports came from"),
+        "platform": ((dict, _N), "platforms whose boot-disk and NIC drivers are kept "
+                                         "(names) and why those (source); null: none"),
         "sources": ((dict,), "[stash] keep and budget_mib; local_files/_bytes kept in the "
                              "stash, archive_files/_bytes left to the archive, tree_bytes_out, "
                              "net_freed_bytes (at least: the stash compresses)"),

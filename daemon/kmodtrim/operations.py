@@ -7,6 +7,7 @@ No semantics live only in a shell: ``kmodtrim plan`` and the D-Bus ``Plan`` meth
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,10 +31,12 @@ from .observe import (
     read_filesystems,
     read_modaliases,
     read_observed_file,
+    read_platform_facts,
     read_proc_modules,
     root_device_drivers,
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
+from .platforms import choose
 from .records import StashedFile
 from .sizes import human_bytes
 from .sources.reader import OutOfTreeReader
@@ -62,6 +65,7 @@ class Target:
     cache_dir: Path | None = None
     symvers: Path | None = None
     use_cache: bool = True
+    clouds: tuple[str, ...] = ()  # --cloud: whose drivers to keep (else the policy's)
 
 
 def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
@@ -102,9 +106,11 @@ def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, I
     )
 
 
-def gather_evidence(target: Target) -> Evidence:
-    """What the root shows (loaded modules, devices, filesystems, root device chain) plus
-    the ``--observed`` files. On an image root most of these are simply empty."""
+def gather_evidence(target: Target, clouds: Sequence[str] | None = None) -> Evidence:
+    """What the root shows (loaded modules, devices, filesystems, root device chain,
+    platform) plus the ``--observed`` files. On an image root most of these are simply
+    empty. ``clouds``: the policy's platform choice (``--cloud`` wins); None: no platform
+    set."""
     given: list[ObservedName] = []
     for path in target.observed_files:
         given.extend(read_observed_file(path))
@@ -117,12 +123,16 @@ def gather_evidence(target: Target) -> Evidence:
     # A file supplied again (or a module also recorded) names a module once, from the
     # first source: the --observed file, then what was supplied, then what was recorded.
     observed = merge_observed(given, supplied, (ObservedName(n, source, None) for n in names))
+    devices = tuple(read_modaliases(root))
+    platform = None if clouds is None else choose(
+        target.clouds or clouds, read_platform_facts(root, (d.modalias for d in devices)))
     return Evidence(
+        platform=platform,
         restored=tuple(ObservedName(name, source, None)
                        for name, source in sorted(read_restored(root).items())),
         observed=tuple(observed),
         loaded=tuple(read_proc_modules(root)),
-        devices=tuple(read_modaliases(root)),
+        devices=devices,
         filesystems=tuple(read_filesystems(root)),
         root_drivers=tuple(root_device_drivers(root)),
     )
@@ -148,7 +158,7 @@ def make_plan_for(target: Target) -> PlanResult:
     """Index, gather, load policy and plan. Raises KmodtrimError subclasses on bad input."""
     policy = load_target_policy(target)
     index, stats = load_index(target)
-    evidence = gather_evidence(target)
+    evidence = gather_evidence(target, policy.settings.clouds)
     firmware = scan_firmware(target.root) if policy.settings.firmware == "trim" else None
     plan = make_plan(index, evidence, policy, firmware)
     return PlanResult(plan, index, stats, evidence, policy)

@@ -23,6 +23,7 @@ from .observe import (
     RootDriver,
     filesystem_module_aliases,
 )
+from .platforms import PlatformChoice
 
 if TYPE_CHECKING:  # the policy (pydantic) loads only where a policy is read
     from .policy import LoadedPolicy
@@ -42,6 +43,8 @@ class Evidence:
     filesystems: Sequence[MountedFilesystem] = ()
     root_drivers: Sequence[RootDriver] = ()
     restored: Sequence[ObservedName] = ()  # restored by hand or on demand, until forgotten
+    # Whose boot-disk and NIC drivers to keep (platforms.py); None: no platform set.
+    platform: PlatformChoice | None = None
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class Plan:
     warnings: tuple[str, ...]
     kernel_exports_source: str
     closure: Closure = field(repr=False, compare=False)
+    platform: PlatformChoice | None = None
 
     @property
     def keep_bytes(self) -> int:
@@ -144,6 +148,8 @@ class Plan:
             ],
             "warnings": list(self.warnings),
             "kernel_exports_source": self.kernel_exports_source,
+            "platform": None if self.platform is None else {
+                "names": list(self.platform.names), "source": self.platform.source},
         }
 
 
@@ -208,16 +214,45 @@ def seeds_from(
     for drv in evidence.root_drivers:
         detail = f"storage driver of {drv.mountpoint} ({drv.devpath})"
         add(drv.module, Reason("boot-critical", detail))
+    platform_rules = _platform_matchers(evidence.platform)
     for entry in index.modules.values():
         rule = policy.decide(entry.name, entry.relpath, entry.info.aliases)
         if rule is not None and not rule.exclude:
             add(entry.name, Reason("policy", rule.describe()))
+        elif rule is None:  # a policy exclusion also lets a platform driver go
+            platforms = _platform_of(entry.name, platform_rules)
+            if platforms is not None:
+                add(entry.name, Reason("platform", f"boot disk or NIC of {platforms}"))
     known_aliases = (a for e in index.modules.values() for a in e.info.aliases)
     for rule in policy.literal_rules_matching_nothing(
         list(index.modules) + list(index.builtins), known_aliases
     ):
         warnings.append(f"{rule.describe()} names no module of kernel {index.kernel}")
     return seeds, warnings
+
+
+_PlatformRules = tuple[dict[str, str], list[tuple[str, str]]]
+
+
+def _platform_matchers(choice: PlatformChoice | None) -> _PlatformRules:
+    """The platform set's module names → the platforms they are kept for, and its globs
+    (normalised, ``-`` → ``_``)."""
+    names: dict[str, str] = {}
+    globs: list[tuple[str, str]] = []
+    for pattern, platforms in (choice.drivers() if choice is not None else {}).items():
+        pattern = pattern.replace("-", "_")
+        if any(c in pattern for c in "*?["):
+            globs.append((pattern, platforms))
+        else:
+            names[pattern] = platforms
+    return names, globs
+
+
+def _platform_of(name: str, rules: _PlatformRules) -> str | None:
+    names, globs = rules
+    if name in names:
+        return names[name]
+    return next((p for g, p in globs if fnmatch.fnmatchcase(name, g)), None)
 
 
 def make_plan(
@@ -266,6 +301,7 @@ def make_plan(
         warnings=tuple(dict.fromkeys(warnings)),
         kernel_exports_source=index.kernel_exports_source,
         closure=closure,
+        platform=evidence.platform,
     )
 
 

@@ -24,8 +24,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
-AUTO = "auto"  # detect on the running system; every platform offline
-ALL = "all"  # every platform's set
+from .request import Cloud
+
+AUTO = Cloud.AUTO.value  # detect on the running system; every platform offline
+ALL = Cloud.ALL.value  # every platform's set
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,8 @@ PLATFORMS: Mapping[str, Platform] = MappingProxyType({p.name: p for p in (
              (*_XEN, *_ATA)),
 )})
 
-CHOICES: tuple[str, ...] = (AUTO, ALL, *PLATFORMS)
+CHOICES: tuple[str, ...] = tuple(c.value for c in Cloud)
+assert set(CHOICES) == {AUTO, ALL, *PLATFORMS}, "request.Cloud and PLATFORMS disagree"
 
 
 def every_platform_drivers() -> tuple[str, ...]:

@@ -21,93 +21,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from types import MappingProxyType
 
-# Boot disk, NIC and console drivers. Clouds move an instance between buses (virtio <->
-# NVMe, synthetic NIC <-> SR-IOV VF) on instance-type changes, so the drivers of every
-# major cloud are kept even when this VM has never used them.
-_CLOUD_BOOT: tuple[str, ...] = (
-    # virtio: KVM/QEMU clouds (GCP, OpenStack, OCI, Hetzner, DigitalOcean, Alibaba),
-    # virtio_mmio for Firecracker/microvm and arm64 guests.
-    "virtio",
-    "virtio_ring",
-    "virtio_pci",
-    "virtio_pci_legacy_dev",
-    "virtio_pci_modern_dev",
-    "virtio_mmio",
-    "virtio_blk",
-    "virtio_scsi",
-    "virtio_net",
-    "net_failover",
-    "failover",
-    "virtio_console",
-    "virtio_balloon",
-    "virtio_rng",
-    # NVMe: AWS Nitro (EBS and instance store), GCP, Azure v6+, OCI.
-    "nvme",
-    "nvme_core",
-    "nvme_common",
-    # AWS: ENA, and ixgbevf for older "enhanced networking" instance types.
-    "ena",
-    "ixgbevf",
-    # GCP: gVNIC.
-    "gve",
-    # Azure / Hyper-V: VMBus, synthetic disk/NIC, integration services, console input and
-    # framebuffer, and the SR-IOV VF drivers of accelerated networking (MANA, Mellanox).
-    "hv_vmbus",
-    "hv_storvsc",
-    "hv_netvsc",
-    "hv_utils",
-    "hv_balloon",
-    "hv_sock",
-    "hyperv_keyboard",
-    "hid_hyperv",
-    "hyperv_fb",
-    "hyperv_drm",
-    "pci_hyperv",
-    "pci_hyperv_intf",
-    "mana",
-    "mlx4_core",
-    "mlx4_en",
-    "mlx5_core",
-    # Xen guests (older AWS instance types, XCP-ng, Citrix): front-ends only, never the
-    # dom0 back-ends.
-    "xen_blkfront",
-    "xen_netfront",
-    "xen_scsifront",
-    "xen_kbdfront",
-    "xen_fbfront",
-    # VMware: paravirtual disk/NIC, balloon, VMCI and vsock, the emulated LSI Logic
-    # controllers (mptspi, mptsas) and e1000/e1000e NICs of its older guest types.
-    "vmw_pvscsi",
-    "vmxnet3",
-    "vmw_balloon",
-    "vmw_vmci",
-    "vsock",
-    "vmw_vsock_vmci_transport",
-    "mptspi",
-    "mptsas",
-    # Emulated hardware most hypervisors offer: e1000 (QEMU i440fx default), e1000e (QEMU
-    # q35, VMware), AHCI/IDE disks (Hyper-V gen1 boots from emulated IDE).
-    "e1000",
-    "e1000e",
-    "ahci",
-    "libahci",
-    "ata_piix",
-    "ata_generic",
-    "pata_acpi",
-    "libata",
-    # SCSI disk and CD-ROM: cloud-init's NoCloud/ConfigDrive and Azure's provisioning
-    # media arrive on a virtual CD-ROM.
-    "scsi_mod",
-    "scsi_common",
-    "sd_mod",
-    "sr_mod",
-    # LVM / device-mapper roots are common in images.
-    "dm_mod",
-    # ACPI power button, and evdev through which systemd-logind sees it: without them a
-    # cloud "stop" cannot shut the VM down cleanly.
-    "button",
-    "evdev",
-)
+from .platforms import every_platform_drivers
+
+# Boot disk, NIC and console drivers of every platform (platforms.py declares them per
+# platform; the planner keeps those of the platform it runs on without this preset). A
+# policy lists this preset to keep every cloud's drivers wherever it runs.
+_CLOUD_BOOT: tuple[str, ...] = every_platform_drivers()
 
 # Filesystems a VM mounts or may mount: root filesystems, EFI and config drives, the ones
 # systemd mounts itself, and the codepages vfat asks for by name.
@@ -319,9 +238,9 @@ PRESET_DESCRIPTIONS: Mapping[str, str] = MappingProxyType(
     }
 )
 
-DEFAULT_PRESETS: tuple[str, ...] = (
-    "cloud-boot",
-    "filesystems",
-    "netfilter-core",
-    "kernel-requested",
-)
+# None by default: the platform set (platforms.py) keeps this platform's boot-disk and NIC
+# drivers, and filesystems, netfilter and what the kernel requests by name are restored on
+# demand (ondemand.py: modprobe's install lines) when something asks for them. A policy
+# lists presets to keep such families on disk anyway (e.g. for machines that must work
+# with the package archive unreachable).
+DEFAULT_PRESETS: tuple[str, ...] = ()

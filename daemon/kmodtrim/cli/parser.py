@@ -229,10 +229,12 @@ def parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def _arguments(p: argparse.ArgumentParser, verb: str) -> None:
     """The verb's own arguments."""
+    if verb in ("plan", "explain", "apply"):
+        _option(p, "cloud", action="append", default=[])
     if verb == "index":
         p.add_argument("--rebuild", action="store_true",
                        help="ignore the cache and re-read every module")
-    elif verb == "plan":
+    if verb == "plan":
         p.add_argument("--all", action="store_true", help="list every kept and removed module")
     elif verb == "explain":
         p.add_argument("name", metavar="NAME", help="module name or alias")

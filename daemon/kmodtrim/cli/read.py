@@ -213,4 +213,4 @@ def target(args: argparse.Namespace) -> Any:
 
     return Target(root=args.root, kernel=args.kernel, observed_files=tuple(args.observed),
                   policy_file=args.policy, cache_dir=args.cache_dir, symvers=args.symvers,
-                  use_cache=not args.no_cache)
+                  use_cache=not args.no_cache, clouds=tuple(getattr(args, "cloud", ())))

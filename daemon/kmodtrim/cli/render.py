@@ -43,6 +43,10 @@ def plan(doc: dict[str, Any], out: TextIO, show_all: bool) -> list[str]:
         first = m["reasons"][0]
         roots[first["kind"] if first["via"] is None else "dependency"] += 1
     print("  kept because: " + ", ".join(f"{k} {n}" for k, n in roots.most_common()), file=out)
+    platform = doc.get("platform")
+    if platform is not None:
+        names = ", ".join(platform["names"]) or "none"
+        print(f"  platform drivers kept for: {names} ({platform['source']})", file=out)
     if doc["unresolved_symbols"]:
         print(f"  SYMBOL CHECK FAILED: {len(doc['unresolved_symbols'])} unresolved symbols",
               file=out)

@@ -6,7 +6,8 @@ usually has no ``/proc`` and no ``/sys`` — give empty results, not errors. All
 are normalised (``-`` → ``_``) as kmod does.
 
 The package's files: loaded.py reads loaded modules, devices.py device modaliases,
-filesystems.py mounts and fstab, rootdev.py the root device's driver chain, inroot.py the
+filesystems.py mounts and fstab, platform.py the DMI and hypervisor facts of the
+platform, rootdev.py the root device's driver chain, inroot.py the
 root-relative file access they share, exported.py the names in an ``--observed`` file that
 is an observation export or a fleet merge (JSON).
 """
@@ -32,6 +33,7 @@ from .loaded import (
     read_proc_modules,
     read_sys_modules,
 )
+from .platform import read_platform_facts
 from .rootdev import ROOT_MOUNTPOINTS, RootDriver, root_device_drivers
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "read_filesystems",
     "read_modaliases",
     "read_observed_file",
+    "read_platform_facts",
     "read_proc_modules",
     "read_sys_modules",
     "root_device_drivers",

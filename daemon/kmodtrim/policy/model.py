@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Literal
 
+from ..platforms import AUTO, CHOICES
 from ..presets import DEFAULT_PRESETS, PRESETS
 from ..sources.choice import DEFAULT_BUDGET_MIB, DEFAULT_KEEP, StashKeep
 from .compat import (
@@ -48,12 +49,22 @@ def _check_preset(value: str) -> str:
     return value
 
 
+def _check_cloud(value: str) -> str:
+    if value not in CHOICES:
+        close = difflib.get_close_matches(value, CHOICES, n=1)
+        suggestion = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ValueError(f"unknown platform{suggestion}; valid: {', '.join(CHOICES)}")
+    return value
+
+
 if TYPE_CHECKING:
     PresetName = str
     RuleText = str
+    CloudName = str
 else:
     PresetName = checked_str(_check_preset)
     RuleText = checked_str(_check_rule)
+    CloudName = checked_str(_check_cloud)
 
 
 class MinObservation(StrictModel):
@@ -76,6 +87,9 @@ class Policy(StrictModel):
 
     mode: Literal["auto", "manual"] = "manual"
     presets: list[PresetName] = Field(default_factory=lambda: list(DEFAULT_PRESETS))
+    # Whose boot-disk and NIC drivers are kept (platforms.py): "auto" detects the running
+    # platform (every platform offline or when unrecognised), "all", or platform names.
+    clouds: list[CloudName] = Field(default_factory=lambda: [AUTO])
     rules: list[RuleText] = Field(default_factory=list)
     min_observation: MinObservation = Field(default_factory=MinObservation)
     firmware: Literal["trim", "keep"] = "trim"

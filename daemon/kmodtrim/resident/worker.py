@@ -91,7 +91,8 @@ def _target(root: Path, request: dict[str, Any]) -> Any:
 
     return Target(root=root, kernel=request.get("kernel"),
                   observed_files=tuple(Path(p) for p in request.get("observed", ())),
-                  policy_file=Path(request["policy"]) if request.get("policy") else None)
+                  policy_file=Path(request["policy"]) if request.get("policy") else None,
+                  clouds=tuple(request.get("cloud") or ()))
 
 
 def _options(request: dict[str, Any], default_backend: str, report: Report) -> Any:
