@@ -31,7 +31,8 @@ SPECS = (
     ModSpec("unused_e", imports=("d_fn",), depends=("unused_d",), aliases=("crypto-etest",)),
     ModSpec("excluded_z", aliases=("fs-ztest",)),
 )
-POLICY = 'presets = []\nclouds = []\nrules = ["-excluded_z"]\n[min_observation]\nboots = 1\ndays = 0\n'
+POLICY = ('presets = []\nclouds = []\nrules = ["-excluded_z"]\n'
+          '[min_observation]\nboots = 1\ndays = 0\n')
 MODDIR = f"lib/modules/{KVER}/kernel/drivers/test"
 
 

@@ -180,7 +180,8 @@ def _observed(tmp_path: Path) -> Path:
 
 def _policy(root: Path) -> None:
     (root / "etc/kmodtrim").mkdir(parents=True, exist_ok=True)
-    (root / "etc/kmodtrim/policy.toml").write_text('presets = []\nclouds = []\ninitramfs = "skip"\n')
+    (root / "etc/kmodtrim/policy.toml").write_text(
+        'presets = []\nclouds = []\ninitramfs = "skip"\n')
 
 
 def test_dpkg_verify_reports_exactly_the_trimmed_files_and_reinstall_keeps_them_out(
