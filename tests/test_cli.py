@@ -69,7 +69,7 @@ def test_plan_json_has_the_documented_keys_and_reasons(root: Path, observed: Pat
     assert doc["remove_bytes"] == sum(m["size"] for m in doc["remove"])
     # Requested-but-missing is never silent (FIELD-LESSONS #3).
     assert any("vanished_module" in w and f"{observed}:4" in w for w in doc["warnings"])
-    assert any("no_such_module" in w and "policy.toml:2" in w for w in doc["warnings"])
+    assert any("no_such_module" in w and "policy.toml:3" in w for w in doc["warnings"])
 
 
 def test_plan_human_output_puts_totals_first(root: Path, observed: Path) -> None:

@@ -176,6 +176,7 @@ class Explanation:
     policy_rule: str | None = None  # the last policy rule matching it, if any
     aliases: tuple[str, ...] = ()
     now: str = ""  # what is true of it now: in the tree, trimmed in N, restored in M
+    platforms: tuple[str, ...] | None = None  # whose platform drivers the plan keeps
 
 
     def lines(self) -> list[str]:
@@ -192,7 +193,12 @@ class Explanation:
         else:
             out.append("  nothing needs it: not observed loaded, no present device matches its")
             out.append("  aliases, it is not boot-critical, no kept module depends on it,")
-            out.append("  and no policy rule keeps it.")
+            if self.platforms is None:
+                out.append("  and no policy rule keeps it.")
+            else:
+                which = ", ".join(self.platforms) or "no platform"
+                out.append("  no policy rule keeps it, and it is no boot-disk or NIC driver of")
+                out.append(f"  the platforms kept for ({which}).")
         if self.policy_rule:
             out.append(f"  last matching policy rule: {self.policy_rule}")
         if self.now:
@@ -253,6 +259,7 @@ def explain(result: PlanResult, name: str) -> Explanation:
     kept = module in plan.closure.kept
     path = f"{inroot_moddir(index)}/{entry.relpath}"
     return Explanation(
+        platforms=None if plan.platform is None else plan.platform.names,
         now=_now_state(index.root, path, kept=kept, out=entry.stashed),
         name=module,
         status="kept" if kept else "removed",
