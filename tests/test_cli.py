@@ -189,3 +189,21 @@ def test_plan_for_the_recorded_vm_on_the_generic_kernel(
     assert doc["unresolved_symbols"] == []
     assert doc["remove_bytes"] > 0.8 * doc["total_bytes"]
     assert len(doc["keep"]) + len(doc["remove"]) > 4000
+
+
+def test_status_counts_the_kept_previous_initramfs_against_the_bytes_freed(
+        root: Path, observed: Path) -> None:
+    proc = kmodtrim("apply", "--yes", "--initramfs", "skip", "--root", str(root),
+                    "--observed", str(observed))
+    assert proc.returncode == 0, proc.stderr
+    before = json.loads(kmodtrim("status", "--json", "--root", str(root)).stdout)
+    assert before["boot_kept_bytes"] == 0
+    kept = root / f"boot/initrd.img-{KVER}.kmodtrim-prev"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_bytes(b"\0" * 1000)
+    after = json.loads(kmodtrim("status", "--json", "--root", str(root)).stdout)
+    assert after["boot_kept_bytes"] == 1000
+    assert after["net_freed_bytes"] == before["net_freed_bytes"] - 1000 == (
+        after["removed_bytes"] - after["stash_bytes_on_disk"] - 1000)
+    human = kmodtrim("status", "--root", str(root)).stdout
+    assert "/boot keeps 1000 B of previous initramfs images" in human, human

@@ -144,8 +144,8 @@ def test_a_malformed_policy_is_one_line_naming_file_line_and_key(
     first = proc.stderr.splitlines()[0]
     assert first.endswith(
         "/srv/bad/etc/kmodtrim/policy.toml:2: unknown key 'mdoe' (did you mean 'mode'?); "
-        "valid keys at the top level: backend, firmware, initramfs, min_observation, mode, "
-        "presets, remove_packages, rules, stash, stash_compression"), proc.stderr
+        "valid keys at the top level: backend, clouds, firmware, initramfs, min_observation, "
+        "mode, presets, remove_packages, rules, stash, stash_compression"), proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -19,8 +19,10 @@ from kmodtrim.regen import (
     InitramfsError,
     InitramfsResult,
     detect_initramfs_method,
+    drop_booted_previous,
     forget_previous_initramfs,
     initramfs_path,
+    kept_previous_images,
     list_initramfs,
     regenerate_initramfs,
     restore_previous_initramfs,
@@ -399,3 +401,51 @@ def test_restore_when_kept_image_is_gone_says_how_to_recover(tmp_path: Path) -> 
         restore_previous_initramfs(tmp_path, KVER, result)
     assert caught.value.hint and f"--kver {KVER}" in caught.value.hint
     assert image.read_text() == "new"
+
+
+# ---------------------------------------------------------------------------------------
+# The previous image, once the new one has booted
+
+
+def _swapped(root: Path, kver: str, swapped_at: float) -> tuple[Path, Path]:
+    image = root / f"boot/initrd.img-{kver}"
+    previous = image.with_name(image.name + ".kmodtrim-prev")
+    _touch(root, f"boot/initrd.img-{kver}", text="new, smaller")
+    _touch(root, f"boot/initrd.img-{kver}.kmodtrim-prev", text="the image it replaced")
+    os.utime(image, (swapped_at, swapped_at))
+    return image, previous
+
+
+def test_previous_image_goes_once_a_boot_began_after_the_swap(tmp_path: Path) -> None:
+    image, previous = _swapped(tmp_path, KVER, swapped_at=1_000.0)
+    assert kept_previous_images(tmp_path) == [previous]
+    # The running boot began before the swap: the new image has not booted yet.
+    assert drop_booted_previous(tmp_path, KVER, booted_at=900.0) == []
+    assert previous.exists()
+    # Another kernel's boot says nothing about this kernel's image.
+    assert drop_booted_previous(tmp_path, "6.1.0-98-other", booted_at=2_000.0) == []
+    assert drop_booted_previous(tmp_path, KVER, booted_at=2_000.0) == [previous]
+    assert not previous.exists() and image.read_text() == "new, smaller"
+    assert kept_previous_images(tmp_path) == []
+
+
+def test_kept_previous_images_finds_boot_loader_entries_too(tmp_path: Path) -> None:
+    _touch(tmp_path, "boot/efi/0123abcd/6.1.0-1-amd64/initrd.kmodtrim-prev", text="x")
+    _touch(tmp_path, "efi/0123abcd/6.1.0-2-amd64/initrd.kmodtrim-prev", text="y")
+    _touch(tmp_path, "boot/initrd.img-6.1.0-3-amd64", text="not a kept image")
+    assert [p.relative_to(tmp_path).as_posix() for p in kept_previous_images(tmp_path)] == [
+        "boot/efi/0123abcd/6.1.0-1-amd64/initrd.kmodtrim-prev",
+        "efi/0123abcd/6.1.0-2-amd64/initrd.kmodtrim-prev"]
+
+
+def test_kmodtrimd_start_up_drops_the_running_kernels_booted_previous_image(
+        tmp_path: Path) -> None:
+    from kmodtrim.resident.worker import _drop_booted_previous
+
+    _image, previous = _swapped(tmp_path, KVER, swapped_at=1_000.0)
+    assert _drop_booted_previous(tmp_path) == []  # no /proc: not a running system
+    _touch(tmp_path, "proc/sys/kernel/osrelease", text=KVER + "\n")
+    _touch(tmp_path, "proc/stat", text="cpu  1 2 3\nbtime 900\nprocesses 5\n")
+    assert _drop_booted_previous(tmp_path) == []
+    (tmp_path / "proc/stat").write_text("cpu  1 2 3\nbtime 1500\nprocesses 5\n")
+    assert _drop_booted_previous(tmp_path) == [previous]

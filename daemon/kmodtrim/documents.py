@@ -35,7 +35,10 @@ _OUTCOME: dict[str, Field] = {
     "tree_bytes_in": ((int,), "bytes of the files it put back"),
     "stash_growth_bytes": ((int,), "how much the stash grew (negative: shrank); a dry run: "
                                    "at most this"),
-    "net_freed_bytes": ((int,), "tree bytes out − tree bytes in − stash growth"),
+    "boot_growth_bytes": ((int,), "how much the initramfs images under /boot grew (the "
+                                  "previous image is kept until the new one has booted)"),
+    "net_freed_bytes": ((int,), "tree bytes out − tree bytes in − stash growth − /boot "
+                                "growth"),
     "job": ((int,), "the kmodtrimd job that ran it (only through the daemon)"),
 }
 
@@ -51,7 +54,10 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "removed_files": ((int,), "files out of the tree"),
         "removed_bytes": ((int,), "their bytes"),
         "stash_bytes_on_disk": ((int,), "what the stash takes on disk"),
-        "net_freed_bytes": ((int,), "bytes out of the tree less the stash on disk"),
+        "net_freed_bytes": ((int,), "bytes out of the tree less the stash on disk and the "
+                                    "previous initramfs images kept under /boot"),
+        "boot_kept_bytes": ((int,), "previous initramfs images kept under /boot until the "
+                                    "new ones have booted"),
         "from_archive_files": ((int,), "files out of the tree the package archive restores "
                                        "(no local copy)"),
         "observation": ((dict,), "boots and days observed, what the policy asks, met"),

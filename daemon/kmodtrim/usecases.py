@@ -87,6 +87,12 @@ def _daemon_running(root: Path) -> bool | None:
     return False
 
 
+def _boot_kept(root: Path) -> int:
+    from .regen.initramfs import kept_previous_images
+
+    return sum(p.stat().st_size for p in kept_previous_images(root))
+
+
 def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
            verify: bool = False) -> dict[str, Any]:
     """The ``status`` document. Raises StoreError for untrusted state."""
@@ -126,7 +132,8 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
         "removed_files": len(g.removed),
         "removed_bytes": g.removed_bytes,
         "stash_bytes_on_disk": (on_disk := stash.size_on_disk()),
-        "net_freed_bytes": g.removed_bytes - on_disk,
+        "boot_kept_bytes": (boot_kept := _boot_kept(root)),
+        "net_freed_bytes": g.removed_bytes - on_disk - boot_kept,
         "from_archive_files": sum(1 for f in g.removed if f.source is Source.ARCHIVE),
         "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
                         "days_needed": declared["days"],

@@ -134,7 +134,9 @@ def outcome(doc: dict[str, Any], out: TextIO, *, quiet: bool = False) -> list[st
               f"{human_bytes(abs(net))} {'net of' if net >= 0 else 'more disk with'} the stash "
               f"({human_bytes(doc['tree_bytes_out'])} out of the tree, "
               f"{human_bytes(doc['tree_bytes_in'])} back in, stash "
-              f"{'+' if grew >= 0 else '-'}{human_bytes(abs(grew))})", file=out)
+              f"{'+' if grew >= 0 else '-'}{human_bytes(abs(grew))}"
+              + (f", /boot +{human_bytes(doc['boot_growth_bytes'])} until the new initramfs "
+                 "has booted" if doc.get("boot_growth_bytes", 0) > 0 else "") + ")", file=out)
     return [f"not put back: {line}" for line in doc.get("damaged", [])]
 
 
@@ -187,6 +189,10 @@ def status(doc: dict[str, Any], out: TextIO) -> None:
     if "net_freed_bytes" in doc:
         print(f"  net freed {human_bytes(doc['net_freed_bytes'])}; "
               f"{doc['from_archive_files']} of the files come back from the package archive",
+              file=out)
+    if doc.get("boot_kept_bytes"):
+        print(f"  /boot keeps {human_bytes(doc['boot_kept_bytes'])} of previous initramfs "
+              "images until the new ones have booted (counted against the bytes freed)",
               file=out)
     daemon = {True: "running", False: "not running", None: "- (image root)"}[
         doc["daemon_running"]]

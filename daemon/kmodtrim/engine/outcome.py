@@ -18,15 +18,17 @@ class Bytes:
     tree_out: int
     tree_in: int
     stash_growth: int
+    boot_growth: int = 0  # initramfs images under /boot (a dry run does not know it)
 
     @property
     def net_freed(self) -> int:
-        """Tree bytes out, less tree bytes back in, less the stash's growth."""
-        return self.tree_out - self.tree_in - self.stash_growth
+        """Tree bytes out, less tree bytes back in, less the stash's and /boot's growth."""
+        return self.tree_out - self.tree_in - self.stash_growth - self.boot_growth
 
     def to_json(self) -> dict[str, int]:
         return {"tree_bytes_out": self.tree_out, "tree_bytes_in": self.tree_in,
-                "stash_growth_bytes": self.stash_growth, "net_freed_bytes": self.net_freed}
+                "stash_growth_bytes": self.stash_growth,
+                "boot_growth_bytes": self.boot_growth, "net_freed_bytes": self.net_freed}
 
 
 @dataclass(frozen=True)

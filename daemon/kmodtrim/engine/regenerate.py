@@ -21,6 +21,12 @@ def file_sha256(path: Path) -> str | None:
         return None
 
 
+def _image_bytes(image: Path) -> int:
+    """What an initramfs image and its kept previous image take under /boot."""
+    return sum(path.stat().st_size for path in (image, regen.previous_path(image))
+               if path.is_file())
+
+
 def regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]],
                method: str, journal: Journal,
                fault_point: Callable[[str], None]) -> dict[str, Any]:
@@ -37,6 +43,7 @@ def regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]]
             image = regen.initramfs_path(root, kernel, detected)
             journal.initramfs_pending[kernel] = InitramfsPending(str(image), file_sha256(image))
             journal.save(root)
+            before = _image_bytes(image)
             result = regen.regenerate_initramfs(
                 root, kernel, required.get(kernel, set()), method)  # type: ignore[arg-type]
             entry["initramfs"] = {
@@ -45,6 +52,7 @@ def regenerate(root: Path, kernels: Iterable[str], required: dict[str, set[str]]
                 "previous": str(result.previous) if result.previous else None,
                 "skipped": result.skipped_reason,
                 "seconds": round(result.seconds, 3),
+                "boot_growth_bytes": _image_bytes(image) - before,
             }
             fault_point("after-initramfs")
         results[kernel] = entry

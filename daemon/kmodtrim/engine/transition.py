@@ -381,7 +381,9 @@ class Transition:
         restored = {e.path: e.size for e in self.change.to_restore}
         moved = Bytes(sum(e.size for e in self.new_entries),
                       sum(restored[p] for p in put_back),
-                      self.stash.size_on_disk() - self.stash_before)
+                      self.stash.size_on_disk() - self.stash_before,
+                      sum(int((e.get("initramfs") or {}).get("boot_growth_bytes", 0))
+                          for e in self.regen_results.values()))
         notes = self.packages.notes + tuple(
             f"removed package {p.name} {p.version} whole ({tool}); its {len(p.files)} files "
             "are in the stash and restoring any of them reinstalls it" for p in self.captured

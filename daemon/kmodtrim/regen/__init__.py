@@ -9,7 +9,9 @@ module, and only then swapped in with ``rename``.  The image it replaces is kept
 ``IMAGE.kmodtrim-prev`` (e.g. ``/boot/initrd.img-KVER.kmodtrim-prev``,
 ``/boot/initramfs-KVER.img.kmodtrim-prev``, ``ENTRY_DIR/initrd.kmodtrim-prev``) so that a
 rollback can put it back byte for byte.  Boot loaders look for exact image names, so the
-kept copy is never booted by accident.
+kept copy is never booted by accident.  It is kept only until the new image has booted:
+kmodtrimd, starting in a boot that began after the swap, drops it
+(``drop_booted_previous``); until then ``status`` counts it against the bytes freed.
 
 Methods, and how each runs against a root that is not ``/`` (an offline image):
 
@@ -51,7 +53,9 @@ from .depmod import run_depmod
 from .errors import InitramfsError
 from .initramfs import (
     InitramfsResult,
+    drop_booted_previous,
     forget_previous_initramfs,
+    kept_previous_images,
     regenerate_initramfs,
     restore_previous_initramfs,
 )
@@ -76,8 +80,10 @@ __all__ = [
     "InitramfsResult",
     "boot_dir",
     "detect_initramfs_method",
+    "drop_booted_previous",
     "forget_previous_initramfs",
     "initramfs_path",
+    "kept_previous_images",
     "list_initramfs",
     "previous_path",
     "regenerate_initramfs",

@@ -262,12 +262,8 @@ def restore_previous_initramfs(root: Path, kernel: str, result: InitramfsResult)
         ) from exc
 
 
-def forget_previous_initramfs(root: Path, kernel: str) -> list[Path]:
-    """Delete the kept previous images of kernel (for a kernel being removed); return them.
-
-    Package removal deletes the image itself but knows nothing of ``*.kmodtrim-prev``.
-    Raises nothing for absent files; OSError for files that cannot be deleted.
-    """
+def _images_of(root: Path, kernel: str) -> list[Path]:
+    """Where kernel's initramfs may be, whichever generator wrote it."""
     candidates = [
         initramfs_path(root, kernel, "update-initramfs"),
         root / "boot" / f"initramfs-{kernel}.img",
@@ -275,8 +271,47 @@ def forget_previous_initramfs(root: Path, kernel: str) -> list[Path]:
     bls = _bls_initrd(root, kernel)
     if bls is not None:
         candidates.append(bls)
+    return candidates
+
+
+def drop_booted_previous(root: Path, kernel: str, booted_at: float) -> list[Path]:
+    """Delete the kept previous images of ``kernel`` (the running one) whose replacement
+    was in place before this boot began (``booted_at``, seconds since the epoch): the
+    boot loaded the new image and got far enough to run us, so the old one is no longer
+    the way back. An image swapped in after the boot began has not booted yet: its
+    previous image stays (and a boot that fails never gets here). Returns what went."""
+    dropped = []
+    for image in _images_of(root, kernel):
+        previous = previous_path(image)
+        try:
+            if previous.is_file() and image.stat().st_mtime < booted_at:
+                previous.unlink()
+                dropped.append(previous)
+        except FileNotFoundError:
+            continue
+    return dropped
+
+
+def kept_previous_images(root: Path) -> list[Path]:
+    """Every ``*.kmodtrim-prev`` image under ROOT/boot, ROOT/efi and ROOT/boot/efi (Boot
+    Loader Specification entries included: up to three directories deep)."""
+    found: set[Path] = set()
+    for top in ("boot", "efi", "boot/efi"):
+        base = root / top
+        for depth in ("", "*/", "*/*/", "*/*/*/"):
+            found.update(p for p in base.glob(f"{depth}*{PREVIOUS_SUFFIX}")
+                         if p.is_file() and not p.is_symlink())
+    return sorted(found)
+
+
+def forget_previous_initramfs(root: Path, kernel: str) -> list[Path]:
+    """Delete the kept previous images of kernel (for a kernel being removed); return them.
+
+    Package removal deletes the image itself but knows nothing of ``*.kmodtrim-prev``.
+    Raises nothing for absent files; OSError for files that cannot be deleted.
+    """
     removed = []
-    for image in candidates:
+    for image in _images_of(root, kernel):
         for leftover in (previous_path(image), image.with_name(image.name + NEW_SUFFIX)):
             if leftover.exists():
                 leftover.unlink()

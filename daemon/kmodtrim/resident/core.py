@@ -137,6 +137,8 @@ class Daemon:
         self.boot_id = str(answer["boot_id"])
         if done:
             log_event("error", f"start-up recovery: {done}", error=False)
+        for image in answer.get("dropped", ()):
+            log.info("the new initramfs has booted: dropped the previous one, %s", image)
         self.kernel_events.read()
         self._refresh_state()
         return done

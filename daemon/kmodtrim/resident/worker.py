@@ -119,7 +119,25 @@ def startup(ctx: Context) -> dict[str, Any]:
         # boot would count towards the minimum observation, so record only real ones.
         if names:
             record_observation(ctx.root, boot, names)
-    return {"recovered": done, "boot_id": boot}
+    return {"recovered": done, "boot_id": boot,
+            "dropped": [str(p) for p in _drop_booted_previous(ctx.root)]}
+
+
+def _drop_booted_previous(root: Path) -> list[Path]:
+    """The running kernel's previous initramfs, once its replacement has booted (see
+    regen.drop_booted_previous); nothing on a root that is not running (no /proc)."""
+    from ..regen import drop_booted_previous
+
+    try:
+        kernel = (root / "proc/sys/kernel/osrelease").read_text().strip()
+        stat = (root / "proc/stat").read_text()
+    except OSError:
+        return []
+    btime = next((float(line.split()[1]) for line in stat.splitlines()
+                  if line.startswith("btime ")), None)
+    if not kernel or btime is None:
+        return []
+    return drop_booted_previous(root, kernel, btime)
 
 
 def auto_trim_due(ctx: Context) -> dict[str, Any]:
