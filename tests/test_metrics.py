@@ -116,11 +116,14 @@ def test_node_exporter_serves_the_daemons_metrics_after_start_and_each_job(
     assert at_start["kmodtrim_observation_boots"] == 1
     assert at_start["kmodtrim_last_trim_timestamp_seconds"] > time.time() - 600
     assert (at_start["kmodtrim_self_heal_restores_total"],
-            at_start["kmodtrim_on_demand_restores_total"]) == (0, 0)
+            at_start["kmodtrim_on_demand_restores_total"],
+            at_start["kmodtrim_restores_by_hand_total"]) == (0, 0, 0)
     assert after["node_textfile_scrape_error"] == 0
     assert after["kmodtrim_generation"] == 3
+    # The Restore of unused_c is by hand (no on_demand option): not an on-demand one.
     assert (after["kmodtrim_self_heal_restores_total"],
-            after["kmodtrim_on_demand_restores_total"]) == (1, 1)
+            after["kmodtrim_on_demand_restores_total"],
+            after["kmodtrim_restores_by_hand_total"]) == (1, 0, 1)
     assert 'kmodtrim_trimmed_modules{kernel="6.1.0-test"}' not in after  # all back
     assert after["kmodtrim_last_trim_timestamp_seconds"] == \
         at_start["kmodtrim_last_trim_timestamp_seconds"]  # restores are not trims

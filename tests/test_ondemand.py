@@ -5,6 +5,7 @@ closure (depmod knows it again) and records it, and rollback 0 removes the file.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shlex
@@ -12,10 +13,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
+from dbus_next.aio.message_bus import MessageBus
+from dbus_next.message import Message
 
 from dbusfixture import PrivateBus, private_bus, running_daemon
+from kmodtrim.dbus import BUS_NAME, MANAGER_INTERFACE
 from kmodtrim.ondemand import CONF_PATH
 from kmodtrim.store import load_generation, operation_lock, read_restored
 from modbuild import ModSpec, scratch_root
@@ -184,19 +189,58 @@ def test_a_modprobe_d_that_cannot_be_written_does_not_fail_the_change(
     assert (root / "etc/modprobe.d").read_text() == "not a directory\n"
 
 
-def test_through_kmodtrimd_when_it_serves_the_root(trimmed: Path,
+def _metrics(path: Path) -> dict[str, str]:
+    return dict(line.rsplit(" ", 1) for line in path.read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
+def test_through_kmodtrimd_when_it_serves_the_root(trimmed: Path, tmp_path: Path,
                                                   private_bus: PrivateBus) -> None:
-    """The same install command, with kmodtrimd serving the root: one Restore job in the
-    daemon, then the record says modprobe asked."""
+    """The same install command, with kmodtrimd serving the root: one Restore job with the
+    option on_demand, which records that modprobe asked, is counted as on demand and
+    signalled (ModuleRequested); a restore by hand is neither."""
     command = [word for word in _install_command(trimmed, "fs-xtest") if word != "--offline"]
-    with running_daemon(private_bus, trimmed):
-        proc = subprocess.run([*command, "--json"], capture_output=True, text=True,
-                              check=False, stdin=subprocess.DEVNULL, env=private_bus.env())
+    by_hand = [sys.executable, "-m", "kmodtrim.cli", "restore", "unused_e", "--yes",
+               "--initramfs", "skip", "--root", str(trimmed), "--kernel", KVER]
+    metrics = tmp_path / "metrics"
+
+    async def scenario() -> tuple[list[subprocess.CompletedProcess[str]], list[list[Any]]]:
+        listener: Any = await MessageBus(bus_address=private_bus.address).connect()
+        signals: list[list[Any]] = []
+        listener.add_message_handler(
+            lambda m: signals.append([m.member, *m.body])
+            if m.member in ("ModuleRequested", "ModuleRestored") else None)
+        await listener.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+            interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+            body=[f"type='signal',sender='{BUS_NAME}',interface='{MANAGER_INTERFACE}'"]))
+        done = []
+        for argv in ([*command, "--json"], by_hand):
+            done.append(await asyncio.to_thread(
+                subprocess.run, argv, capture_output=True, text=True, check=False,
+                stdin=subprocess.DEVNULL, env=private_bus.env()))
+        await asyncio.sleep(0.3)  # a signal sent before JobRemoved is read by now
+        listener.disconnect()
+        return done, signals
+
+    with running_daemon(private_bus, trimmed, "--metrics-dir", str(metrics)):
+        (proc, hand), signals = asyncio.run(scenario())
     assert proc.returncode == 0, proc.stderr
+    assert hand.returncode == 0, hand.stderr
     doc = json.loads(proc.stdout)
     assert doc.get("job") and doc["on_demand"]["module"] == "fs_x", doc
     assert doc["on_demand"]["load"].startswith("image root: not loaded; modprobe -n: insmod ")
     assert (trimmed / MODDIR / "fs_x.ko").exists()
+    assert (trimmed / MODDIR / "unused_e.ko").exists()
     assert load_generation(trimmed, doc["generation"]).action == "restore"
-    assert read_restored(trimmed)["fs_x"].startswith("requested by modprobe on ")
+    # The job itself recorded who asked: the CLI took no second step (the generation the
+    # record was written in is the job's).
+    restored = read_restored(trimmed)
+    assert restored["fs_x"].startswith("requested by modprobe on "), restored
+    assert restored["unused_e"].startswith("restored by hand on "), restored
+    assert signals == [["ModuleRequested", "fs_x", doc["generation"]]], signals
+    counters = _metrics(metrics / "kmodtrim.prom")
+    assert (counters["kmodtrim_on_demand_restores_total"],
+            counters["kmodtrim_restores_by_hand_total"],
+            counters["kmodtrim_self_heal_restores_total"]) == ("1", "1", "0"), counters
     assert "install fs_x " not in (trimmed / CONF_PATH.lstrip("/")).read_text()

@@ -40,6 +40,7 @@ CONF_PATH = "/etc/modprobe.d/kmodtrim-on-demand.conf"
 COMMAND = "/usr/bin/kmodtrim restore --on-demand"
 HEADER = "# kmodtrim: trimmed modules come back when modprobe asks for them. Generated"
 EXCLUDED_PREFIX = "# excluded:"
+REQUESTED_BY = "requested by modprobe"  # how an on-demand restore is recorded (… on DATE)
 _WILDCARDS = frozenset("*?[")
 
 

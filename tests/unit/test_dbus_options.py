@@ -19,8 +19,15 @@ SAMPLES: dict[str, Any] = {
     "policy": Variant("s", "/etc/p.toml"), "force": Variant("b", True),
     "dry_run": Variant("b", True), "initramfs": Variant("s", "dracut"),
     "backend": Variant("s", "dpkg"), "latest": Variant("b", True),
-    "cloud": Variant("as", ["kvm", "aws"]),
+    "cloud": Variant("as", ["kvm", "aws"]), "on_demand": Variant("b", True),
 }
+
+
+def test_restore_carries_on_demand_into_the_request() -> None:
+    assert parse_options("Restore", {"on_demand": SAMPLES["on_demand"]})[0].on_demand
+    assert not parse_options("Restore", {})[0].on_demand
+    assert parse_options("Restore", {"on_demand": SAMPLES["on_demand"]})[0].to_json()[
+        "on_demand"] is True
 
 
 def refused(member: str, options: dict[str, Any]) -> str:

@@ -27,7 +27,8 @@ def samples(text: str) -> dict[str, str]:
 def test_metrics_per_kernel_and_totals() -> None:
     text = render_metrics(MetricsState(GENERATION, stash_bytes=300, boots=4,
                                        last_trim=created_epoch(GENERATION),
-                                       counters=RestoreCounters(self_heal=2, on_demand=1)))
+                                       counters=RestoreCounters(self_heal=2, on_demand=1,
+                                                                by_hand=5)))
     assert samples(text) == {
         "kmodtrim_generation": "3",
         "kmodtrim_removed_bytes": "1800",
@@ -41,6 +42,7 @@ def test_metrics_per_kernel_and_totals() -> None:
         "kmodtrim_observation_boots": "4",
         "kmodtrim_self_heal_restores_total": "2",
         "kmodtrim_on_demand_restores_total": "1",
+        "kmodtrim_restores_by_hand_total": "5",
     }
     assert "# TYPE kmodtrim_self_heal_restores_total counter" in text
     assert not any('module="' in line for line in text.splitlines())

@@ -24,12 +24,12 @@ from typing import Any, TypeVar
 
 from ..documents import SCHEMA
 from ..errors import BusyError, CommandError, InputError, StashError, UnknownModuleError
+from ..ondemand import REQUESTED_BY
 from . import remote, render
 from .read import target
 from .term import Console
 
 LOCK_WAIT = 5.0  # seconds a running operation is waited for
-HOW = "requested by modprobe"
 LOAD_TIMEOUT = 60.0
 
 T = TypeVar("T")
@@ -51,21 +51,13 @@ def _waiting(call: Callable[[], T], name: str) -> T:
             time.sleep(0.2)
 
 
-def _record(root: Path, name: str) -> None:
-    from ..store import operation_lock, record_restored
-
-    when = time.strftime("%Y-%m-%d %H:%M")
-    with operation_lock(root, f"record {name} as requested by modprobe"):
-        record_restored(root, {name: f"{HOW} on {when}"})
-
-
 def _via_daemon(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """One Restore job in kmodtrimd, then the record says who asked."""
+    """One Restore job in kmodtrimd with the option on_demand: the job itself records
+    that modprobe asked (and the daemon counts and signals it so)."""
     options = remote.options(args, "Restore")
     options["initramfs"] = args.initramfs if args.initramfs != "auto" else "skip"
+    options["on_demand"] = True
     doc = _waiting(lambda: remote.client().restore([name], options, None), name)
-    if not args.dry_run:
-        _waiting(lambda: _record(args.root, name), name)
     return remote.complete_outcome(doc)
 
 
@@ -87,7 +79,7 @@ def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | N
     options = Options(dry_run=args.dry_run,
                       initramfs=args.initramfs if args.initramfs != "auto" else "skip",
                       backend=args.backend or "auto")
-    doc = _waiting(lambda: usecases.restore(tgt, names, options, HOW, index), name)
+    doc = _waiting(lambda: usecases.restore(tgt, names, options, REQUESTED_BY, index), name)
     return doc, index.kernel
 
 

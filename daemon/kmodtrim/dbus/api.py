@@ -189,6 +189,10 @@ MANAGER = Interface(
         Signal("ModuleRestored", "A device appeared whose driver was trimmed: the driver "
                "was restored (and loaded on a live system).",
                (Arg("name", "s"), Arg("modalias", "s"), Arg("generation", "u"))),
+        Signal("ModuleRequested", "modprobe asked for a trimmed module (a Restore with the "
+               "option on_demand, which `kmodtrim restore --on-demand` sends): it was "
+               "restored and recorded as requested by modprobe; the caller loads it.",
+               (Arg("name", "s"), Arg("generation", "u"))),
     ),
 )
 

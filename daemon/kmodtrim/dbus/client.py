@@ -55,6 +55,8 @@ def to_variants(options: Mapping[str, Any]) -> dict[str, Variant]:
             value = os.path.abspath(str(value))
         elif sig == "b":
             value = bool(value)
+        elif sig == "as":
+            value = [str(v) for v in value]
         else:
             value = str(value)
         out[key] = Variant(sig, value)

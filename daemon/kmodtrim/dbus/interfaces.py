@@ -147,6 +147,10 @@ class ManagerInterface(ServiceInterface):
     def ModuleRestored(self, name: str, modalias: str, generation: int) -> list[Any]:
         return [name, modalias, generation]
 
+    @emits(M, "ModuleRequested")
+    def ModuleRequested(self, name: str, generation: int) -> list[Any]:
+        return [name, generation]
+
 
 @implements(J)
 class JobInterface(ServiceInterface):

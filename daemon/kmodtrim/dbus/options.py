@@ -71,5 +71,6 @@ def parse_options(member: str, options: Mapping[str, Variant]) -> tuple[Request,
         initramfs=str(values.get("initramfs", "auto")),
         backend=values.get("backend"),
         cloud=tuple(dict.fromkeys(values.get("cloud", ()))),
+        on_demand=bool(values.get("on_demand", False)),
     )
     return request, bool(values.get("latest", False))

@@ -106,6 +106,9 @@ class DBusEvents:
     def module_restored(self, name: str, modalias: str, generation: int) -> None:
         self.manager.ModuleRestored(name, modalias, generation)
 
+    def module_requested(self, name: str, generation: int) -> None:
+        self.manager.ModuleRequested(name, generation)
+
     def manager_changed(self, changed: Mapping[str, object]) -> None:
         if changed:
             self.manager.emit_properties_changed(dict(changed))

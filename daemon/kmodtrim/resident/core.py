@@ -202,18 +202,26 @@ class Daemon:
             generation, stash_bytes(self.root), boots, self._last_trim, self.restores)))
 
     async def _settle(self) -> dict[str, object]:
-        # After each job, before it is removed: count its restores for the metrics.
+        # After each job, before it is removed: count its restores for the metrics, and
+        # say which modules modprobe asked for came back (their jobs end after this).
         job = self.slot.job
+        requested: list[str] = []
         if job is not None and job.type == "restore" and job.result == "done" \
-                and not job.outcome.get("dry_run"):
-            restored = len(job.key[1]) if isinstance(job.key, tuple) else 0
+                and not job.outcome.get("dry_run") and isinstance(job.key, tuple):
+            names, request = list(job.key[1]), job.key[2]
             if job.id in self._heal_jobs:
-                self.restores.self_heal += restored
+                self.restores.self_heal += len(names)
+            elif isinstance(request, Request) and request.on_demand:
+                self.restores.on_demand += len(names)
+                requested = names
             else:
-                self.restores.on_demand += restored
+                self.restores.by_hand += len(names)
         if job is not None:
             self._heal_jobs.discard(job.id)
         changed = await self.refresh()
+        generation = job.outcome.get("generation") if job is not None else None
+        for name in requested:
+            self.events.module_requested(name, int(generation or self._generation))
         sd_notify(f"STATUS=idle (generation {self._generation})")
         return changed
 

@@ -39,13 +39,15 @@ class Request:
     initramfs: str = "auto"
     backend: str | None = None  # None: the policy's (trim) or "auto"
     cloud: tuple[str, ...] = ()  # platforms whose drivers to keep (); the policy's
+    on_demand: bool = False  # a Restore modprobe asked for (restore --on-demand)
 
     def to_json(self) -> dict[str, Any]:
         """The request as a worker takes it (worker.py)."""
         return {"kernel": self.kernel, "observed": [str(p) for p in self.observed],
                 "policy": str(self.policy) if self.policy else None, "force": self.force,
                 "dry_run": self.dry_run, "initramfs": self.initramfs,
-                "backend": self.backend, "cloud": list(self.cloud)}
+                "backend": self.backend, "cloud": list(self.cloud),
+                "on_demand": self.on_demand}
 
 
 @dataclass(eq=False)
@@ -73,6 +75,7 @@ class Events(Protocol):
     def job_removed(self, job: Job) -> None: ...
     def generation_new(self, number: int) -> None: ...
     def module_restored(self, name: str, modalias: str, generation: int) -> None: ...
+    def module_requested(self, name: str, generation: int) -> None: ...
     def manager_changed(self, changed: Mapping[str, object]) -> None: ...
 
 
@@ -84,6 +87,7 @@ class NoEvents:
     def job_removed(self, job: Job) -> None: pass
     def generation_new(self, number: int) -> None: pass
     def module_restored(self, name: str, modalias: str, generation: int) -> None: pass
+    def module_requested(self, name: str, generation: int) -> None: pass
     def manager_changed(self, changed: Mapping[str, object]) -> None: pass
 
 
@@ -108,6 +112,9 @@ class EventRelay:
 
     def module_restored(self, name: str, modalias: str, generation: int) -> None:
         self.target.module_restored(name, modalias, generation)
+
+    def module_requested(self, name: str, generation: int) -> None:
+        self.target.module_requested(name, generation)
 
     def manager_changed(self, changed: Mapping[str, object]) -> None:
         self.target.manager_changed(changed)

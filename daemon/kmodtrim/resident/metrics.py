@@ -28,11 +28,13 @@ log = logging.getLogger("kmodtrim.daemon")
 
 @dataclass
 class RestoreCounters:
-    """Modules restored since kmodtrimd started: for a device that appeared (self-heal)
-    and on request (the Restore method: ``kmodtrim restore`` by hand, or on demand)."""
+    """Modules restored since kmodtrimd started: for a device that appeared (self-heal),
+    for modprobe (a Restore with on_demand: ``kmodtrim restore --on-demand``) and by hand
+    (any other Restore: ``kmodtrim restore NAME``)."""
 
     self_heal: int = 0
     on_demand: int = 0
+    by_hand: int = 0
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,11 @@ def render_metrics(state: MetricsState) -> str:
            "Modules restored for a device that appeared, since kmodtrimd started.",
            [("", state.counters.self_heal)])
     metric("kmodtrim_on_demand_restores_total", "counter",
-           "Modules restored on request (kmodtrim restore, D-Bus Restore), since kmodtrimd "
-           "started.", [("", state.counters.on_demand)])
+           "Modules restored because modprobe asked for them (restore --on-demand), since "
+           "kmodtrimd started.", [("", state.counters.on_demand)])
+    metric("kmodtrim_restores_by_hand_total", "counter",
+           "Modules restored on any other request (kmodtrim restore NAME, D-Bus Restore), "
+           "since kmodtrimd started.", [("", state.counters.by_hand)])
     return "\n".join(lines) + "\n"
 
 

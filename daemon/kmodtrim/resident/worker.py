@@ -196,11 +196,15 @@ def rollback(ctx: Context) -> dict[str, Any]:
 
 
 def restore(ctx: Context) -> dict[str, Any]:
+    """A Restore: by hand, or on demand (modprobe asked: recorded so, in the same job)."""
     from .. import usecases
+    from ..ondemand import REQUESTED_BY
 
-    options = _options(ctx.spec["request"], "auto", ctx.report)
-    return usecases.restore(_target(ctx.root, ctx.spec["request"]), list(ctx.spec["names"]),
-                            options)
+    request = ctx.spec["request"]
+    options = _options(request, "auto", ctx.report)
+    how = REQUESTED_BY if request.get("on_demand") else "restored by hand"
+    return usecases.restore(_target(ctx.root, request), list(ctx.spec["names"]), options,
+                            how)
 
 
 def heal(ctx: Context) -> dict[str, Any] | None:
