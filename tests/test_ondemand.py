@@ -125,6 +125,31 @@ def test_the_install_command_restores_the_closure_and_modprobe_finds_it(
     assert "requested by modprobe" in explained.stdout, explained.stdout
 
 
+def test_explain_says_whether_modprobe_brings_a_module_back(trimmed: Path) -> None:
+    shown = _cli(trimmed, "explain", "fs-xtest")
+    assert shown.returncode == 0, shown.stderr
+    assert "  now: trimmed in generation 1; restored on demand when requested (modprobe " \
+           "fs-xtest)" in shown.stdout, shown.stdout
+    # A module with only a device modalias besides its by-name one shows that one.
+    assert "(modprobe net-pf-99)" in _cli(trimmed, "explain", "dev_y").stdout
+    excluded = _cli(trimmed, "explain", "excluded_z").stdout
+    assert "  now: trimmed in generation 1; NOT restored on demand: the policy excludes it" \
+           in excluded, excluded
+    doc = json.loads(_cli(trimmed, "explain", "fs_x", "--json").stdout)
+    assert doc["on_demand"] == {
+        "state": "on-demand", "requests": ["fs-xtest"],
+        "text": "restored on demand when requested (modprobe fs-xtest)"}
+    assert json.loads(_cli(trimmed, "explain", "core", "--json").stdout)["on_demand"] is None
+    # Once modprobe has asked for it: kept for that reason, and explain says so.
+    proc = subprocess.run(_install_command(trimmed, "crypto-etest"), capture_output=True,
+                          text=True, check=False, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(_cli(trimmed, "explain", "unused_e", "--json").stdout)
+    assert doc["status"] == "kept" and doc["on_demand"]["state"] == "requested", doc
+    assert doc["now"].startswith("in the tree (restored in generation 2); kept: requested "
+                                 "by modprobe on "), doc["now"]
+
+
 def test_a_module_still_in_the_tree_is_only_loaded(trimmed: Path) -> None:
     proc = _cli(trimmed, "restore", "--on-demand", "core")
     assert proc.returncode == 0, proc.stderr

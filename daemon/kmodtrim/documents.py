@@ -117,6 +117,10 @@ DOCUMENTS: dict[str, dict[str, Field]] = {
         "chains": ((list,), "each chain of reasons that keeps it"),
         "policy_rule": ((str, _N), "the last policy rule matching it"),
         "now": ((str,), "what is true of it now"),
+        "on_demand": ((dict, _N), "whether modprobe brings it back: state (on-demand, "
+                                  "excluded, no-line, after-apply or requested), requests "
+                                  "(what modprobe may be asked for it), text; null: it "
+                                  "stays in the tree and was not asked for"),
     },
     "observe": {
         "schema": ((int,), "document schema"), "root": ((str,), "the root"),

@@ -145,3 +145,83 @@ def installs_of(text: str) -> dict[str, str]:
         if len(words) == 3 and words[0] == "install":
             out[words[1]] = words[2]
     return out
+
+
+# ---------------------------------------------------------------------------------------
+# What ``kmodtrim explain`` says about it
+
+# The requests shown for a module, best first: what the kernel and programs ask for.
+_SHOWN_FIRST = ("fs-", "net-", "char-major-", "block-major-", "rtnl-", "nf", "crypto-")
+
+
+def lines_for(text: str, name: str) -> tuple[bool, tuple[str, ...]]:
+    """Whether a file this module wrote has an ``install`` line for ``name``, and the
+    patterns of its ``alias`` lines naming it."""
+    installed, aliases = False, []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "install" and words[1] == name:
+            installed = True
+        elif len(words) == 3 and words[0] == "alias" and words[2] == name:
+            aliases.append(words[1])
+    return installed, tuple(aliases)
+
+
+def shown_requests(aliases: Iterable[str], name: str, limit: int = 2) -> list[str]:
+    """One or two requests that bring ``name`` back, by-name aliases first (``fs-xfs``
+    before ``crypto-…`` and the like), the module's own name when it has none. Device
+    modaliases are never shown: no line here serves them."""
+    def rank(alias: str) -> tuple[int, str]:
+        first = next((i for i, p in enumerate(_SHOWN_FIRST) if alias.startswith(p)),
+                     len(_SHOWN_FIRST))
+        return first, alias
+
+    by_name = sorted({a for a in aliases if requested_by_name(a)}, key=rank)
+    return by_name[:limit] or [name]
+
+
+@dataclass(frozen=True)
+class OnDemandFacts:
+    """What explain knows of one module, gathered by the caller (plain data)."""
+
+    name: str
+    out: bool  # out of the tree now (trimmed)
+    removed_by_plan: bool  # the plan removes it (the next apply, if it is in the tree)
+    excluded: bool  # a policy rule excludes it
+    installed: bool  # kmodtrim's modprobe.d file has its install line
+    alias_lines: tuple[str, ...]  # that file's alias lines naming it
+    aliases: tuple[str, ...]  # its aliases in the index
+    record: str | None  # why it is recorded as restored ("requested by modprobe on T")
+
+
+def explain_on_demand(f: OnDemandFacts) -> dict[str, object] | None:
+    """Whether modprobe brings the module back, as explain's ``on_demand`` value:
+    ``state`` (``on-demand``: modprobe restores it; ``excluded``: the policy excludes it,
+    so it is not; ``no-line``: trimmed, but the file has no line for it; ``after-apply``:
+    the next apply removes it, then modprobe restores it; ``requested``: modprobe asked
+    for it and it is kept for that), ``requests`` (what modprobe may be asked) and
+    ``text``. None when none of that applies (a module in the tree that stays)."""
+    state: str | None = None
+    requests: list[str] = []
+    if f.out and f.installed:
+        state, requests = "on-demand", shown_requests(f.alias_lines, f.name)
+        text = f"restored on demand when requested (modprobe {' or '.join(requests)})"
+    elif f.out and f.excluded:
+        state = "excluded"
+        text = "NOT restored on demand: the policy excludes it (modprobe fails for it)"
+    elif f.out:
+        state = "no-line"
+        text = ("NOT restored on demand: kmodtrim's modprobe.d file has no line for it "
+                "(it is written after each change)")
+    elif f.record is not None and f.record.startswith(REQUESTED_BY):
+        state, text = "requested", f"kept: {f.record}"
+    elif f.removed_by_plan and f.excluded:
+        state = "excluded"
+        text = "after the next apply NOT restored on demand: the policy excludes it"
+    elif f.removed_by_plan:
+        state, requests = "after-apply", shown_requests(f.aliases, f.name)
+        text = ("after the next apply restored on demand when requested (modprobe "
+                f"{' or '.join(requests)})")
+    if state is None:
+        return None
+    return {"state": state, "requests": requests, "text": text}

@@ -210,6 +210,34 @@ def show(root: Path, number: int) -> dict[str, Any]:
     }
 
 
+def explain_document(result: PlanResult, name: str) -> dict[str, Any]:
+    """The ``explain`` document of ``name`` (a module or an alias) in ``result``, with
+    whether modprobe brings it back (``on_demand``, from kmodtrim's modprobe.d file, the
+    policy and the restored record; ondemand.explain_on_demand decides). Raises
+    UnknownModuleError."""
+    from dataclasses import replace
+
+    from .engine.ondemand import current_text
+    from .ondemand import OnDemandFacts, explain_on_demand, lines_for
+    from .operations import explain, explanation_json
+
+    e = explain(result, name)
+    entry = result.index.modules.get(e.name)
+    on_demand = None
+    if entry is not None:
+        rule = result.policy.decide(entry.name, entry.relpath, entry.info.aliases)
+        installed, alias_lines = lines_for(current_text(result.index.root) or "", e.name)
+        on_demand = explain_on_demand(OnDemandFacts(
+            name=e.name, out=entry.stashed, removed_by_plan=e.status == "removed",
+            excluded=rule is not None and rule.exclude, installed=installed,
+            alias_lines=alias_lines, aliases=tuple(entry.info.aliases),
+            record=read_restored(result.index.root).get(e.name)))
+        if on_demand is not None:
+            e = replace(e, now=f"{e.now}; {on_demand['text']}" if e.now
+                        else str(on_demand["text"]))
+    return {**explanation_json(e), "on_demand": on_demand}
+
+
 def plan_document(result: PlanResult, root: Path) -> dict[str, Any]:
     """The ``plan`` document: the plan, and where the files it takes out come back from
     under the policy's ``[stash]`` settings, with the bytes a trim frees net of the stash

@@ -88,10 +88,9 @@ def explain(args: argparse.Namespace, console: Console) -> int:
     if remote.via_daemon(args):
         doc = remote.client().explain(args.name, remote.options(args, "Explain"))
     else:
-        from ..operations import explain as explain_module
-        from ..operations import explanation_json, make_plan_for
+        from ..operations import make_plan_for
 
-        doc = explanation_json(explain_module(make_plan_for(target(args)), args.name))
+        doc = usecases.explain_document(make_plan_for(target(args)), args.name)
     if args.json:
         render.dump({"schema": SCHEMA,
                      **{k: v for k, v in doc.items() if k != "lines"}}, console.out)

@@ -73,6 +73,11 @@ def _read_current(root: Path) -> str | None:
         return None
 
 
+def current_text(root: Path) -> str | None:
+    """The file's text now (None: no such file, or unreadable)."""
+    return _read_current(root)
+
+
 def recorded_excluded(root: Path) -> set[str]:
     """The policy exclusions the current file names (none without a file)."""
     current = _read_current(root)

@@ -169,12 +169,11 @@ def plan(ctx: Context) -> dict[str, Any]:
 
 
 def explain(ctx: Context) -> dict[str, Any]:
-    from ..operations import explain as explain_module
-    from ..operations import explanation_json, make_plan_for
+    from ..operations import make_plan_for
+    from ..usecases import explain_document
 
     made = make_plan_for(_target(ctx.root, ctx.spec["request"]))
-    doc: dict[str, Any] = explanation_json(explain_module(made, ctx.spec["name"]))
-    return doc
+    return explain_document(made, ctx.spec["name"])
 
 
 def trim(ctx: Context) -> dict[str, Any]:
