@@ -15,6 +15,7 @@ import pytest
 
 from kernels import KernelTree, copy_kernel_tree
 from kmodtrim.errors import InputError, KernelNotFoundError
+from kmodtrim.paths import kept_previous_images
 from kmodtrim.regen import (
     InitramfsError,
     InitramfsResult,
@@ -22,7 +23,6 @@ from kmodtrim.regen import (
     drop_booted_previous,
     forget_previous_initramfs,
     initramfs_path,
-    kept_previous_images,
     list_initramfs,
     regenerate_initramfs,
     restore_previous_initramfs,

@@ -140,9 +140,15 @@ def gather_evidence(target: Target, clouds: Sequence[str] | None = None) -> Evid
 
 def load_target_policy(target: Target) -> LoadedPolicy:
     """The policy under the root (or the explicit file). Raises PolicyError."""
-    from .policy import load_policy
+    if not target.use_cache:
+        from .policy import load_policy
 
-    return load_policy(target.root, target.policy_file)
+        return load_policy(target.root, target.policy_file)
+    from .index import default_cache_dir
+    from .policy.cache import cached_policy
+
+    return cached_policy(target.root, target.policy_file,
+                         target.cache_dir or default_cache_dir(target.root))
 
 
 @dataclass(frozen=True)

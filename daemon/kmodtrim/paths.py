@@ -13,6 +13,9 @@ from pathlib import Path
 from .errors import KernelNotFoundError
 
 MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
+# The initramfs image a regeneration replaced is kept beside the new one, as
+# IMAGE.kmodtrim-prev, until the new one has booted (regen/).
+PREVIOUS_SUFFIX = ".kmodtrim-prev"
 
 
 def in_root(root: Path, path: str) -> Path:
@@ -62,3 +65,15 @@ def default_kernel(root: Path) -> str:
     if not kernels:
         raise KernelNotFoundError(f"no kernel module trees under {root}/lib/modules")
     return kernels[-1]
+
+
+def kept_previous_images(root: Path) -> list[Path]:
+    """Every ``*.kmodtrim-prev`` image under ROOT/boot, ROOT/efi and ROOT/boot/efi (Boot
+    Loader Specification entries included: up to three directories deep)."""
+    found: set[Path] = set()
+    for top in ("boot", "efi", "boot/efi"):
+        base = root / top
+        for depth in ("", "*/", "*/*/", "*/*/*/"):
+            found.update(p for p in base.glob(f"{depth}*{PREVIOUS_SUFFIX}")
+                         if p.is_file() and not p.is_symlink())
+    return sorted(found)

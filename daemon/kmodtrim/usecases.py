@@ -88,7 +88,7 @@ def _daemon_running(root: Path) -> bool | None:
 
 
 def _boot_kept(root: Path) -> int:
-    from .regen.initramfs import kept_previous_images
+    from .paths import kept_previous_images
 
     return sum(p.stat().st_size for p in kept_previous_images(root))
 

@@ -8,40 +8,21 @@ import functools
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import PolicyError
 from ..inputs import MAX_CONFIG_BYTES, is_masked, read_input
-from ..presets import PRESETS
 from .compat import ValidationError, dump, error_list, validate
+from .files import PolicyFile, policy_files
 from .matcher import LoadedPolicy
 from .messages import _array_item_lines, _describe_error
 from .model import Policy
-from .rules import _HINT, Rule, parse_rule
-
-MAIN_POLICY = "etc/kmodtrim/policy.toml"
-DROPIN_DIR = "etc/kmodtrim/policy.d"
-
-
-@dataclass(frozen=True)
-class _PolicyFile:
-    shown: str  # in-root path recorded in Rule.source / sources
-    path: Path  # where to read it (and what error messages name)
-    dropin: bool
-
-
-def _expand_presets(presets: Iterable[str]) -> list[Rule]:
-    rules: list[Rule] = []
-    for name in presets:
-        source = f"preset:{name}"
-        rules.extend(parse_rule(text, source=source) for text in PRESETS[name])
-    return rules
+from .rules import _HINT, Rule, expand_presets, parse_rule
 
 
 def _build(settings: Policy, user_rules: Sequence[Rule], sources: Sequence[str]) -> LoadedPolicy:
-    rules = _expand_presets(settings.presets) + list(user_rules)
+    rules = expand_presets(settings.presets) + list(user_rules)
     return LoadedPolicy(settings=settings, rules=tuple(rules), sources=tuple(sources))
 
 
@@ -59,21 +40,7 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
     unreadable file, a TOML syntax error, an unknown key, a bad value or an unknown
     preset. An explicit file must exist; a missing main file means the defaults.
     """
-    files: list[_PolicyFile] = []
-    if explicit is not None:
-        if not explicit.exists():
-            raise PolicyError(
-                f"{explicit}: policy file not found", hint="Check the path given to --policy."
-            )
-        # Anything else that is not a regular file (/dev/null, a FIFO, a directory) is
-        # refused by name when it is read.
-        files.append(_PolicyFile(str(explicit), explicit, dropin=False))
-    else:
-        main = root / MAIN_POLICY
-        if main.exists() or main.is_symlink():
-            files.append(_PolicyFile("/" + MAIN_POLICY, main, dropin=False))
-    if dropins:
-        files.extend(_dropin_files(root))
+    files = policy_files(root, explicit, dropins)
 
     merged: dict[str, Any] = dump(Policy())
     user_rules: list[Rule] = []
@@ -95,27 +62,6 @@ def load_policy(root: Path, explicit: Path | None = None, *, dropins: bool = Tru
     merged["rules"] = [r.text for r in user_rules]
     settings = validate(Policy, merged)
     return _build(settings, user_rules, [f.shown for f in files])
-
-
-def _dropin_files(root: Path) -> list[_PolicyFile]:
-    directory = root / DROPIN_DIR
-    try:
-        entries = sorted(directory.iterdir(), key=lambda p: p.name)
-    except FileNotFoundError:
-        return []
-    except NotADirectoryError:
-        raise PolicyError(f"{directory}: not a directory", hint=_HINT) from None
-    except OSError as e:
-        raise PolicyError(f"{directory}: cannot list drop-ins: {e.strerror or e}") from None
-    # Hidden files are editor/packaging leftovers; a drop-in symlinked to /dev/null is
-    # masked and a directory named *.toml ignored. Any other file that is not regular (a
-    # FIFO, a device) is kept so that reading it refuses it by name.
-    return [
-        _PolicyFile(f"/{DROPIN_DIR}/{p.name}", p, dropin=True)
-        for p in entries
-        if p.name.endswith(".toml") and not p.name.startswith(".")
-        and not p.is_dir() and not is_masked(p)
-    ]
 
 
 def _read_text(path: Path) -> str:
@@ -201,7 +147,7 @@ def _overlay(base: Mapping[str, Any], data: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _validate(
-    data: Mapping[str, Any], merged: Mapping[str, Any], f: _PolicyFile, text: str
+    data: Mapping[str, Any], merged: Mapping[str, Any], f: PolicyFile, text: str
 ) -> Policy:
     """Validate this file's keys on top of what earlier files gave. Lists replace (rather
     than append) here so that an error's list index is the index in this file; since

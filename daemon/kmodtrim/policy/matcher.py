@@ -7,10 +7,13 @@ import fnmatch
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..names import module_name_from_path, normalize
-from .model import Policy
 from .rules import Rule, RuleKind, bracket_end
+
+if TYPE_CHECKING:  # the settings are the model's, or a cache.SettingsView of them
+    from .model import Policy
 
 
 def _literal_runs(pattern: str) -> list[str]:

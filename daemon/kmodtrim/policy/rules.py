@@ -167,3 +167,14 @@ def parse_rule(text: str, *, source: str, line: int | None = None) -> Rule:
         raise PolicyError(f"{where}: rule {quote_input(text)}: {e}", hint=_HINT) from None
     return Rule(pattern=pattern, exclude=exclude, kind=kind, source=source, line=line, text=text)
 
+
+
+def expand_presets(presets: Iterable[str]) -> list[Rule]:
+    """The rules of the named presets, in order, each sourced ``preset:NAME``."""
+    from ..presets import PRESETS
+
+    rules: list[Rule] = []
+    for name in presets:
+        source = f"preset:{name}"
+        rules.extend(parse_rule(text, source=source) for text in PRESETS[name])
+    return rules

@@ -55,7 +55,6 @@ from .initramfs import (
     InitramfsResult,
     drop_booted_previous,
     forget_previous_initramfs,
-    kept_previous_images,
     regenerate_initramfs,
     restore_previous_initramfs,
 )
@@ -83,7 +82,6 @@ __all__ = [
     "drop_booted_previous",
     "forget_previous_initramfs",
     "initramfs_path",
-    "kept_previous_images",
     "list_initramfs",
     "previous_path",
     "regenerate_initramfs",

@@ -292,18 +292,6 @@ def drop_booted_previous(root: Path, kernel: str, booted_at: float) -> list[Path
     return dropped
 
 
-def kept_previous_images(root: Path) -> list[Path]:
-    """Every ``*.kmodtrim-prev`` image under ROOT/boot, ROOT/efi and ROOT/boot/efi (Boot
-    Loader Specification entries included: up to three directories deep)."""
-    found: set[Path] = set()
-    for top in ("boot", "efi", "boot/efi"):
-        base = root / top
-        for depth in ("", "*/", "*/*/", "*/*/*/"):
-            found.update(p for p in base.glob(f"{depth}*{PREVIOUS_SUFFIX}")
-                         if p.is_file() and not p.is_symlink())
-    return sorted(found)
-
-
 def forget_previous_initramfs(root: Path, kernel: str) -> list[Path]:
     """Delete the kept previous images of kernel (for a kernel being removed); return them.
 

@@ -13,13 +13,13 @@ from typing import Literal, get_args
 from .. import fsutil
 from ..errors import InputError
 from ..inputs import read_optional_input
+from ..paths import PREVIOUS_SUFFIX as PREVIOUS_SUFFIX
 from .errors import InitramfsError
 
 InitramfsMethod = Literal["auto", "skip", "dracut", "update-initramfs", "kernel-install"]
 DetectedMethod = Literal["dracut", "update-initramfs", "kernel-install", "skip"]
 
 NEW_SUFFIX = ".kmodtrim-new"
-PREVIOUS_SUFFIX = ".kmodtrim-prev"
 
 _MODULE_BASES = ("lib/modules", "usr/lib/modules")
 # Where kernel-install puts entry directories ($BOOT/$ENTRY_TOKEN/$KVER/).

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from typing import TYPE_CHECKING, cast
 
-from ..policy import LoadedPolicy, Policy, parse_rule
+from ..policy.cache import SettingsView
+from ..policy.matcher import LoadedPolicy
+from ..policy.rules import parse_rule
+
+if TYPE_CHECKING:
+    from ..policy.model import Policy
 from ..presets import PRESETS
 
 # Hot-plug storage and NIC drivers beyond the cloud-boot preset's boot set: SCSI disks and
@@ -29,7 +35,9 @@ LIKELY_OFFLINE: tuple[str, ...] = (*PRESETS["cloud-boot"], *_HOTPLUG,
 @functools.cache
 def _matcher() -> LoadedPolicy:
     rules = tuple(parse_rule(text, source="likely offline") for text in LIKELY_OFFLINE)
-    return LoadedPolicy(settings=Policy(), rules=rules, sources=("likely offline",))
+    # Only its rules are asked: no settings (and no pydantic) needed.
+    return LoadedPolicy(settings=cast("Policy", SettingsView({})), rules=rules,
+                        sources=("likely offline",))
 
 
 def likely_offline(name: str, relpath: str, aliases: Iterable[str] = ()) -> bool:
