@@ -67,6 +67,8 @@ def hosts(tmp_path: Path) -> list[Path]:
     record_observation(a, "boot-a2", ["isofs"], now=1_796_100_500, how=HowSeen.UEVENT)
     b = host_root(tmp_path, "b", "b" * 32, "20261201")
     record_observation(b, "boot-b1", ["core", "virtio_net", "nvme"], now=1_796_050_000)
+    (b / "sys/class/dmi/id").mkdir(parents=True)
+    (b / "sys/class/dmi/id/sys_vendor").write_text("Amazon EC2\n")
     c = host_root(tmp_path, "c", "c" * 32, "20261115")
     state = c / "var/lib/kmodtrim"
     state.mkdir(parents=True)
@@ -103,6 +105,8 @@ def test_three_hosts_export_and_merge_to_the_hand_computed_keep_sets(
     assert docs[2]["modules"][0]["how"] == ["recorded"]  # the older file reads
     assert "a" * 32 not in exports[0].read_text()  # the machine id is hashed, never written
     assert len({d["host"]["machine_id_sha256"] for d in docs}) == 3
+    assert [d["platform"]["detected"] for d in docs] == [None, "aws", None]
+    assert docs[1]["platform"]["vendor"] == "Amazon EC2"
 
     one = merge(exports, tmp_path / "m1.json", "--min-hosts", "1")
     assert one["keep"] == ["core", "dm_crypt", "isofs", "nvme", "virtio_blk", "virtio_net"]

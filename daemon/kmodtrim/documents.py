@@ -161,7 +161,8 @@ FLEET_DOCUMENTS: dict[str, dict[str, Field]] = {
         "image": ((dict,), "os-release id, version_id, image_id, image_version (null when "
                            "absent)"),
         "platform": ((dict,), "DMI sys_vendor, product_name and /sys/hypervisor type "
-                              "(null when absent)"),
+                              "(null when absent), and the platform detected from them "
+                              "(kvm, aws, ...; null when none is recognised)"),
         "kernels": ((list,), "kernels installed under the root"),
         "kernel": ((str, _N), "the kernel meant by default"),
         "kernel_family": ((str, _N), "its MAJOR.MINOR: merges take one family"),

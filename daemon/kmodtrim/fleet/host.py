@@ -34,6 +34,16 @@ class HostFacts:
     kernel: str | None
 
 
+def _detected(root: Path) -> str | None:
+    """The platform platforms.detect recognises from the DMI and hypervisor facts (the
+    one whose drivers a plan keeps), or None."""
+    from ..observe.platform import read_platform_facts
+    from ..platforms import detect
+
+    found = detect(read_platform_facts(root))
+    return found.platform if found is not None else None
+
+
 def parse_os_release(text: str) -> dict[str, str | None]:
     """The image fields of an os-release file (shell-style ``KEY=value`` lines, quoted or
     not; os-release(5)); None for a field the file lacks."""
@@ -89,7 +99,8 @@ def read_host_facts(root: Path, salt: str | None = None) -> HostFacts:
         machine_id_sha256=hash_machine_id(machine_id, salt) if machine_id else None,
         salted=bool(salt) and machine_id is not None,
         image=image,
-        platform={key: _first_line(root, path) for key, path in PLATFORM_FILES.items()},
+        platform={**{key: _first_line(root, path) for key, path in PLATFORM_FILES.items()},
+                  "detected": _detected(root)},
         kernels=tuple(installed_kernels(root)),
         kernel=kernel,
     )
