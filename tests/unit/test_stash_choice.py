@@ -54,6 +54,19 @@ def test_likely_families_are_hotplug_storage_nic_and_filesystems() -> None:
     assert not likely_offline("snd_hda_intel", "kernel/sound/pci/hda/snd-hda-intel.ko")
 
 
+def test_likely_families_follow_the_platform() -> None:
+    # A KVM guest's local copies go to its own drivers, not Hyper-V's, Xen's or AWS's.
+    kvm = ("kvm",)
+    assert likely_offline("virtio_scsi", "kernel/drivers/scsi/virtio_scsi.ko", (), kvm)
+    assert likely_offline("xfs", "kernel/fs/xfs/xfs.ko", (), kvm)
+    assert likely_offline("usb_storage", "kernel/drivers/usb/storage/usb-storage.ko", (), kvm)
+    for other in ("hv_storvsc", "xen_blkfront", "ena", "mlx5_core", "vmw_pvscsi"):
+        assert not likely_offline(other, f"kernel/drivers/{other}.ko", (), kvm), other
+        assert likely_offline(other, f"kernel/drivers/{other}.ko"), other  # any platform
+    assert likely_offline("ena", "kernel/drivers/net/ethernet/amazon/ena/ena.ko", (),
+                          ("aws",))
+
+
 @pytest.mark.parametrize("size", [0, 1, 128 << 10, (128 << 10) + 1, 300_001])
 def test_stored_frame_is_the_bytes_as_they_are_and_any_zstd_reader_decodes_it(
         size: int) -> None:

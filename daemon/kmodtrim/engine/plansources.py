@@ -44,10 +44,12 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
     option = policy.settings.backend if backend == "auto" else backend
     stash = policy.settings.stash
 
+    platforms = plan.platform.names if plan.platform is not None else None
+
     def likely(request: PutRequest) -> bool:
         entry = index.modules.get(request.module or "")
         return request.kind == "module" and entry is not None and likely_offline(
-            entry.name, entry.relpath, entry.info.aliases)
+            entry.name, entry.relpath, entry.info.aliases, platforms)
 
     return assign_sources(
         root, trim_requests(root, plan, current), keep=stash.keep, budget_mib=stash.budget_mib,

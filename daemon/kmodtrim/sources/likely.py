@@ -17,30 +17,38 @@ from ..policy.rules import parse_rule
 
 if TYPE_CHECKING:
     from ..policy.model import Policy
+from ..platforms import PlatformChoice
 from ..presets import PRESETS
 
-# Hot-plug storage and NIC drivers beyond the cloud-boot preset's boot set: SCSI disks and
-# CD-ROMs behind virtio-scsi/PVSCSI/LSI, USB storage, hypervisors' emulated NICs and the
-# SR-IOV virtual functions clouds attach.
+# Hot-plug storage and NIC drivers beyond a platform's own (platforms.py): SCSI disks,
+# CD-ROMs and their transports, LSI MegaRAID, USB storage, and the SR-IOV virtual functions
+# passed through to guests on any hypervisor.
 _HOTPLUG = (
-    "sd_mod", "sr_mod", "sg", "scsi_transport_*", "mptspi", "mptsas", "vmw_pvscsi",
-    "megaraid_sas", "ahci", "ata_piix", "usb_storage", "uas", "xen_blkfront",
-    "xen_netfront", "e1000", "e1000e", "igb", "igbvf", "ixgbevf", "iavf", "ice", "vmxnet3",
-    "mlx4_en", "mlx5_core", "ena", "gve", "hv_netvsc", "hv_storvsc",
+    "sd_mod", "sr_mod", "sg", "scsi_transport_*", "megaraid_sas", "usb_storage", "uas",
+    "igbvf", "iavf",
 )
-LIKELY_OFFLINE: tuple[str, ...] = (*PRESETS["cloud-boot"], *_HOTPLUG,
-                                   *PRESETS["filesystems"])
+
+
+def likely_families(platforms: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The rules of what is likely needed offline: the boot-disk and NIC drivers of
+    ``platforms`` (None: every platform's), the hot-plug drivers and the filesystems."""
+    boot = PRESETS["cloud-boot"] if platforms is None else tuple(
+        PlatformChoice(platforms, "").drivers())
+    return (*boot, *_HOTPLUG, *PRESETS["filesystems"])
 
 
 @functools.cache
-def _matcher() -> LoadedPolicy:
-    rules = tuple(parse_rule(text, source="likely offline") for text in LIKELY_OFFLINE)
+def _matcher(platforms: tuple[str, ...] | None) -> LoadedPolicy:
+    rules = tuple(parse_rule(text, source="likely offline")
+                  for text in likely_families(platforms))
     # Only its rules are asked: no settings (and no pydantic) needed.
     return LoadedPolicy(settings=cast("Policy", SettingsView({})), rules=rules,
                         sources=("likely offline",))
 
 
-def likely_offline(name: str, relpath: str, aliases: Iterable[str] = ()) -> bool:
+def likely_offline(name: str, relpath: str, aliases: Iterable[str] = (),
+                   platforms: tuple[str, ...] | None = None) -> bool:
     """Whether a module (name, path relative to its module directory, aliases) belongs
-    to the families a VM is likely to need offline."""
-    return _matcher().decide(name, relpath, aliases) is not None
+    to the families a VM on ``platforms`` (None: any) is likely to need offline: a KVM
+    guest's local copies are not spent on Hyper-V's or Xen's drivers."""
+    return _matcher(platforms).decide(name, relpath, aliases) is not None
