@@ -289,13 +289,22 @@ def wait_for_lock_holders(held: Callable[[], tuple[str, int] | None], timeout: f
                 "under (a hook inside that package transaction)",
                 hint="run the command again once the package transaction has finished")
         if time.monotonic() >= deadline:
-            by = f"pid {holder}" if holder else "another process"
+            by = f"{_command_of(holder)} (pid {holder})" if holder else "another process"
             raise PackageManagerBusy(
                 f"{what} is busy: {lock} is locked by {by} (waited {timeout:g} s)",
                 hint="wait for the running package operation to finish and try again; "
                      "kmodtrim never runs the package manager from inside its transaction")
         time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
         delay = min(delay * 2, 1.0)
+
+
+def _command_of(pid: int) -> str:
+    """The command name of process ``pid`` (``apt-get``, ``dpkg``; "a process" if unreadable)."""
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f.read(64).decode("utf-8", "replace").strip() or "a process"
+    except OSError:
+        return "a process"
 
 
 def ancestors() -> set[int]:

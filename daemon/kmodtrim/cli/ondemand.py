@@ -9,9 +9,13 @@ plans keep it), logs it with its MESSAGE_ID and loads it with ``modprobe
 root's tree instead (a dry load proving depmod knows the module again).
 
 It never hangs its caller: a running operation is waited for at most LOCK_WAIT seconds,
-then it fails with one line; a missing stash copy or an unreachable archive is the
-restore's own one-line error. The initramfs is not rebuilt (a module modprobe asks for
-after boot was trimmed, so it is in no image); the next change rebuilds it.
+then it fails with one line. The restore itself runs with Options.on_demand: the package
+manager's lock (needed only to reinstall a package removed whole; a stash restore needs
+none, so modprobe run by a package's own scripts still works) is waited for 3 s at most,
+an archive download may stall 10 s and take 2 minutes at most; a held lock, an archive
+that does not answer or a missing stash copy is one line, and the restore is undone.
+The initramfs is not rebuilt (a module modprobe asks for after boot was trimmed, so it
+is in no image); the next change rebuilds it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..documents import SCHEMA
-from ..errors import BusyError, CommandError, InputError, StashError, UnknownModuleError
+from ..errors import (
+    BusyError,
+    CommandError,
+    InputError,
+    KmodtrimError,
+    StashError,
+    UnknownModuleError,
+)
 from ..ondemand import REQUESTED_BY
 from . import remote, render
 from .read import target
@@ -78,7 +89,7 @@ def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | N
         return None, index.kernel
     options = Options(dry_run=args.dry_run,
                       initramfs=args.initramfs if args.initramfs != "auto" else "skip",
-                      backend=args.backend or "auto")
+                      backend=args.backend or "auto", on_demand=True)
     doc = _waiting(lambda: usecases.restore(tgt, names, options, REQUESTED_BY, index), name)
     return doc, index.kernel
 
@@ -122,10 +133,17 @@ def restore_on_demand(args: argparse.Namespace, console: Console) -> int:
     name = normalize(args.names[0])
     started = time.monotonic()
     kernel = args.kernel
-    if remote.via_daemon(args):
-        doc: dict[str, Any] | None = _via_daemon(args, name)
-    else:
-        doc, kernel = _in_process(args, name)
+    try:
+        if remote.via_daemon(args):
+            doc: dict[str, Any] | None = _via_daemon(args, name)
+        else:
+            doc, kernel = _in_process(args, name)
+    except (InputError, BusyError):
+        raise  # a bad name, or the running operation waited for: their lines say so
+    except KmodtrimError as exc:  # the restore failed and was undone: say for whom
+        exc.message = f"{name} not restored for modprobe: {exc.message}"
+        _journal(exc.message, error=True, module=name, kernel=kernel)
+        raise
     if kernel is None:
         from ..paths import default_kernel
 

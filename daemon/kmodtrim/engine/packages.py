@@ -36,6 +36,7 @@ from .journal import Journal
 # removed waits less, then trims it file by file instead.
 PM_LOCK_TIMEOUT = 300.0
 PM_CHECK_TIMEOUT = 30.0
+ON_DEMAND_LOCK_WAIT = 3.0  # a restore modprobe waits for (Options.on_demand)
 
 
 @dataclass(frozen=True)
@@ -234,9 +235,11 @@ def package_manager(backend: PackageBackend, removed: Sequence[RemovedPackage]) 
     return backend_by_name(removed[0].backend)
 
 
-def run_package_op(root: Path, backend: PackageBackend, op: Callable[[], None]) -> None:
-    """Run one package-manager command, never while its lock is held by someone else."""
-    backend.wait_for_lock(root, PM_LOCK_TIMEOUT)
+def run_package_op(root: Path, backend: PackageBackend, op: Callable[[], None],
+                   lock_wait: float = PM_LOCK_TIMEOUT) -> None:
+    """Run one package-manager command, never while its lock is held by someone else
+    (waited for ``lock_wait`` seconds at most; then PackageManagerBusy)."""
+    backend.wait_for_lock(root, lock_wait)
     op()
 
 

@@ -40,6 +40,7 @@ from ..backends.package import PackageBackend
 from ..errors import DamagedCopyError, KmodtrimError, StashError, StoreError
 from ..paths import kernel_installed
 from ..records import Generation, RemovedPackage, Source, StashedFile
+from ..sources.payload import DEFAULT_DOWNLOAD, ON_DEMAND_DOWNLOAD
 from ..sources.restore import Restorer, sweep
 from ..state.stash import PutRequest, Stash
 from ..store import clear_journal, generation_numbers, write_generation
@@ -93,6 +94,9 @@ class Options:
     backend: str = "auto"  # auto | stash | dpkg | rpm
     progress: Progress | None = None
     remove_packages: bool = True  # a package whose files are all trimmed leaves whole
+    # modprobe waits (restore --on-demand): the package manager's lock is waited for a few
+    # seconds only, an archive download is bounded (sources/payload.ON_DEMAND_DOWNLOAD).
+    on_demand: bool = False
 
 
 @dataclass
@@ -152,7 +156,9 @@ class Transition:
         self.kernels = sorted({t.kernel for t in change.to_stash if t.kernel}
                               | {e.kernel for e in change.to_restore if e.kernel})
         self.stash = Stash(root)
-        self.restorer = Restorer(root, self.stash)
+        self.restorer = Restorer(root, self.stash,
+                                 ON_DEMAND_DOWNLOAD if options.on_demand else DEFAULT_DOWNLOAD)
+        self.lock_wait = pkg.ON_DEMAND_LOCK_WAIT if options.on_demand else pkg.PM_LOCK_TIMEOUT
         self.stash_before = 0
         self.journal: Journal | None = None
         self.captured: list[RemovedPackage] = []
@@ -270,7 +276,8 @@ class Transition:
         fault_point("before-package-remove")
         self._progress("remove packages", 0, len(self.removing))
         pkg.run_package_op(self.root, self.pm,
-                           lambda: self.pm.remove_packages(self.root, list(self.removing)))
+                           lambda: self.pm.remove_packages(self.root, list(self.removing)),
+                           self.lock_wait)
         fault_point("after-package-remove")
         self._progress("remove packages", len(self.removing), len(self.removing))
 
@@ -314,7 +321,8 @@ class Transition:
         fault_point("before-package-reinstall")
         self._progress("reinstall packages", 0, len(archives))
         pkg.run_package_op(self.root, self.pm,
-                           lambda: self.pm.install_archives(self.root, archives))
+                           lambda: self.pm.install_archives(self.root, archives),
+                           self.lock_wait)
         fault_point("after-package-reinstall")
         self._progress("reinstall packages", len(archives), len(archives))
 

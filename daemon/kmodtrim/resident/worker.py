@@ -100,7 +100,8 @@ def _options(request: dict[str, Any], default_backend: str, report: Report) -> A
 
     return Options(dry_run=bool(request.get("dry_run")), force=bool(request.get("force")),
                    initramfs=request.get("initramfs") or "auto",
-                   backend=request.get("backend") or default_backend, progress=report)
+                   backend=request.get("backend") or default_backend, progress=report,
+                   on_demand=bool(request.get("on_demand")))
 
 
 def startup(ctx: Context) -> dict[str, Any]:

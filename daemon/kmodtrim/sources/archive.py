@@ -31,7 +31,7 @@ from ..errors import ArchiveError
 from ..records import StashedFile
 from ..store import state_dir
 from .deb import DebArchive
-from .payload import Origin, Payload, extract
+from .payload import DEFAULT_DOWNLOAD, DownloadLimits, Origin, Payload, extract
 
 __all__ = ["Origin", "fetch", "fetch_dir", "origins", "served"]
 
@@ -43,7 +43,8 @@ class Family(Protocol):
 
     def origins(self, root: Path, paths: Sequence[str]) -> dict[str, Origin]: ...
     def served(self, root: Path, wanted: Iterable[Origin]) -> set[Origin]: ...
-    def download(self, root: Path, origin: Origin, directory: Path, first: str) -> Path: ...
+    def download(self, root: Path, origin: Origin, directory: Path, first: str,
+                 limits: DownloadLimits = ...) -> Path: ...
     def digests(self, root: Path, origin: Origin) -> tuple[str, dict[str, str]]: ...
     def record_name(self, origin: Origin) -> str: ...
     def payload(self, package_file: Path) -> Payload: ...
@@ -79,10 +80,12 @@ def served(root: Path, wanted: Iterable[Origin]) -> set[Origin]:
     return archive.served(root, wanted) if archive is not None else set()
 
 
-def fetch(root: Path, entries: Sequence[StashedFile], work: Path) -> dict[str, Path]:
-    """Download the packages of ``entries`` (each once) into ``work``, take their files
-    out and verify them; returns each entry's path → its verified copy under ``work``.
-    Raises ArchiveError naming the first file that cannot come back this way."""
+def fetch(root: Path, entries: Sequence[StashedFile], work: Path,
+          limits: DownloadLimits = DEFAULT_DOWNLOAD) -> dict[str, Path]:
+    """Download the packages of ``entries`` (each once, each within ``limits``) into
+    ``work``, take their files out and verify them; returns each entry's path → its
+    verified copy under ``work``. Raises ArchiveError naming the first file that cannot
+    come back this way."""
     by_origin: dict[Origin, list[StashedFile]] = {}
     for entry in entries:
         if entry.package is None or entry.version is None:
@@ -98,7 +101,7 @@ def fetch(root: Path, entries: Sequence[StashedFile], work: Path) -> dict[str, P
     for n, (origin, wanted) in enumerate(sorted(by_origin.items(), key=lambda i: str(i[0]))):
         assert archive is not None
         directory = work / f"p{n}"
-        package_file = archive.download(root, origin, directory, wanted[0].path)
+        package_file = archive.download(root, origin, directory, wanted[0].path, limits)
         algorithm, sums = archive.digests(root, origin)
         members: dict[str, StashedFile] = {}
         for entry in wanted:

@@ -17,10 +17,18 @@ from pathlib import Path
 
 from ..backends.dpkg import ADMIN_DIR, DpkgBackend, dpkg_command
 from ..backends.package import PM_ENV, is_live
-from ..errors import ArchiveError, InputError
+from ..errors import ArchiveError, CommandError, InputError
 from ..inputs import MAX_KERNEL_METADATA_BYTES, read_input
 from ..run import run
-from .payload import DOWNLOAD_TIMEOUT, Origin, Payload, download_dir, download_error
+from .payload import (
+    DEFAULT_DOWNLOAD,
+    DownloadLimits,
+    Origin,
+    Payload,
+    download_dir,
+    download_error,
+    download_timeout,
+)
 
 
 class DebArchive:
@@ -57,10 +65,19 @@ class DebArchive:
                 found.add(origin)
         return found
 
-    def download(self, root: Path, origin: Origin, directory: Path, first: str) -> Path:
+    def download(self, root: Path, origin: Origin, directory: Path, first: str,
+                 limits: DownloadLimits = DEFAULT_DOWNLOAD) -> Path:
         download_dir(directory)
-        done = run([*self.apt_get(root), "download", f"{origin.package}={origin.version}"],
-                   env=PM_ENV, cwd=directory, check=False, timeout=DOWNLOAD_TIMEOUT)
+        argv = self.apt_get(root)
+        if limits.stall is not None:  # apt's own: connect and no-data timeouts, no retry
+            argv += ["-o", f"Acquire::http::Timeout={limits.stall:g}",
+                     "-o", f"Acquire::https::Timeout={limits.stall:g}",
+                     "-o", "Acquire::Retries=0"]
+        try:
+            done = run([*argv, "download", f"{origin.package}={origin.version}"],
+                       env=PM_ENV, cwd=directory, check=False, timeout=limits.seconds)
+        except CommandError:  # it timed out (run has killed it)
+            raise download_timeout(first, origin, limits) from None
         debs = sorted(directory.glob("*.deb"))
         if done.returncode != 0 or len(debs) != 1:
             raise download_error(first, origin, done.stderr, "apt-get update")

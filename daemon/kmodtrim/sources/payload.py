@@ -24,6 +24,22 @@ _APT_USER = "_apt"  # apt's download sandbox user
 
 
 @dataclass(frozen=True)
+class DownloadLimits:
+    """How long one package's download may take: ``seconds`` in all, and (``stall``) how
+    long the downloader may wait for a connection or for more data (None: its default,
+    with its retries)."""
+
+    seconds: float = DOWNLOAD_TIMEOUT
+    stall: float | None = None
+
+
+DEFAULT_DOWNLOAD = DownloadLimits()
+# A restore modprobe waits for (restore --on-demand): an archive that does not answer
+# fails it in seconds; a slow one that keeps sending still has two minutes.
+ON_DEMAND_DOWNLOAD = DownloadLimits(seconds=120.0, stall=10.0)
+
+
+@dataclass(frozen=True)
 class Origin:
     """A package as its package manager names it (dpkg ``name`` or ``name:arch``, rpm
     ``name-version-release.arch``) at one version."""
@@ -52,6 +68,14 @@ def download_dir(directory: Path) -> None:
     with contextlib.suppress(KeyError, OSError):
         if os.geteuid() == 0:
             os.chown(directory, pwd.getpwnam(_APT_USER).pw_uid, 0)
+
+
+def download_timeout(first: str, origin: Origin, limits: DownloadLimits) -> ArchiveError:
+    """The one-line error of a download that took longer than ``limits`` allow."""
+    return ArchiveError(
+        f"cannot restore {first}: the archive did not give {origin} within "
+        f"{limits.seconds:g} s; nothing was written",
+        hint="check the network and the package sources, or restore from a stash copy")
 
 
 def download_error(first: str, origin: Origin, stderr: str, refresh: str) -> ArchiveError:

@@ -16,15 +16,18 @@ from ..inputs import MAX_MODULE_BYTES
 from ..records import Source, StashedFile
 from ..state.stash import Stash
 from .archive import fetch, fetch_dir
+from .payload import DEFAULT_DOWNLOAD, DownloadLimits
 
 
 class Restorer:
     """Restores files of one root from their sources; ``close`` (or the context) removes
     the downloads."""
 
-    def __init__(self, root: Path, stash: Stash | None = None) -> None:
+    def __init__(self, root: Path, stash: Stash | None = None,
+                 limits: DownloadLimits = DEFAULT_DOWNLOAD) -> None:
         self.root = root
         self.stash = stash or Stash(root)
+        self.limits = limits  # each archive download's
         self._fetched: dict[str, Path] = {}
 
     def __enter__(self) -> Restorer:
@@ -41,7 +44,7 @@ class Restorer:
         if wanted:
             if not self._fetched:
                 sweep(self.root)  # what an interrupted restore left
-            self._fetched.update(fetch(self.root, wanted, fetch_dir(self.root)))
+            self._fetched.update(fetch(self.root, wanted, fetch_dir(self.root), self.limits))
         return len(wanted)
 
     def restore(self, entry: StashedFile) -> None:
