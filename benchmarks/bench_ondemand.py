@@ -62,7 +62,9 @@ def main() -> int:
                     aside.rename(conf)
         shown = subprocess.run([*probe, REQUESTED], capture_output=True, text=True,
                                check=False).stdout.strip().splitlines()
-        command = shlex.split(shown[-1])[2:] if shown else []
+        # kmod replaces $CMDLINE_OPTS with the options it prints after the command.
+        command = shlex.split(shown[-1].replace(" $CMDLINE_OPTS", "", 1))[2:] if shown \
+            else []
         restore = timed([*kmodtrim, *command, *common, "--offline"]) if command else None
         result = {
             "kernel": tree.kver,

@@ -30,7 +30,8 @@ __all__ = ["private_bus"]  # the fixture, re-exported for pytest
 KVER = "6.1.0-ondemand"
 SPECS = (
     ModSpec("core", exports=("core_fn",)),
-    ModSpec("fs_x", aliases=("fs-xtest",), imports=("core_fn",), depends=("core",)),
+    ModSpec("fs_x", aliases=("fs-xtest",), imports=("core_fn",), depends=("core",),
+            extra_modinfo=(("parmtype", "level:int"), ("parm", "level:how much (int)"))),
     ModSpec("dev_y", aliases=("pci:v00001234d00005678sv*sd*bc*sc*i*", "net-pf-99")),
     ModSpec("unused_d", exports=("d_fn",)),
     ModSpec("unused_e", imports=("d_fn",), depends=("unused_d",), aliases=("crypto-etest",)),
@@ -54,14 +55,16 @@ def _modprobe(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, check=False)
 
 
-def _install_command(root: Path, request: str) -> list[str]:
-    """What modprobe would run for ``request``: the install line's command, run here
-    as this test's kmodtrim on the scratch root."""
-    proc = _modprobe(root, request)
+def _install_command(root: Path, request: str, *options: str) -> list[str]:
+    """What modprobe would run for ``request``: the install line's command, with
+    $CMDLINE_OPTS replaced as kmod does (``modprobe -n -v`` prints the command as written,
+    then the options), run here as this test's kmodtrim on the scratch root."""
+    proc = _modprobe(root, request, *options)
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("install /usr/bin/kmodtrim restore --on-demand "), line
-    words = shlex.split(line)[2:]  # 'install', '/usr/bin/kmodtrim'
+    assert " $CMDLINE_OPTS" in line, line
+    words = shlex.split(line.replace(" $CMDLINE_OPTS", "", 1))[2:]  # 'install', the program
     return [sys.executable, "-m", "kmodtrim.cli", *words, "--root", str(root), "--kernel",
             KVER, "--offline"]
 
@@ -82,12 +85,12 @@ def test_a_trim_writes_install_and_by_name_alias_lines(trimmed: Path) -> None:
     text = (trimmed / CONF_PATH.lstrip("/")).read_text()
     lines = [line for line in text.splitlines() if not line.startswith("#")]
     assert lines == [
-        "install dev_y /usr/bin/kmodtrim restore --on-demand dev_y",
+        "install dev_y /usr/bin/kmodtrim restore --on-demand dev_y $CMDLINE_OPTS",
         "alias net-pf-99 dev_y",  # the pci: modalias stays with self-healing
-        "install fs_x /usr/bin/kmodtrim restore --on-demand fs_x",
+        "install fs_x /usr/bin/kmodtrim restore --on-demand fs_x $CMDLINE_OPTS",
         "alias fs-xtest fs_x",
-        "install unused_d /usr/bin/kmodtrim restore --on-demand unused_d",
-        "install unused_e /usr/bin/kmodtrim restore --on-demand unused_e",
+        "install unused_d /usr/bin/kmodtrim restore --on-demand unused_d $CMDLINE_OPTS",
+        "install unused_e /usr/bin/kmodtrim restore --on-demand unused_e $CMDLINE_OPTS",
         "alias crypto-etest unused_e",
     ]
     assert "# excluded: excluded_z" in text
@@ -97,7 +100,7 @@ def test_a_trim_writes_install_and_by_name_alias_lines(trimmed: Path) -> None:
         proc = _modprobe(trimmed, request)
         assert proc.returncode == 0, (request, proc.stderr)
         assert proc.stdout.strip().endswith(
-            f"install /usr/bin/kmodtrim restore --on-demand {name}"), proc.stdout
+            f"install /usr/bin/kmodtrim restore --on-demand {name} $CMDLINE_OPTS"), proc.stdout
     assert _modprobe(trimmed, "fs-ztest").returncode != 0
     assert _modprobe(trimmed, "core").stdout.strip().startswith("insmod ")
 
@@ -150,6 +153,41 @@ def test_explain_says_whether_modprobe_brings_a_module_back(trimmed: Path) -> No
                                  "by modprobe on "), doc["now"]
 
 
+def test_module_options_reach_the_module_once_after_the_restore(
+        trimmed: Path, tmp_path: Path) -> None:
+    """Real modprobe runs the install line (no -n) in a mount namespace whose
+    /proc/cmdline says ``fs_x.level=7``: the options of modprobe.d (the module's and its
+    alias's), of the kernel command line and of modprobe's own command line come to
+    kmodtrim through $CMDLINE_OPTS, and its final (dry) ``modprobe --ignore-install``
+    load gives the module each of them once, as modprobe would without kmodtrim."""
+    conf = trimmed / "etc/modprobe.d"
+    (conf / "local.conf").write_text('options fs_x debug=1 name="a b"\n'
+                                     "options fs-xtest via_alias=1\n")
+    program = tmp_path / "kmodtrim"  # the install line's program: this test's kmodtrim
+    program.write_text(f'#!/bin/sh\nexec {sys.executable} -m kmodtrim.cli "$@" --root '
+                       f"{trimmed} --kernel {KVER} --offline\n")
+    program.chmod(0o755)
+    seen = tmp_path / "modprobe.d"  # what modprobe reads: the root's, with that program
+    seen.mkdir()
+    for path in conf.iterdir():
+        seen.joinpath(path.name).write_text(
+            path.read_text().replace("/usr/bin/kmodtrim ", f"{program} "))
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("BOOT_IMAGE=/vmlinuz root=/dev/vda1 fs_x.level=7 quiet\n")
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /proc/cmdline && exec "$@"',
+         str(cmdline), "modprobe", "-d", str(trimmed), "-S", KVER, "-C", str(seen),
+         "fs-xtest", "level=2"], capture_output=True, text=True, check=False,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    assert (trimmed / MODDIR / "fs_x.ko").exists()
+    loaded = proc.stdout.strip().splitlines()[-1]
+    assert loaded.startswith("restored fs_x for modprobe (1 file back, generation 2); "
+                             "image root: not loaded; modprobe -n: insmod "), loaded
+    assert loaded.split(f"{MODDIR}/fs_x.ko ", 1)[1].split(" in ")[0].strip() == \
+        'debug=1 name="a b" level=7 via_alias=1 level=2', loaded
+
+
 def test_a_module_still_in_the_tree_is_only_loaded(trimmed: Path) -> None:
     proc = _cli(trimmed, "restore", "--on-demand", "core")
     assert proc.returncode == 0, proc.stderr
@@ -181,8 +219,12 @@ def test_without_a_stash_copy_it_fails_with_a_clear_error(trimmed: Path) -> None
 
 
 def test_bad_input_is_one_line(trimmed: Path) -> None:
-    proc = _cli(trimmed, "restore", "--on-demand", "a", "b")
+    proc = _cli(trimmed, "restore", "--on-demand", "a/b")
     assert proc.returncode == 2 and "takes one module name" in proc.stderr
+    proc = _cli(trimmed, "restore", "--on-demand", "fs_x", "level=1", "two words")
+    assert proc.returncode == 2, proc.stderr
+    assert "restore --on-demand fs_x: 'two words' is not a module option" in proc.stderr
+    assert not (trimmed / MODDIR / "fs_x.ko").exists()
     proc = _cli(trimmed, "restore", "--on-demand", "no_such_module")
     assert proc.returncode == 2 and "has no module 'no_such_module'" in proc.stderr
 

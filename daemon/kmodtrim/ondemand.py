@@ -2,8 +2,9 @@
 
 After each change the engine (engine/ondemand.py) writes ``CONF_PATH`` for the modules
 trimmed from any installed kernel, so that ``modprobe NAME`` or ``modprobe ALIAS`` runs
-kmodtrim's restore (``kmodtrim restore --on-demand NAME``), which puts the module and its
-closure back, reruns depmod and loads it with ``modprobe --ignore-install NAME``.
+kmodtrim's restore (``kmodtrim restore --on-demand NAME $CMDLINE_OPTS``), which puts the
+module and its closure back, reruns depmod and loads it with ``modprobe --ignore-install
+NAME`` and the options modprobe was given.
 
 How kmod (30) reads it:
 
@@ -21,6 +22,13 @@ How kmod (30) reads it:
   modaliases (``pci:…``, ``usb:…``) stay with kmodtrimd's self-healing on uevents.
 - Patterns are fnmatch patterns, as in modules.alias; they are written as the module
   declares them.
+- kmod replaces ``$CMDLINE_OPTS`` in an install command with the options it would have
+  loaded the module with (modprobe.d(5)); kmod 30 orders them: the module's ``options``
+  lines, the alias's ``options`` (``modprobe ALIAS``), the kernel command line's
+  ``NAME.param=value``, then those given to modprobe. The final ``modprobe
+  --ignore-install NAME`` applies the module's own lines and the kernel command line
+  again by itself, so it is given only the rest (``extra_options``): each option reaches
+  the module once, as without kmodtrim's line.
 - Modules the policy excludes get no lines: they are not restored by this path. The
   names are kept in the file's ``# excluded:`` line, so a change that does not read the
   policy (a restore, a rollback) writes the same exclusions again.
@@ -30,7 +38,8 @@ Everything here is pure: the engine gathers the inputs.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 
@@ -40,6 +49,7 @@ CONF_PATH = "/etc/modprobe.d/kmodtrim-on-demand.conf"
 COMMAND = "/usr/bin/kmodtrim restore --on-demand"
 HEADER = "# kmodtrim: trimmed modules come back when modprobe asks for them. Generated"
 EXCLUDED_PREFIX = "# excluded:"
+OPTIONS_VARIABLE = "$CMDLINE_OPTS"  # kmod puts the module's options there
 REQUESTED_BY = "requested by modprobe"  # how an on-demand restore is recorded (… on DATE)
 _WILDCARDS = frozenset("*?[")
 
@@ -116,7 +126,7 @@ def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) ->
     lines = [HEADER + " after each change; do not edit (kmodtrim forget/restore).",
              EXCLUDED_PREFIX + "".join(f" {n}" for n in sorted(excluded_names))]
     for name in sorted(trimmed):
-        lines.append(f"install {name} {COMMAND} {name}")
+        lines.append(f"install {name} {COMMAND} {name} {OPTIONS_VARIABLE}")
         for alias in sorted(trimmed[name]):
             if normalize(alias) in trimmed or normalize(alias) in kept_names:
                 continue  # a module's own name: kmod finds it without an alias
@@ -135,6 +145,32 @@ def excluded_of(text: str) -> set[str] | None:
         if line.startswith(EXCLUDED_PREFIX):
             return set(line[len(EXCLUDED_PREFIX):].split())
     return set()
+
+
+_OPTION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*(=[^\0\n]*)?")
+
+
+def is_module_option(word: str) -> bool:
+    """Whether ``word`` is one module option as kmod passes it: ``param``, ``param=value``
+    (a value may hold spaces), never starting with ``-``."""
+    return _OPTION.fullmatch(word) is not None
+
+
+def extra_options(given: Sequence[str], configured: Sequence[str]) -> list[str]:
+    """The options of ``given`` (what $CMDLINE_OPTS gave) beyond ``configured`` (what
+    ``modprobe --ignore-install NAME`` applies by itself: the module's ``options`` lines,
+    then the kernel command line's). kmod builds $CMDLINE_OPTS as the module's
+    ``options`` lines, an alias's, the kernel command line's, then modprobe's own, so
+    ``configured`` is a subsequence of ``given``: each of its options is taken out once,
+    in order, and the rest kept in order."""
+    out: list[str] = []
+    j = 0
+    for option in given:
+        if j < len(configured) and option == configured[j]:
+            j += 1
+        else:
+            out.append(option)
+    return out
 
 
 def installs_of(text: str) -> dict[str, str]:

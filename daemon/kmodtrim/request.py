@@ -118,8 +118,9 @@ OPTIONS: tuple[Option, ...] = (
            choices=tuple(Backend)),
     Option("on_demand", "b", "--on-demand",
            "(for modprobe's install lines, see kmodtrim(8)) restore one module modprobe asked "
-           "for and record it as requested by modprobe; the CLI then loads it, having waited "
-           "at most a few seconds for a running operation", frozenset({"restore"}),
+           "for and record it as requested by modprobe; the CLI (NAME, then the options "
+           "modprobe gives) then loads it with those options, having waited at most a few "
+           "seconds for a running operation", frozenset({"restore"}),
            frozenset({"Restore"})),
     Option("latest", "b", "", "roll back the latest generation (no GEN given)",
            frozenset(), frozenset({"Rollback"})),

@@ -94,20 +94,47 @@ def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | N
     return doc, index.kernel
 
 
-def _load(root: Path, kernel: str, name: str) -> str:
-    """Load NAME on the live root; on an image root, a dry load of its tree. Returns what
-    was done. Raises CommandError."""
+def _modprobe(root: Path, kernel: str) -> list[str]:
+    """modprobe for the live root, or for an image root's tree and modprobe.d."""
+    from ..paths import is_live_root
+
+    if is_live_root(root):
+        return ["modprobe"]
+    argv = ["modprobe", "-d", str(root), "-S", kernel]
+    conf = root / "etc/modprobe.d"
+    return [*argv, "-C", str(conf)] if conf.is_dir() else argv
+
+
+def _extra(root: Path, kernel: str, name: str, given: list[str]) -> list[str]:
+    """The options modprobe gave ($CMDLINE_OPTS) that ``modprobe --ignore-install NAME``
+    does not apply by itself (ondemand.extra_options); asks ``modprobe -n -v`` which
+    those are, only when there are options."""
+    import shlex
+
+    from ..ondemand import extra_options
+    from ..run import run
+
+    if not given:
+        return []
+    shown = run([*_modprobe(root, kernel), "-n", "-v", "--ignore-install", name],
+                timeout=LOAD_TIMEOUT, check=False).stdout.strip().splitlines()
+    configured = shlex.split(shown[-1])[2:] if shown and shown[-1].startswith("insmod ") \
+        else []
+    return extra_options(given, configured)
+
+
+def _load(root: Path, kernel: str, name: str, options: list[str]) -> str:
+    """Load NAME with ``options`` (what $CMDLINE_OPTS gave) on the live root; on an image
+    root, a dry load of its tree. Returns what was done. Raises CommandError."""
     from ..paths import is_live_root
     from ..run import run
 
+    extra = _extra(root, kernel, name, options)
     if is_live_root(root):
-        run(["modprobe", "--ignore-install", name], timeout=LOAD_TIMEOUT)
+        run(["modprobe", "--ignore-install", name, *extra], timeout=LOAD_TIMEOUT)
         return "loaded"
-    argv = ["modprobe", "-n", "-v", "--ignore-install", "-d", str(root), "-S", kernel]
-    conf = root / "etc/modprobe.d"
-    if conf.is_dir():
-        argv += ["-C", str(conf)]
-    done = run([*argv, name], timeout=LOAD_TIMEOUT)
+    argv = [*_modprobe(root, kernel), "-n", "-v", "--ignore-install"]
+    done = run([*argv, name, *extra], timeout=LOAD_TIMEOUT)
     shown = done.stdout.strip().splitlines()
     if not shown or not shown[-1].startswith("insmod "):
         raise CommandError(f"{name} was restored, but modprobe -n does not load it from "
@@ -127,10 +154,16 @@ def _journal(message: str, *, error: bool = False, **fields: object) -> None:
 
 def restore_on_demand(args: argparse.Namespace, console: Console) -> int:
     from ..names import is_valid_module_name, normalize
-    if len(args.names) != 1 or not is_valid_module_name(args.names[0]):
+    from ..ondemand import is_module_option
+
+    if not is_valid_module_name(args.names[0]):
         raise InputError("restore --on-demand takes one module name (modprobe's install "
-                         f"line gives one), not {' '.join(args.names)!r}")
-    name = normalize(args.names[0])
+                         f"line gives one), not {args.names[0]!r}")
+    name, options = normalize(args.names[0]), list(args.names[1:])
+    bad = [o for o in options if not is_module_option(o)]
+    if bad:
+        raise InputError(f"restore --on-demand {name}: {bad[0]!r} is not a module option "
+                         "(modprobe's install line gives NAME, then its options)")
     started = time.monotonic()
     kernel = args.kernel
     try:
@@ -156,7 +189,8 @@ def restore_on_demand(args: argparse.Namespace, console: Console) -> int:
                   error=True, module=name, kernel=kernel)
         raise StashError(f"{name} not restored for modprobe: {damaged[0]}",
                          hint="kmodtrim status --verify names every damaged copy")
-    loaded = "dry run: not loaded" if args.dry_run else _load(args.root, kernel, name)
+    loaded = ("dry run: not loaded" if args.dry_run
+              else _load(args.root, kernel, name, options))
     seconds = time.monotonic() - started
     if doc is None:
         line = f"{name} is in the tree of kernel {kernel}: nothing to restore; {loaded}"
