@@ -13,6 +13,7 @@ Skips unless run as root with qemu-system-x86_64, debootstrap and cpio installed
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,7 +34,9 @@ from pkgbuild import sh
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
-BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "iproute2")
+# nftables: the guest asks for netfilter modules by alias (restore on demand).
+BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "iproute2",
+                 "nftables")
 PYTHON_DIR = "/usr/local/lib/kmodtrim"
 
 
@@ -47,11 +50,13 @@ def need_vm_tools() -> None:
 def base_image() -> Path:
     """The cached debootstrap of Debian bookworm (built once, ~1 min and ~270 MB)."""
     cache = kernel_cache_dir().parent / "vm"
-    base = cache / f"{SUITE}-minbase"
+    # Named after its package list: a list changed is a new image, never a stale one.
+    packages = hashlib.sha256(" ".join(BASE_PACKAGES).encode()).hexdigest()[:8]
+    base = cache / f"{SUITE}-minbase-{packages}"
     if (base / "etc/os-release").exists():
         return base
     cache.mkdir(parents=True, exist_ok=True)
-    partial = cache / f"{SUITE}-minbase.partial"
+    partial = cache / f"{base.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     try:
         sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
