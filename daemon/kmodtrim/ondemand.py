@@ -39,9 +39,11 @@ Everything here is pure: the engine gathers the inputs.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from itertools import chain
 
 from .names import normalize
 
@@ -64,44 +66,75 @@ class KernelModules:
     kept: Mapping[str, tuple[str, ...]]
 
 
+_BY_NAME = re.compile(r"[^:\s]+")  # no bus prefix, no white space
+
+
 def requested_by_name(alias: str) -> bool:
     """Whether an alias is one the kernel or a program asks for by name (``fs-xfs``,
     ``net-pf-10``), not a device's modalias (``pci:v…``), which udev and self-healing
     handle."""
-    return ":" not in alias and bool(alias.strip()) and not any(c.isspace() for c in alias)
+    return _BY_NAME.fullmatch(alias) is not None
 
 
 def _wild(pattern: str) -> bool:
     return not _WILDCARDS.isdisjoint(pattern)
 
 
+def _prefix(pattern: str) -> str:
+    """What every string the pattern matches starts with: up to its first wildcard."""
+    return pattern[:next((i for i, c in enumerate(pattern) if c in _WILDCARDS),
+                         len(pattern))]
+
+
+def _starting(keys: list[str], prefix: str) -> list[str]:
+    """The sorted ``keys`` that start with ``prefix``."""
+    first = bisect_left(keys, prefix)
+    last = first
+    while last < len(keys) and keys[last].startswith(prefix):
+        last += 1
+    return keys[first:last]
+
+
 class _Kept:
     """The by-name aliases of modules still in a tree: is an alias line for a trimmed
     module safe, i.e. can no string it matches also match another module's alias?
     (Exact for literal patterns; with a wildcard on either side, whether either matches
-    the other as a string.)"""
+    the other as a string.)
+
+    Either matching the other needs one's prefix (up to the first wildcard) to be a prefix
+    of the other's, so only the patterns whose prefix fits are tried: a few per alias,
+    where a Debian generic kernel has thousands."""
 
     def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
         self.literal: dict[str, set[str]] = {}
-        self.wild: list[tuple[str, str]] = []
+        self.wild: dict[str, list[tuple[str, str]]] = {}  # prefix → (pattern, module)
         for pattern, module in pairs:
             if _wild(pattern):
-                self.wild.append((pattern, module))
+                self.wild.setdefault(_prefix(pattern), []).append((pattern, module))
             else:
                 self.literal.setdefault(pattern, set()).add(module)
+        self.literals = sorted(self.literal)
+        self.prefixes = sorted(self.wild)
+
+    def _wild_under(self, text: str) -> Iterator[tuple[str, str]]:
+        """The wildcard patterns whose prefix is a prefix of ``text``."""
+        for i in range(len(text) + 1):
+            yield from self.wild.get(text[:i], ())
 
     def hides_another(self, alias: str, name: str) -> bool:
         if _wild(alias):
+            prefix = _prefix(alias)
+            if any(fnmatchcase(literal, alias) and self.literal[literal] - {name}
+                   for literal in _starting(self.literals, prefix)):
+                return True
+            longer = (pair for p in _starting(self.prefixes, prefix) for pair in self.wild[p])
             return any(module != name and (fnmatchcase(pattern, alias)
                                            or fnmatchcase(alias, pattern))
-                       for pattern, modules in self.literal.items() for module in modules) \
-                or any(module != name and (fnmatchcase(pattern, alias)
-                                           or fnmatchcase(alias, pattern))
-                       for pattern, module in self.wild)
+                       for pattern, module in chain(self._wild_under(prefix), longer))
         if self.literal.get(alias, set()) - {name}:
             return True
         return any(module != name and fnmatchcase(alias, pattern)
-                   for pattern, module in self.wild)
+                   for pattern, module in self._wild_under(alias))
 
 
 def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) -> str | None:
@@ -116,10 +149,10 @@ def conf_text(kernels: Iterable[KernelModules], excluded: Iterable[str] = ()) ->
             name = normalize(name)
             if name in excluded_names:
                 continue
-            trimmed.setdefault(name, set()).update(a for a in aliases if requested_by_name(a))
+            trimmed.setdefault(name, set()).update(filter(requested_by_name, aliases))
         for name, aliases in k.kept.items():
             kept_names.add(normalize(name))
-            kept_by_alias.extend((a, normalize(name)) for a in aliases if requested_by_name(a))
+            kept_by_alias.extend((a, normalize(name)) for a in filter(requested_by_name, aliases))
     if not trimmed:
         return None
     kept = _Kept(kept_by_alias)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from kmodtrim.ondemand import (
     COMMAND,
     OPTIONS_VARIABLE,
     KernelModules,
+    _Kept,
     conf_text,
     excluded_of,
     extra_options,
@@ -117,3 +123,30 @@ def test_module_options_are_words_kmod_would_pass() -> None:
         assert is_module_option(word), word
     for word in ("-x", "", "two words", "a;b=1", "$CMDLINE_OPTS", "x=\n"):
         assert not is_module_option(word), word
+
+
+def _hides_by_brute_force(kept: list[tuple[str, str]], alias: str, name: str) -> bool:
+    """The rule, tried against every kept pattern (what _Kept answers faster)."""
+    wild = not set("*?[").isdisjoint(alias)
+    for pattern, module in kept:
+        if module == name:
+            continue
+        if not set("*?[").isdisjoint(pattern) or wild:
+            if fnmatchcase(alias, pattern) or (wild and fnmatchcase(pattern, alias)):
+                return True
+        elif pattern == alias:
+            return True
+    return False
+
+
+_PATTERN = st.text(alphabet="ab-1*?[]", min_size=1, max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(kept=st.lists(st.tuples(_PATTERN, st.sampled_from(["m1", "m2", "mine"])),
+                     max_size=12),
+       alias=_PATTERN)
+def test_kept_aliases_hide_what_trying_every_pattern_would(
+        kept: list[tuple[str, str]], alias: str) -> None:
+    assert _Kept(kept).hides_another(alias, "mine") == \
+        _hides_by_brute_force(kept, alias, "mine")
