@@ -68,7 +68,10 @@ def _via_daemon(args: argparse.Namespace, name: str) -> dict[str, Any]:
     options = remote.options(args, "Restore")
     options["initramfs"] = args.initramfs if args.initramfs != "auto" else "skip"
     options["on_demand"] = True
-    doc = _waiting(lambda: remote.client().restore([name], options, None), name)
+    # Back as soon as the job's outcome is out: the daemon's re-reading of its state
+    # afterwards is nothing modprobe needs to wait for.
+    doc = _waiting(lambda: remote.client().restore([name], options, None, settled=False),
+                   name)
     return remote.complete_outcome(doc)
 
 

@@ -191,7 +191,11 @@ def manager_properties(*, bus_address: str | None = None) -> dict[str, Any]:
 
 
 async def _job(bus_address: str | None, member: str, body: Sequence[Any],
-               progress: ProgressCallback | None) -> dict[str, Any]:
+               progress: ProgressCallback | None, *, settled: bool = True) -> dict[str, Any]:
+    """Call ``member``, follow its job and return its outcome. With ``settled`` (the
+    default) once the job is removed, i.e. after kmodtrimd has re-read its state, so the
+    next call finds it idle; else as soon as the job's Result and Outcome are published
+    (a caller that must not wait: modprobe's install line)."""
     bus = await _connect(bus_address)
     try:
         # Subscribe before the call: a short job may finish right after the reply.
@@ -224,6 +228,8 @@ async def _job(bus_address: str | None, member: str, body: Sequence[Any],
                 props.update(changed)
                 if progress is not None and ("Progress" in changed or "Phase" in changed):
                     progress(str(props.get("Phase", "")), float(props.get("Progress", 0.0)))
+                if not settled and changed.get("Result"):
+                    result = str(changed["Result"])
             elif msg.member == "JobRemoved" and msg.body[0] == job_id:
                 result = msg.body[2]
         if result != "done":
@@ -258,10 +264,12 @@ def rollback(generation: int | None, options: Mapping[str, Any],
 
 def restore(names: Sequence[str], options: Mapping[str, Any],
             progress_cb: ProgressCallback | None = None, *,
-            bus_address: str | None = None) -> dict[str, Any]:
-    """Restore modules (with dependencies and firmware) and wait for it."""
+            bus_address: str | None = None, settled: bool = True) -> dict[str, Any]:
+    """Restore modules (with dependencies and firmware) and wait for it (``settled``:
+    see _job)."""
     doc: dict[str, Any] = _run(_job(bus_address, "Restore",
-                                    [list(names), to_variants(options)], progress_cb))
+                                    [list(names), to_variants(options)], progress_cb,
+                                    settled=settled))
     return doc
 
 
