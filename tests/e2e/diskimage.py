@@ -10,20 +10,27 @@ the .deb with apt later needs no network. It is built once and cached under
 concurrent sessions).
 
 Each test copies the root, installs the built .deb with apt inside it (chroot, services
-kept from starting by policy-rc.d, which is removed afterwards), and writes it to a sparse
-ext4 image with ``mkfs.ext4 -d`` (no loop device, no mount). qemu boots that image as a
+kept from starting by policy-rc.d, which is removed afterwards), makes a local flat apt
+repository in it its only apt source (``kernel_packages``: the installed kernel's package
+and a second cloud kernel of another version, downloaded through tests/kernels.py's
+private apt configuration; ``local_repository``), and writes it to a sparse ext4 image
+with ``mkfs.ext4 -d`` (no loop device, no mount). Should the archive drop the cached
+root's kernel, the root is built again. qemu boots that image as a
 virtio disk with ``-kernel``/``-initrd`` read out of the image's own /boot with
 ``debugfs`` before every boot, so a boot always uses the initramfs the guest last wrote.
 """
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +40,7 @@ TESTS = Path(__file__).resolve().parent.parent
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
+import kernels  # noqa: E402
 from debroots import CHROOT_ENV, MIRROR, chroot  # noqa: E402
 from kernels import cache_lock, kernel_cache_dir  # noqa: E402
 from pkgbuild import sh  # noqa: E402
@@ -64,12 +72,14 @@ def e2e_cache() -> Path:
     return kernel_cache_dir().parent / "e2e"
 
 
-def base_root() -> Path:
+def base_root(rebuild: bool = False) -> Path:
     """The cached trixie root with the cloud kernel and its initramfs (built once:
-    a few minutes and about 700 MB)."""
+    a few minutes and about 400 MB; again when ``rebuild``)."""
     cache = e2e_cache()
     base = cache / f"{SUITE}-cloud"
     with cache_lock(cache):
+        if rebuild:
+            shutil.rmtree(base, ignore_errors=True)
         if (base / "etc/os-release").exists():
             return base
         partial = cache / f"{SUITE}-cloud.partial"
@@ -127,6 +137,79 @@ def install_deb(root: Path, deb: Path) -> str:
     return proc.stdout
 
 
+class KernelGone(Exception):
+    """The archive no longer serves the cached root's kernel package."""
+
+
+def kernel_packages(installed: str) -> tuple[Path, Path]:
+    """(the .deb of the installed kernel ``installed``, the .deb of a second trixie cloud
+    kernel of another version), downloaded through tests/kernels.py's private apt
+    configuration (signed indexes, SHA256 checked) into its cache. Raises KernelGone when
+    the archive no longer has ``installed`` (the cached root is older than the archive)."""
+    cache = kernel_cache_dir()
+    with cache_lock(cache):
+        try:
+            options = kernels._refresh_indexes(cache, kernels.TRIXIE)
+            try:
+                first = kernels._fetch(cache, options, f"linux-image-{installed}")
+            except kernels._Unavailable:
+                # Lists less than a day old may name a version the archive has dropped.
+                options = kernels._refresh_indexes(cache, kernels.TRIXIE, force=True)
+                first = kernels._fetch(cache, options, f"linux-image-{installed}")
+        except kernels._Unavailable as exc:
+            raise KernelGone(str(exc)) from None
+        try:
+            return first, _second_kernel(cache, options, installed)
+        except kernels._Unavailable as exc:
+            pytest.fail(f"cannot download a second trixie cloud kernel: {exc}", pytrace=False)
+
+
+def _second_kernel(cache: Path, options: list[str], installed: str) -> Path:
+    """The .deb of the cloud kernel the archive's metapackage names (trixie-security's,
+    usually) or, if that is the installed one, of the newest other cloud kernel package
+    the indexes list."""
+    meta = kernels._resolve_metapackage(options, "linux-image-cloud-amd64")
+    if meta != f"linux-image-{installed}":
+        return kernels._fetch(cache, options, meta)
+    names = kernels._run(["apt-cache", *options, "pkgnames", "linux-image-"]).split()
+    others = [n for n in names if re.fullmatch(r"linux-image-\d[\w.+~]*-cloud-amd64", n)
+              and n != f"linux-image-{installed}"]
+    others.sort(key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)],
+                reverse=True)
+    problems = []
+    for name in others:
+        try:
+            return kernels._fetch(cache, options, name)
+        except kernels._Unavailable as exc:
+            problems.append(str(exc))
+    raise kernels._Unavailable(f"no cloud kernel other than {installed}: {problems}")
+
+
+REPO_DIR = "srv/e2e-repo"
+
+
+def local_repository(root: Path, debs: Sequence[Path]) -> str:
+    """Make a flat apt repository of ``debs`` at ROOT/srv/e2e-repo the root's only apt
+    source (``deb [trusted=yes] file:/srv/e2e-repo ./``) and update its lists, so that
+    the guest installs and downloads packages without a network; apt-get update's
+    output."""
+    repo = root / REPO_DIR
+    repo.mkdir(parents=True)
+    for deb in debs:
+        shutil.copy2(deb, repo / deb.name)
+    packages = sh("dpkg-scanpackages", "--multiversion", ".", cwd=repo).stdout
+    (repo / "Packages").write_text(packages)
+    data = (repo / "Packages").read_bytes()
+    (repo / "Release").write_text(
+        "Origin: kmodtrim-e2e\nLabel: kmodtrim-e2e\nSuite: e2e\nCodename: e2e\n"
+        f"Architectures: amd64\nDate: {email.utils.formatdate(usegmt=True)}\n"
+        f"SHA256:\n {hashlib.sha256(data).hexdigest()} {len(data)} Packages\n")
+    (root / "etc/apt/sources.list").write_text(f"deb [trusted=yes] file:/{REPO_DIR} ./\n")
+    for extra in (root / "etc/apt/sources.list.d").glob("*"):
+        extra.unlink()
+    return chroot(root, "apt-get", "update", "-q").stdout
+
+
 def make_disk(root: Path, image: Path) -> Path:
     """``root`` as a sparse ext4 file system image (``mkfs.ext4 -d``)."""
     with open(image, "wb") as f:
@@ -160,10 +243,11 @@ def read_tree(image: Path, path: str, dest: Path) -> Path:
 
 
 @contextmanager
-def boot_disk(image: Path, kver: str, workdir: Path, *, memory_mb: int = 2048
-              ) -> Iterator[Guest]:
+def boot_disk(image: Path, kver: str, workdir: Path, *, memory_mb: int = 2048,
+              extra: Sequence[str] = ()) -> Iterator[Guest]:
     """Boot ``image`` (virtio disk, virtio NIC on user networking, TCG) with the kernel
-    and initramfs its /boot holds now; powered off when the block ends."""
+    and initramfs its /boot holds now, and ``extra`` qemu arguments; powered off when the
+    block ends."""
     kernel = read_out(image, f"/boot/vmlinuz-{kver}", workdir / "vmlinuz")
     initrd = read_out(image, f"/boot/initrd.img-{kver}", workdir / "initrd.img")
     qmp_path = workdir / "qmp.sock"
@@ -176,6 +260,7 @@ def boot_disk(image: Path, kver: str, workdir: Path, *, memory_mb: int = 2048
         "-nic", "user,model=virtio-net-pci",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", "root=/dev/vda rw console=ttyS0 panic=-1",
+        *extra,
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL)

@@ -1,10 +1,14 @@
-"""The proof from disk: Debian 13 with kmodtrim installed by apt trims itself in auto mode
-and boots from its own trimmed disk and regenerated initramfs.
+"""The proof from disk: Debian 13 with kmodtrim installed by apt trims itself in auto mode,
+boots from its own trimmed disk and regenerated initramfs, heals hot-plugged storage,
+trims a kernel installed later by apt, and rolls everything back.
 
 A cached trixie root (tests/e2e/diskimage.py: systemd, udev, systemd-networkd, the cloud
 kernel, initramfs-tools) gets the built .deb with apt and a policy drop-in (``mode =
-"auto"``, one boot and no days of observation), and is written to an ext4 disk image. qemu
-(TCG) boots it with the kernel and initramfs read out of the image's /boot:
+"auto"``, one boot and no days of observation); its only apt source becomes a local
+repository (/srv/e2e-repo) holding the installed kernel's package and a second trixie
+cloud kernel of another version (downloaded on the host through tests/kernels.py), so the
+guest needs no network to Debian. The root is written to an ext4 disk image, and qemu
+(TCG, i440fx) boots it with the kernel and initramfs read out of the image's /boot:
 
 - boot 1: kmodtrimd records the boot, finds the minimum observation met and trims the
   running kernel with the default policy, regenerating the initramfs with
@@ -12,34 +16,56 @@ kernel, initramfs-tools) gets the built .deb with apt and a policy drop-in (``mo
 - boot 2, with the initramfs boot 1 wrote: multi-user reached with no failed unit, root
   mounted from the virtio disk, the NIC has a DHCP address, the journal has no
   "Unknown symbol" or "module not found", and ``dpkg --verify`` lists only trimmed files.
+  Then, in the same boot:
+  - hot-plug (QMP ``device_add`` on the ACPI-hotplug PCI bus): a virtio-scsi controller
+    (virtio_scsi is a KVM platform driver the policy keeps) and a VMware PVSCSI controller
+    (vmw_pvscsi, which the trim took out), each with a disk: kmodtrimd restores and loads
+    vmw_pvscsi (its self-heal journal message), and both disks appear;
+  - ``apt-get install`` of the second kernel package from the local repository: the
+    package's postinst runs kmodtrim's /etc/kernel/postinst.d hook, kmodtrimd trims the
+    new kernel once apt has finished (a ``kernel-install`` job) and regenerates its
+    initramfs after the trim;
+  - the drop-in is removed (manual mode: in auto mode the daemon would trim the running
+    kernel again) and ``kmodtrim rollback 0 --yes`` puts every file back;
+- boot 3, rolled back: multi-user reached with no failed unit, ``dpkg --verify`` clean,
+  both kernels' module files as their packages install them, kmodtrim's modprobe.d file
+  gone.
 
-Figures (module tree, stash, initramfs in MB; boot to multi-user in seconds, before and
-after) are printed and written to the test's tmp dir with each boot's serial log.
+Figures (module tree, stash, initramfs in MB; boot to multi-user in seconds; the second
+kernel's tree and initramfs; each phase's seconds) are printed and written to the test's
+tmp dir as figures.json, with each boot's serial log and findings.
 
-Part of the suite (system tier): about 9–18 minutes under TCG; the first run builds the
-cached image (root and network needed). Run alone: ``pytest tests/e2e/test_from_disk.py``.
+Part of the suite (system tier): about 35 minutes under TCG on 2 CPUs; the first run
+builds the cached image (root and network needed). Run alone:
+``pytest tests/e2e/test_from_disk.py``.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from diskimage import (
+    KernelGone,
     base_root,
     boot_disk,
     install_deb,
+    kernel_packages,
     kernel_release,
+    local_repository,
     make_disk,
     need_e2e_tools,
     read_tree,
 )
 
 from debbuild import build_kmodtrim_deb
+from kmodtrim.daemon import MESSAGE_IDS
 from pkgbuild import sh
+from vm import Guest
 
 pytestmark = [pytest.mark.slow, pytest.mark.system]
 
@@ -60,7 +86,11 @@ TTYPath=/dev/ttyS0
 WantedBy=multi-user.target
 """
 BOOT_TIMEOUT = 1800.0
+BOOT2_TIMEOUT = 5400.0  # hot-plug, a kernel install and a rollback under TCG
 MB = 1e6
+# Hot-plugged SCSI controllers (qemu device, the guest driver) and their disks' sizes.
+VIRTIO_SCSI = ("virtio-scsi-pci", "virtio_scsi", 32 * 1024**2)
+PVSCSI = ("pvscsi", "vmw_pvscsi", 48 * 1024**2)
 
 
 def prepare(root: Path, deb: Path) -> str:
@@ -82,17 +112,45 @@ def prepare(root: Path, deb: Path) -> str:
     return apt_output
 
 
-def run_boot(n: int, image: Path, kver: str, work: Path) -> Path:
-    """Boot the image until the guest's check powers it off; its findings directory."""
+def run_boot(n: int, image: Path, kver: str, work: Path, *, timeout: float = BOOT_TIMEOUT,
+             extra: tuple[str, ...] = (), during: Callable[[Guest], None] | None = None
+             ) -> Path:
+    """Boot the image until the guest's check powers it off (``during`` talks to the
+    running guest first); its findings directory."""
     boot_dir = work / f"boot{n}"
     boot_dir.mkdir()
-    with boot_disk(image, kver, boot_dir) as guest:
+    with boot_disk(image, kver, boot_dir, extra=extra) as guest:
         try:
-            guest.wait_for(f"E2E-DONE boot {n}", BOOT_TIMEOUT)
+            if during is not None:
+                during(guest)
+            guest.wait_for(f"E2E-DONE boot {n}", timeout)
             guest.proc.wait(timeout=300)
         finally:
             (boot_dir / "serial.log").write_text(guest.console())
     return read_tree(image, f"/var/lib/e2e/boot{n}", boot_dir / "guest")
+
+
+def hotplug_drives(work: Path) -> tuple[str, ...]:
+    """qemu arguments for the (not yet attached) drives of the hot-plugged disks."""
+    args: list[str] = []
+    for _, driver, size in (VIRTIO_SCSI, PVSCSI):
+        disk = work / f"{driver}.img"
+        with open(disk, "wb") as f:
+            f.truncate(size)
+        args += ["-drive", f"if=none,id={driver},file={disk},format=raw"]
+    return tuple(args)
+
+
+def hotplug(guest: Guest) -> None:
+    """Once the guest asks for it: a virtio-scsi and a PVSCSI controller on the PCI bus,
+    then a disk on each (qemu attaches it to the controller's bus at once)."""
+    guest.wait_for("E2E-HOTPLUG-READY", BOOT_TIMEOUT)
+    for device, driver, _ in (VIRTIO_SCSI, PVSCSI):
+        reply = guest.qmp("device_add", driver=device, id=f"{driver}-hba")
+        assert "return" in reply, (device, reply)
+        reply = guest.qmp("device_add", driver="scsi-hd", bus=f"{driver}-hba.0",
+                          drive=driver, id=f"{driver}-disk")
+        assert "return" in reply, (device, reply)
 
 
 def sizes(found: Path, when: str) -> dict[str, int]:
@@ -120,10 +178,21 @@ def _seconds(span: str) -> float:
     return value
 
 
+def timings(found: Path) -> dict[str, int]:
+    """Seconds per phase of a boot, as the guest measured them."""
+    return {name: int(value) for name, value in
+            (line.split() for line in (found / "timings").read_text().splitlines())}
+
+
 def trimmed_paths(found: Path) -> set[str]:
     """The files generation 1 took out (``kmodtrim show 1 --json``), as absolute paths."""
     doc: dict[str, Any] = json.loads((found / "gen1.json").read_text())
     return {usr_path(str(entry["path"])) for entry in doc["taken_out"]}
+
+
+def trimmed_modules(found: Path) -> set[str]:
+    doc: dict[str, Any] = json.loads((found / "gen1.json").read_text())
+    return {str(entry["module"]) for entry in doc["taken_out"] if entry.get("module")}
 
 
 def usr_path(path: str) -> str:
@@ -133,9 +202,48 @@ def usr_path(path: str) -> str:
     return "/usr" + path if path.startswith(("/lib/", "/bin/", "/sbin/")) else path
 
 
+def journal_messages(found: Path, name: str, kind: str) -> list[str]:
+    """kmodtrimd's journal messages of one kind (its fixed MESSAGE_ID) from ``name``
+    (``journalctl -o json`` lines)."""
+    messages = []
+    for line in (found / name).read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("MESSAGE_ID") == MESSAGE_IDS[kind]:
+            messages.append(str(entry.get("MESSAGE")))
+    return messages
+
+
+def generations(found: Path) -> dict[int, dict[str, Any]]:
+    """Every generation's ``kmodtrim show N --json`` the guest saved at the end of a
+    boot, by number."""
+    docs: dict[int, dict[str, Any]] = {}
+    for path in found.glob("show-*.json"):
+        doc: dict[str, Any] = json.loads(path.read_text())
+        docs[int(doc["generation"])] = doc
+    return docs
+
+
+def check_booted(found: Path, name: str) -> None:
+    """Multi-user reached with no failed unit, root on the virtio disk, the NIC up."""
+    state = (found / "state").read_text().strip()
+    assert state == "running", (name, state, (found / "failed").read_text())
+    assert (found / "failed").read_text().strip() == "", name
+    assert (found / "root").read_text().split()[:2] == ["/dev/vda", "ext4"], name
+    assert "inet 10.0.2." in (found / "addr").read_text(), (name, (found / "addr").read_text())
+
+
 def test_auto_trim_then_boot_from_the_trimmed_disk(tmp_path: Path) -> None:
     need_e2e_tools()
     base = base_root()
+    try:
+        installed_deb, second_deb = kernel_packages(kernel_release(base))
+    except KernelGone:
+        # The cached root is older than the archive: the archive no longer has its kernel.
+        base = base_root(rebuild=True)
+        installed_deb, second_deb = kernel_packages(kernel_release(base))
     (tmp_path / "deb").mkdir()
     deb = build_kmodtrim_deb(tmp_path / "deb")
     root = tmp_path / "root"
@@ -144,21 +252,25 @@ def test_auto_trim_then_boot_from_the_trimmed_disk(tmp_path: Path) -> None:
     apt_output = prepare(root, deb)
     # Every dependency came with the cached root: apt installs kmodtrim alone.
     assert "0 upgraded, 1 newly installed" in apt_output, apt_output
+    local_repository(root, [installed_deb, second_deb])
+    second_package = sh("dpkg-deb", "-f", second_deb, "Package").stdout.strip()
+    new_kver = second_package.removeprefix("linux-image-")
+    assert new_kver != kver, (new_kver, kver)
+    (root / "srv/e2e-repo/second-kernel").write_text(second_package + "\n")
     image = make_disk(root, tmp_path / "disk.img")
     shutil.rmtree(root)
 
+    # Boot 1: the automatic trim.
     first = run_boot(1, image, kver, tmp_path)
     kmodtrimd_log = (first / "kmodtrimd").read_text()
     assert "auto mode: minimum observation met" in kmodtrimd_log, kmodtrimd_log
     assert "trim job" in kmodtrimd_log and " done:" in kmodtrimd_log, kmodtrimd_log
     assert (first / "state").read_text().strip() == "running", (first / "failed").read_text()
 
-    second = run_boot(2, image, kver, tmp_path)
-    state = (second / "state").read_text().strip()
-    assert state == "running", (second / "failed").read_text()
-    assert (second / "failed").read_text().strip() == ""
-    assert (second / "root").read_text().split()[:2] == ["/dev/vda", "ext4"]
-    assert "inet 10.0.2." in (second / "addr").read_text(), (second / "addr").read_text()
+    # Boot 2: from the trimmed disk, then hot-plug, a kernel install and the rollback.
+    second = run_boot(2, image, kver, tmp_path, timeout=BOOT2_TIMEOUT,
+                      extra=hotplug_drives(tmp_path), during=hotplug)
+    check_booted(second, "boot 2")
     journal = (second / "journal").read_text()
     for bad in ("Unknown symbol", "module not found", "Module not found"):
         assert bad not in journal, [ln for ln in journal.splitlines() if bad in ln]
@@ -171,17 +283,92 @@ def test_auto_trim_then_boot_from_the_trimmed_disk(tmp_path: Path) -> None:
     assert verify == trimmed, (sorted(verify - trimmed)[:20], sorted(trimmed - verify)[:20])
     assert all(line.startswith("missing ")
                for line in (second / "dpkg-verify").read_text().splitlines() if line.strip())
+    on_demand = "kmodtrim-on-demand.conf"
+    assert on_demand in (second / "modprobe.d").read_text().split()
 
-    before, after = sizes(first, "start"), sizes(second, "start")
+    # Hot-plug: PVSCSI's driver was trimmed and comes back by self-healing; virtio_scsi
+    # is kept by the KVM platform's drivers (restored too, should a policy trim it).
+    taken_out = trimmed_modules(second)
+    assert PVSCSI[1] in taken_out, f"the trim kept {PVSCSI[1]}: the hot-plug proves nothing"
+    heal = journal_messages(second, "kmodtrimd-rolled-back.jsonl", "self-heal")
+    daemon_log = (second / "kmodtrimd-kernel-installed").read_text()
+    disks = {fields[2]: int(fields[1]) * 512 for fields in
+             (line.split() for line in (second / "hotplug-disks").read_text().splitlines())}
+    for _, driver, size in (VIRTIO_SCSI, PVSCSI):
+        assert disks.get(driver) == size, (driver, disks, heal, daemon_log[-3000:])
+        assert driver in (second / "hotplug-lsmod").read_text().split(), (driver, heal)
+        if driver in taken_out:
+            assert any(f"restored {driver} and loaded" in m for m in heal), (driver, heal)
+    assert VIRTIO_SCSI[1] in taken_out or not any(VIRTIO_SCSI[1] in m for m in heal), heal
+
+    # The second kernel: installed by apt, trimmed by kmodtrimd after the hook's event,
+    # its initramfs regenerated after the trim.
+    apt_install = (second / "apt-install").read_text()
+    assert (second / "apt-install.rc").read_text().strip() == "0", apt_install[-3000:]
+    assert "1 newly installed" in apt_install, apt_install[-3000:]
+    assert f"kernel {new_kver} installed: queued" in daemon_log, daemon_log[-3000:]
+    installs = journal_messages(second, "kmodtrimd-kernel-installed.jsonl", "kernel-install")
+    assert any(m.startswith("kernel-install job") and " done: changed " in m
+               for m in installs), (installs, daemon_log[-3000:])
+    gens = generations(second)
+    new_gen = [g for g in gens.values() if new_kver in g.get("description", "")
+               and g.get("taken_out")]
+    assert len(new_gen) == 1, [(g["generation"], g["description"]) for g in gens.values()]
+    regen = new_gen[0]["regen"][new_kver]["initramfs"]
+    assert regen["image"] == f"/boot/initrd.img-{new_kver}", regen
+    assert regen["previous"] == f"/boot/initrd.img-{new_kver}.kmodtrim-prev", regen
+    package_ko = int((second / "package-ko").read_text())
+    installed = sizes(second, "kernel-installed")
+    trimmed_ko = installed[f"ko:{new_kver}"]
+    assert 0 < trimmed_ko < package_ko / 3, (trimmed_ko, package_ko)
+    initrds = {Path(p[0]).name: (int(p[1]), int(p[2])) for p in
+               (line.split() for line in (second / "initrd-new").read_text().splitlines())}
+    new_initrd = initrds[f"initrd.img-{new_kver}"]
+    package_initrd = initrds[f"initrd.img-{new_kver}.kmodtrim-prev"]
+    assert new_initrd[1] > package_initrd[1], initrds  # written after the package's
+    assert new_initrd[0] < package_initrd[0], initrds  # without the trimmed modules
+
+    # The rollback, in boot 2.
+    rollback = (second / "rollback").read_text()
+    assert (second / "rollback.rc").read_text().strip() == "0", rollback
+    history = json.loads((second / "history-rolled-back.json").read_text())["generations"]
+    assert history[-1]["action"] == "rollback" and history[-1]["removed_files"] == 0, history
+    journal_end = (second / "journal-rolled-back").read_text()
+    assert "Unknown symbol" not in journal_end, \
+        [ln for ln in journal_end.splitlines() if "Unknown symbol" in ln]
+
+    # Boot 3: rolled back.
+    third = run_boot(3, image, kver, tmp_path)
+    check_booted(third, "boot 3")
+    verify_end = (third / "dpkg-verify").read_text()
+    assert verify_end.strip() == "", verify_end[-3000:]
+    assert on_demand not in (third / "modprobe.d").read_text().split()
+    before, after, rolled = sizes(first, "start"), sizes(second, "start"), sizes(third, "start")
+    for key in (f"ko:{kver}", f"kobytes:{kver}"):
+        assert rolled[key] == before[key], (key, before[key], rolled[key])
+    assert rolled[f"ko:{new_kver}"] == package_ko, (rolled[f"ko:{new_kver}"], package_ko)
+    third_log = (third / "kmodtrimd").read_text()
+    assert "trim job" not in third_log, third_log
+
     figures = {
         "kernel": kver,
-        "tree_mb": [before["tree"] / MB, after["tree"] / MB],
-        "stash_mb": [before["stash"] / MB, after["stash"] / MB],
-        "kmodtrim_state_mb": [before["state"] / MB, after["state"] / MB],
-        "initramfs_mb": [before["initramfs"] / MB, after["initramfs"] / MB],
-        "boot_dir_mb": [before["boot"] / MB, after["boot"] / MB],
-        "boot_seconds": [boot_seconds(first), boot_seconds(second)],
+        "tree_mb": [before["tree"] / MB, after["tree"] / MB, rolled["tree"] / MB],
+        "stash_mb": [before["stash"] / MB, after["stash"] / MB, rolled["stash"] / MB],
+        "kmodtrim_state_mb": [before["state"] / MB, after["state"] / MB,
+                              rolled["state"] / MB],
+        "initramfs_mb": [before["initramfs"] / MB, after["initramfs"] / MB,
+                         rolled["initramfs"] / MB],
+        "boot_dir_mb": [before["boot"] / MB, after["boot"] / MB, rolled["boot"] / MB],
+        "boot_seconds": [boot_seconds(first), boot_seconds(second), boot_seconds(third)],
         "files_trimmed": len(trimmed),
+        "second_kernel": new_kver,
+        "second_tree_mb": [rolled[f"tree:{new_kver}"] / MB,
+                           installed[f"tree:{new_kver}"] / MB],
+        "second_modules": [package_ko, trimmed_ko],
+        "second_initramfs_mb": [package_initrd[0] / MB, new_initrd[0] / MB,
+                                rolled[f"initramfs:{new_kver}"] / MB],
+        "phase_seconds": {f"boot{n}": timings(found)
+                          for n, found in ((1, first), (2, second), (3, third))},
     }
     (tmp_path / "figures.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures))
