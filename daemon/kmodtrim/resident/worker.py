@@ -222,7 +222,11 @@ def heal(ctx: Context) -> dict[str, Any] | None:
                 wanted.setdefault(name, modalias)
     if not wanted or not ctx.ask({"matched": wanted}):
         return None
-    options = _options({}, "auto", ctx.report)
+    # The device appeared after boot, so the system booted without its driver: the
+    # initramfs needs no rebuild before the driver loads (that took minutes under TCG,
+    # seconds on hardware, all of it before the disk appeared). The next change rebuilds
+    # it, as on-demand restores leave it.
+    options = _options({"initramfs": "skip"}, "auto", ctx.report)
     return usecases.restore(target, sorted(wanted), options,
                             "restored for a device that appeared", index=index)
 
