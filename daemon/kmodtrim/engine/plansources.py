@@ -44,7 +44,9 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
     option = policy.settings.backend if backend == "auto" else backend
     stash = policy.settings.stash
 
-    platforms = plan.platform.names if plan.platform is not None else None
+    # No platform named (none detected offline is every platform; clouds = [] keeps no
+    # platform's drivers in the tree): local copies for any platform's, as before.
+    platforms = plan.platform.names or None if plan.platform is not None else None
 
     def likely(request: PutRequest) -> bool:
         entry = index.modules.get(request.module or "")

@@ -98,6 +98,7 @@ def _read(path: Path, key: list[Any]) -> LoadedPolicy | None:
 
 
 def _write(path: Path, key: list[Any], loaded: LoadedPolicy) -> None:
+    from ..state.files import make_dirs
     from ..store import check_trusted, replace_file
     from .compat import dump
 
@@ -110,7 +111,7 @@ def _write(path: Path, key: list[Any], loaded: LoadedPolicy) -> None:
     }
     with contextlib.suppress(OSError, StoreError):  # only speed is lost
         check_trusted(path.parent.parent, path)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        make_dirs(path.parent)  # 0755 whatever the umask: a 0777 ROOT/var is refused
         check_trusted(path.parent.parent, path)
         replace_file(path, json.dumps(doc).encode(), durable=False)
 
