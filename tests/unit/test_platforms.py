@@ -121,6 +121,12 @@ def test_an_instance_family_move_stays_bootable() -> None:
     assert {"hv_storvsc", "hv_netvsc", "mana", "mlx5_core", "nvme"} <= azure
 
 
+def test_the_cloud_choices_are_the_platforms_with_auto_and_all() -> None:
+    from kmodtrim.platforms import CHOICES
+
+    assert ("auto", "all", *PLATFORMS) == CHOICES
+
+
 def test_cloud_boot_preset_is_every_platform_and_no_preset_is_a_default() -> None:
     assert set(PRESETS["cloud-boot"]) == {d for p in PLATFORMS.values() for d in p.drivers} \
         | set(COMMON)

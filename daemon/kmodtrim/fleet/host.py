@@ -17,9 +17,6 @@ OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")
 OS_RELEASE_KEYS = {"ID": "id", "VERSION_ID": "version_id", "IMAGE_ID": "image_id",
                    "IMAGE_VERSION": "image_version"}
 MACHINE_ID = "/etc/machine-id"
-PLATFORM_FILES = {"vendor": "/sys/class/dmi/id/sys_vendor",
-                  "product": "/sys/class/dmi/id/product_name",
-                  "hypervisor": "/sys/hypervisor/type"}
 
 
 @dataclass(frozen=True)
@@ -34,14 +31,17 @@ class HostFacts:
     kernel: str | None
 
 
-def _detected(root: Path) -> str | None:
-    """The platform platforms.detect recognises from the DMI and hypervisor facts (the
-    one whose drivers a plan keeps), or None."""
+def _platform(root: Path) -> dict[str, str | None]:
+    """DMI vendor and product, the hypervisor type (observe/platform.py reads them once)
+    and the platform platforms.detect recognises from them (None where absent)."""
     from ..observe.platform import read_platform_facts
     from ..platforms import detect
 
-    found = detect(read_platform_facts(root))
-    return found.platform if found is not None else None
+    facts = read_platform_facts(root)
+    found = detect(facts)
+    return {"vendor": facts.sys_vendor or None, "product": facts.product_name or None,
+            "hypervisor": facts.hypervisor_type or None,
+            "detected": found.platform if found is not None else None}
 
 
 def parse_os_release(text: str) -> dict[str, str | None]:
@@ -75,12 +75,6 @@ def _valid_machine_id(text: str | None) -> str | None:
     return value if ok and value != "0" * 32 else None  # "uninitialized", empty: none
 
 
-def _first_line(root: Path, inroot: str) -> str | None:
-    text = _read_text(root, _inroot_realpath(root, inroot))
-    line = (text or "").strip().splitlines()[:1]
-    return line[0].strip() if line and line[0].strip() else None
-
-
 def read_host_facts(root: Path, salt: str | None = None) -> HostFacts:
     """The facts of the host (or image) at ``root``. Raises ObservationError for a file
     that is not a regular file or is too large."""
@@ -99,8 +93,7 @@ def read_host_facts(root: Path, salt: str | None = None) -> HostFacts:
         machine_id_sha256=hash_machine_id(machine_id, salt) if machine_id else None,
         salted=bool(salt) and machine_id is not None,
         image=image,
-        platform={**{key: _first_line(root, path) for key, path in PLATFORM_FILES.items()},
-                  "detected": _detected(root)},
+        platform=_platform(root),
         kernels=tuple(installed_kernels(root)),
         kernel=kernel,
     )
