@@ -285,6 +285,56 @@ def test_stashed_modules_warm_is_cold(tree: Path, tmp_path: Path) -> None:
     assert snapshot(index) == snapshot(cold(tree))
 
 
+def test_a_restored_file_takes_its_stash_row(tree: Path, tmp_path: Path,
+                                              symbol_reads: list[int]) -> None:
+    """A module put back byte for byte (size and sha256 of its stashed copy) is not read
+    again, and the exports derived from the cached rows still hold (they were only moved
+    between tree and stash); a restore's load leaves the cache file as it is."""
+    build_index(tree, KVER)
+    stashed = _stash(tree, ["kernel/drivers/test/unused.ko",
+                            "kernel/drivers/test/unused_user.ko"], tmp_path / "stash")
+    build_index(tree, KVER, stashed=stashed)
+    build_index(tree, KVER, stashed=stashed)  # the cache now lists both as stashed
+    moddir = tree / f"lib/modules/{KVER}"
+    (moddir / stashed[0].relpath).write_bytes(stashed[0].load())
+    before = cache_file(tree).read_bytes()
+    symbol_reads.clear()
+    index, stats = build_index(tree, KVER, stashed=stashed[1:], save_cache=False)
+    assert stats.parsed == 0
+    assert symbol_reads == []  # the derived exports came from the cache
+    assert snapshot(index) == snapshot(cold(tree, stashed=stashed[1:]))
+    assert cache_file(tree).read_bytes() == before
+    # Saved, then read as it is.
+    build_index(tree, KVER, stashed=stashed[1:])
+    index, stats = build_index(tree, KVER, stashed=stashed[1:])
+    assert stats.parsed == 0 and snapshot(index) == snapshot(cold(tree, stashed=stashed[1:]))
+    # Other bytes of the same size at that path are read.
+    data = bytearray(stashed[1].load())
+    data[-1] ^= 0xFF
+    (moddir / stashed[1].relpath).write_bytes(bytes(data))
+    index, stats = build_index(tree, KVER)
+    assert stats.parsed == 1
+    assert snapshot(index) == snapshot(cold(tree))
+
+
+def test_a_name_split_between_tree_and_stash_derives_its_exports_again(
+        tree: Path, tmp_path: Path) -> None:
+    """helper has two files; which one counts depends on where each is, so moving one
+    between tree and stash is not 'the same modules': the exports are derived again."""
+    build_index(tree, KVER)
+    stashed = _stash(tree, ["updates/helper.ko.xz"], tmp_path / "stash")
+    for _ in range(2):
+        index, _ = build_index(tree, KVER, stashed=stashed)
+        assert index.modules["helper"].relpath == "kernel/drivers/test/helper.ko"
+        assert snapshot(index) == snapshot(cold(tree, stashed=stashed))
+    (tree / f"lib/modules/{KVER}/updates/helper.ko.xz").write_bytes(stashed[0].load())
+    for _ in range(2):
+        index, stats = build_index(tree, KVER)
+        assert stats.parsed == 0  # its bytes are the stash row's
+        assert index.modules["helper"].relpath == "updates/helper.ko.xz"
+        assert snapshot(index) == snapshot(cold(tree))
+
+
 def test_derived_kernel_exports_come_from_the_cache(tree: Path,
                                                     symbol_reads: list[int]) -> None:
     expected = snapshot(cold(tree))

@@ -65,6 +65,16 @@ def open_parent(root: Path, path: str, *, create: bool = False,
     one raises FileNotFoundError. Raises UnsafePathError for a path that is not normalised
     or whose links loop, OSError for other failures.
     """
+    with _open_chain(root, path, create, dir_mode) as (fds, name):
+        yield fds[-1], name
+
+
+@contextlib.contextmanager
+def _open_chain(root: Path, path: str, create: bool = False,
+                dir_mode: int = 0o755) -> Iterator[tuple[list[int], str]]:
+    """open_parent's walk: yields the descriptors of the directories from the root (or
+    from where the last absolute link restarted) down to ``path``'s, and its last
+    component."""
     parts = check_relative(path)
     name = parts[-1]
     pending = list(reversed(parts[:-1]))  # components still to walk, next one last
@@ -107,10 +117,50 @@ def open_parent(root: Path, path: str, *, create: bool = False,
                 while len(fds) > 1:
                     os.close(fds.pop())
             pending.extend(reversed(target.split("/")))
-        yield fds[-1], name
+        yield fds, name
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# A few files are flushed one by one; beyond this many, one sync() of everything costs
+# less than an fsync (a journal commit) each.
+SYNC_EACH_MAX = 64
+
+
+def make_durable(root: Path, paths: list[str]) -> None:
+    """Flush the files at in-root ``paths`` and every directory leading to them to disk,
+    as ``os.sync()`` would, without writing back everything else the machine has pending
+    (a module restored on demand waited for other programs' writes). Over SYNC_EACH_MAX
+    paths, ``os.sync()``. A link is flushed as its directory entry; a missing path as its
+    directory. Raises OSError (an I/O error while flushing)."""
+    if len(paths) > SYNC_EACH_MAX:
+        os.sync()
+        return
+    flushed: set[tuple[int, int]] = set()  # directories (st_dev, st_ino)
+    for path in paths:
+        try:
+            with _open_chain(root, path) as (fds, name):
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                                 | os.O_CLOEXEC, dir_fd=fds[-1])
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.ELOOP:  # ELOOP: a link, flushed with its directory
+                        raise
+                else:
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                for dfd in reversed(fds):
+                    st = os.fstat(dfd)
+                    if (st.st_dev, st.st_ino) not in flushed:
+                        flushed.add((st.st_dev, st.st_ino))
+                        os.fsync(dfd)
+        except FileNotFoundError:
+            continue  # its directory is gone too: nothing of it to flush
 
 
 class Walk:

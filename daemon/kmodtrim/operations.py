@@ -89,8 +89,10 @@ def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
     ) for entry in entries]
 
 
-def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, IndexStats]:
+def load_index(target: Target, *, rebuild: bool = False,
+               save_cache: bool = True) -> tuple[ModuleIndex, IndexStats]:
     """Index the target's kernel (cached), including modules an earlier trim stashed.
+    ``save_cache=False``: for a restore (see build_index).
 
     Raises KernelNotFoundError.
     """
@@ -103,6 +105,7 @@ def load_index(target: Target, *, rebuild: bool = False) -> tuple[ModuleIndex, I
         rebuild=rebuild,
         symvers=target.symvers,
         stashed=stashed_modules(target.root, kernel),
+        save_cache=save_cache,
     )
 
 

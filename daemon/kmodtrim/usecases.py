@@ -326,7 +326,7 @@ def restore(target: Target, names: list[str], options: Options,
     from .operations import load_index
 
     if recover(target.root, options) or index is None:
-        index, _ = load_index(target)
+        index, _ = load_index(target, save_cache=False)  # the restore changes the tree
     return outcome_document(restore_modules(target.root, names, index, options, how),
                             target.root)
 

@@ -82,7 +82,7 @@ def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | N
     from ..operations import load_index
 
     tgt = target(args)
-    index, _ = load_index(tgt)
+    index, _ = load_index(tgt, save_cache=False)  # the restore changes the tree
     names = [name] if name in index.modules else index.resolve(name)
     if not names:
         raise UnknownModuleError(f"kernel {index.kernel} has no module {name!r}",

@@ -306,7 +306,7 @@ class Transition:
             fault_point("restore", i)
             self._progress("restore", i, len(self.change.to_restore))
         if self.change.to_restore:
-            os.sync()
+            fsutil.make_durable(self.root, [e.path for e in self.change.to_restore])
         self.restorer.close()
         fault_point("after-restore")
 

@@ -5,13 +5,15 @@ the cache when anything changed."""
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Sequence
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..elf import ModuleInfo, decompress, parse_module
 from ..errors import ModuleParseError
+from ..inputs import MAX_MODULE_BYTES
 from ..modprobe import ModprobeConfig, read_modprobe_config
 from ..names import compression_of
 from ..paths import default_kernel
@@ -50,13 +52,16 @@ def build_index(
     rebuild: bool = False,
     symvers: Path | None = None,
     stashed: Sequence[StashedModule] = (),
+    save_cache: bool = True,
 ) -> tuple[ModuleIndex, IndexStats]:
     """Index the module tree of ``kernel`` (default: see default_kernel) under ``root``.
 
     ``stashed`` are module files an earlier trim took out of the tree: they are indexed
     too (marked ``stashed``), so plans, closures and the derived kernel exports see the
     whole kernel. Malformed module files are collected in ``parse_errors`` rather than
-    aborting. Raises KernelNotFoundError.
+    aborting. ``save_cache=False`` reads a cache but does not update it (a restore that
+    is about to change the tree again: writing it would only delay the restore).
+    Raises KernelNotFoundError.
     """
     # Tens of thousands of objects and no cycles: collecting while they are made only
     # costs time (~10% of a warm build).
@@ -64,7 +69,7 @@ def build_index(
     gc.disable()
     try:
         return _build_index(Path(root), kernel, cache_dir, use_cache, rebuild, symvers,
-                            stashed)
+                            stashed, save_cache)
     finally:
         if collecting:
             gc.enable()
@@ -78,6 +83,7 @@ def _build_index(
     rebuild: bool,
     symvers: Path | None,
     stashed: Sequence[StashedModule],
+    save_cache: bool,
 ) -> tuple[ModuleIndex, IndexStats]:
     kernel = kernel or default_kernel(root)
     moddir = module_dir(root, kernel)
@@ -88,18 +94,24 @@ def _build_index(
                                                                 stash_by_relpath)
     cached_files: list[_FileRow] = cache.files if cache is not None else []
     names: list[str] = cache.columns[0] if cache is not None else []
+    # Rows are the tree's files, then the stashed ones: (row, (size, 0, sha256)).
+    stash_rows: dict[str, tuple[int, Any]] = {}
+    if cache is not None:
+        stash_rows = {relpath: (len(cached_files) + i, stat)
+                      for i, (relpath, stat) in enumerate(cache.stash)}
 
     # The cache row of each file, or -1 where the file is new or changed.
-    rows: Iterable[int]
+    rows: Sequence[int]
     if files == cached_files:
         rows = range(len(files))
     else:
         row_of = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
-        rows = [
-            row if (row := row_of.get(relpath, -1)) >= 0 and cached_files[row][1] == stat
-            else -1
-            for relpath, stat in files
-        ]
+        rows = []
+        for relpath, stat in files:
+            row = row_of.get(relpath, -1)
+            if row < 0 or cached_files[row][1] != stat:
+                row = _put_back_row(moddir, relpath, stat, stash_rows.get(relpath))
+            rows.append(row)
     # The new or changed files, read ahead (compressed ones on every CPU) in file order.
     reads = read_modules(moddir, [relpath for (relpath, _), row in zip(files, rows,
                                                                         strict=True)
@@ -144,12 +156,15 @@ def _build_index(
                                     tuple(one[0] for one in same_name[1:]))
     # Unchanged: every file a cache hit, and no cached file gone.
     changed = parsed > 0 or len(fresh) != len(cached_files)
+    # Rows in use: when they are every row of the cache, once each, and no name has files
+    # both in the tree and the stash (now or in the cache), the modules are the cached
+    # ones, only moved between tree and stash, and so are the exports derived from them.
+    used = [row for row in rows if row >= 0]
+    if any(row >= len(cached_files) for row in used):
+        changed = True  # a row taken from the stash: the cache lists it as stashed
 
-    stash_rows: dict[str, tuple[int, Any]] = {}
     tree_rows: dict[str, int] = {}
     if cache is not None and stashed:
-        stash_rows = {relpath: (len(cached_files) + i, stat)
-                      for i, (relpath, stat) in enumerate(cache.stash)}
         tree_rows = {relpath: row for row, (relpath, _) in enumerate(cached_files)}
     if cache is not None and len(stashed) != len(cache.stash):
         changed = True
@@ -163,12 +178,14 @@ def _build_index(
             info = new(_CachedInfo)
             set_cache(info, cache)
             set_row(info, hit[0])
+            used.append(hit[0])
         elif before >= 0 and cached_files[before][1][0] == item.size:
             # Trimmed since the last index: the plan that trimmed it had just validated this
             # row against the file, so its modinfo carries over to the stashed copy.
             info = new(_CachedInfo)
             set_cache(info, cache)
             set_row(info, before)
+            used.append(before)
             changed = True
         else:
             changed = True
@@ -184,6 +201,9 @@ def _build_index(
         fresh_stash.append((item.relpath, stash_stat, info))
         stashed_by_name.setdefault(info.name, (item, info))
 
+    # A name both in the tree and the stash, or stashed twice: one file shadows another.
+    shadowed = len(stashed_by_name) != len(fresh_stash) or any(
+        name in modules for name in stashed_by_name)
     for name, (item, info) in stashed_by_name.items():
         if name not in modules:
             modules[name] = ModuleEntry(name, item.relpath, item.size, info, stashed=True)
@@ -201,7 +221,11 @@ def _build_index(
     memo: _ExportsMemo = dict(cache.exports) if cache is not None else {}
     exports = read_kernel_exports(root, kernel, moddir, symvers, memo)
     # The derived exports a cache holds were derived from exactly its rows.
-    derived = cache.derived if cache is not None and not changed else None
+    same_modules = cache is not None and (not changed or (
+        parsed == 0 and not errors and not shadowed and not _split(cache)
+        and len(used) == len(cached_files) + len(cache.stash)
+        and len(set(used)) == len(used)))
+    derived = cache.derived if cache is not None and same_modules else None
     if exports is None:
         if derived is None:
             if cache is not None:
@@ -209,7 +233,7 @@ def _build_index(
             derived = derived_kernel_exports(e.info for e in modules.values())
             changed = True
         exports = (derived, "derived from the tree")
-    if use_cache and (cache is None or changed or memo != cache.exports):
+    if use_cache and (cache is None or (save_cache and (changed or memo != cache.exports))):
         _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived)
     index = ModuleIndex(
         root=root,
@@ -225,3 +249,26 @@ def _build_index(
     )
     cached_count = len(files) + len(stashed) - parsed - len(errors)
     return index, IndexStats(files=len(files), parsed=parsed, cached=cached_count)
+
+
+def _put_back_row(moddir: Path, relpath: str, stat: Any,
+                  stashed: tuple[int, Any] | None) -> int:
+    """The cache's stash row for a tree file put back since the last index (its bytes are
+    the stashed copy's: same size and sha256), else -1 (the file is read)."""
+    if stashed is None or stashed[1][0] != stat[0]:
+        return -1
+    try:
+        with open(moddir / relpath, "rb") as f:
+            digest = hashlib.sha256(f.read(MAX_MODULE_BYTES + 1)).hexdigest()
+    except OSError:
+        return -1
+    return int(stashed[0]) if digest == stashed[1][2] else -1
+
+
+def _split(cache: Any) -> bool:
+    """Whether the cache has a name with files in the tree and the stash, or stashed
+    twice (which of its files counts then depends on where each one is)."""
+    names: list[str] = cache.columns[0]
+    in_tree = len(cache.files)
+    stashed = names[in_tree:in_tree + len(cache.stash)]
+    return len(set(stashed)) != len(stashed) or not set(stashed).isdisjoint(names[:in_tree])

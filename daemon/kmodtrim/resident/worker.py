@@ -214,7 +214,7 @@ def heal(ctx: Context) -> dict[str, Any] | None:
     from ..operations import Target, load_index
 
     target = Target(root=ctx.root, kernel=ctx.spec.get("kernel"))
-    index, _ = load_index(target)
+    index, _ = load_index(target, save_cache=False)  # a restore may follow
     wanted: dict[str, str] = {}
     for modalias in ctx.spec["modaliases"]:
         for name in index.match_alias(modalias):
