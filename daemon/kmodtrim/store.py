@@ -42,9 +42,11 @@ from .state.files import (
     atomic_write_bytes,
     atomic_write_json,
     check_trusted,
+    encode_json,
     fsync_dir,
     make_dirs,
     read_json,
+    read_state_bytes,
     replace_file,
     state_dir,
 )
@@ -180,7 +182,50 @@ def current_generation(root: Path) -> Generation:
 
 
 def write_generation(root: Path, generation: Generation) -> None:
-    atomic_write_json(generations_dir(root) / f"{generation.number}.json", generation.to_json())
+    """Write generation's manifest, then its summary (what ``history`` lists), which names
+    the manifest's sha256: a summary that does not match its manifest is not used."""
+    import hashlib
+
+    data = encode_json(generation.to_json())
+    atomic_write_bytes(generations_dir(root) / f"{generation.number}.json", data)
+    atomic_write_json(_summary_path(root, generation.number),
+                      {"sha256": hashlib.sha256(data).hexdigest(), **summary_of(generation)})
+
+
+def _summary_path(root: Path, number: int) -> Path:
+    return generations_dir(root) / f"{number}.summary.json"
+
+
+_SUMMARY_TYPES = {"generation": int, "created": str, "action": str, "description": str,
+                  "removed_files": int, "removed_bytes": int}
+
+
+def summary_of(generation: Generation) -> dict[str, Any]:
+    """A generation as ``history`` lists it (without ``current``)."""
+    return {"generation": generation.number, "created": generation.created,
+            "action": generation.action, "description": generation.description,
+            "removed_files": len(generation.removed),
+            "removed_bytes": generation.removed_bytes}
+
+
+def generation_summary(root: Path, number: int) -> dict[str, Any]:
+    """summary_of(generation ``number``), from its summary file when that was written for
+    exactly the manifest there is (sha256), else from the manifest. A manifest lists
+    thousands of files: reading only their summaries makes ``history`` fast. Raises
+    NoSuchGenerationError, StoreError."""
+    import hashlib
+
+    if number > 0:
+        try:
+            summary = read_json(_summary_path(root, number), root)
+            data = read_state_bytes(generations_dir(root) / f"{number}.json", root)
+        except (FileNotFoundError, StoreError):
+            summary = None
+        if (isinstance(summary, dict) and summary.get("generation") == number
+                and summary.get("sha256") == hashlib.sha256(data).hexdigest()
+                and all(type(summary.get(key)) is kind for key, kind in _SUMMARY_TYPES.items())):
+            return {key: summary[key] for key in _SUMMARY_TYPES}
+    return summary_of(load_generation(root, number))
 
 
 def module_history(root: Path, path: str) -> dict[str, int | None]:

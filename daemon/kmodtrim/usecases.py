@@ -164,17 +164,18 @@ def _unserved(root: Path, g: Generation) -> list[str]:
             if origin not in serving]
 
 
-def generation_row(g: Generation, current: int) -> dict[str, Any]:
-    return {"generation": g.number, "created": g.created, "action": g.action,
-            "description": g.description, "removed_files": len(g.removed),
-            "removed_bytes": g.removed_bytes, "current": g.number == current}
+def generation_rows(root: Path) -> list[dict[str, Any]]:
+    """Every generation as ``history`` lists it, oldest first (the last is current)."""
+    from .store import generation_summary
+
+    rows = [generation_summary(root, n) for n in generation_numbers(root)]
+    current = rows[-1]["generation"]
+    return [{**row, "current": row["generation"] == current} for row in rows]
 
 
 def history(root: Path) -> dict[str, Any]:
     """The ``history`` document: every generation, oldest first."""
-    gens = [load_generation(root, n) for n in generation_numbers(root)]
-    current = gens[-1].number
-    return {"schema": SCHEMA, "generations": [generation_row(g, current) for g in gens]}
+    return {"schema": SCHEMA, "generations": generation_rows(root)}
 
 
 def show(root: Path, number: int) -> dict[str, Any]:

@@ -243,10 +243,9 @@ class Daemon:
     def list_generations(self) -> list[dict[str, Any]]:
         """Every generation, oldest first (``kmodtrim history --json``'s rows). Raises
         StoreError."""
-        from ..usecases import generation_row
+        from ..usecases import generation_rows
 
-        gens = [load_generation(self.root, n) for n in generation_numbers(self.root)]
-        return [generation_row(g, gens[-1].number) for g in gens]
+        return generation_rows(self.root)
 
     def show_generation(self, number: int) -> dict[str, Any]:
         """Raises NoSuchGenerationError."""

@@ -139,9 +139,14 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int = FILE_MODE) -> None:
         ) from None
 
 
+def encode_json(doc: Any) -> bytes:
+    """A state file's bytes: compact, for only then does json use its C encoder
+    (manifests list thousands of files)."""
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
 def atomic_write_json(path: Path, doc: Any) -> None:
-    # Compact: only then does json use its C encoder (manifests list thousands of files).
-    atomic_write_bytes(path, (json.dumps(doc, separators=(",", ":")) + "\n").encode())
+    atomic_write_bytes(path, encode_json(doc))
 
 
 # A damaged manifest is never a reason to move things aside by hand: the stash's own
@@ -155,6 +160,16 @@ def read_json(path: Path, root: Path | None = None) -> Any:
     """Parse a state file, after checking it (and, given ``root``, its directories) can be
     trusted. Raises FileNotFoundError, or StoreError naming the file if it is untrusted,
     not a regular file, too big or corrupt."""
+    data = read_state_bytes(path, root)
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise StoreError(f"{path}: unreadable kmodtrim state ({_short(exc)})") from None
+
+
+def read_state_bytes(path: Path, root: Path | None = None) -> bytes:
+    """A state file's bytes, checked as read_json checks them. Raises FileNotFoundError,
+    StoreError."""
     check_trusted(root if root is not None else path.parent, path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -172,9 +187,8 @@ def read_json(path: Path, root: Path | None = None) -> Any:
             if st.st_size > STATE_FILE_LIMIT:
                 raise StoreError(f"{path}: {st.st_size} bytes, more than kmodtrim state "
                                  f"can be ({STATE_FILE_LIMIT >> 20} MiB)")
-            data = f.read(STATE_FILE_LIMIT + 1)
-        return json.loads(data.decode("utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:
+            return f.read(STATE_FILE_LIMIT + 1)
+    except OSError as exc:
         raise StoreError(f"{path}: unreadable kmodtrim state ({_short(exc)})") from None
 
 
