@@ -1,5 +1,5 @@
 """``history`` reads each generation's summary file instead of its whole manifest, but only
-a summary written for exactly the manifest there is (its sha256): otherwise, and for
+a summary written for exactly the manifest there is (its size and CRC-32): otherwise, and for
 manifests written before summaries existed, the manifest itself."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from kmodtrim import usecases
 from kmodtrim.errors import StoreError
 from kmodtrim.records import Generation, StashedFile
-from kmodtrim.store import generations_dir, make_dirs, write_generation
+from kmodtrim.store import generation_summary, generations_dir, make_dirs, write_generation
 
 
 def _generation(number: int, files: int) -> Generation:
@@ -89,3 +89,14 @@ def test_a_damaged_manifest_is_still_an_error(root: Path) -> None:
     (generations_dir(root) / "2.json").write_text("{")
     with pytest.raises(StoreError, match=r"2\.json"):
         usecases.history(root)
+
+
+def test_the_summary_names_each_kernels_trimmed_modules(root: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What kmodtrimd reads instead of the manifest: per kernel the modules out of the
+    tree (self-healing's first check), module files and bytes (its metrics)."""
+    _no_manifest_parse(monkeypatch)
+    summary = generation_summary(root, 1)
+    assert summary["kernels"] == {"6.1.0-1-amd64": {
+        "modules": ["m0", "m1", "m2", "m3", "m4"], "module_files": 5, "bytes": 5010}}
+    assert generation_summary(root, 0)["kernels"] == {}

@@ -143,7 +143,9 @@ def generation_numbers(root: Path) -> list[int]:
 
 # Manifests never change once written: each is read once per process (keyed by its inode,
 # size and mtime, so a file replaced meanwhile is read again).
+# At most a few: a long-running kmodtrimd must not keep every manifest it ever read.
 _GENERATIONS: dict[str, tuple[tuple[int, int, int], Generation]] = {}
+_GENERATIONS_KEPT = 4
 
 
 def load_generation(root: Path, number: int) -> Generation:
@@ -173,7 +175,10 @@ def load_generation(root: Path, number: int) -> Generation:
         raise StoreError(f"{path}: not a valid generation manifest: {exc.message}",
                          hint=_DAMAGED_HINT) from None
     if key is not None:
+        _GENERATIONS.pop(str(path), None)
         _GENERATIONS[str(path)] = (key, generation)
+        while len(_GENERATIONS) > _GENERATIONS_KEPT:  # the oldest read goes first
+            del _GENERATIONS[next(iter(_GENERATIONS))]
     return generation
 
 
@@ -182,14 +187,21 @@ def current_generation(root: Path) -> Generation:
 
 
 def write_generation(root: Path, generation: Generation) -> None:
-    """Write generation's manifest, then its summary (what ``history`` lists), which names
-    the manifest's sha256: a summary that does not match its manifest is not used."""
-    import hashlib
-
+    """Write generation's manifest, then its summary (summary_of), which names the
+    manifest's size and CRC-32: a summary that does not match its manifest is not used."""
     data = encode_json(generation.to_json())
     atomic_write_bytes(generations_dir(root) / f"{generation.number}.json", data)
     atomic_write_json(_summary_path(root, generation.number),
-                      {"sha256": hashlib.sha256(data).hexdigest(), **summary_of(generation)})
+                      {"manifest": _fingerprint(data), **summary_of(generation)})
+
+
+def _fingerprint(data: bytes) -> list[int]:
+    """[size, CRC-32] of a manifest's bytes: whether a summary was written for it (state
+    files are trusted, so this guards against a stale summary, not a forged one; CRC-32
+    keeps OpenSSL's libcrypto out of kmodtrimd, which reads summaries)."""
+    import zlib
+
+    return [len(data), zlib.crc32(data)]
 
 
 def _summary_path(root: Path, number: int) -> Path:
@@ -197,24 +209,45 @@ def _summary_path(root: Path, number: int) -> Path:
 
 
 _SUMMARY_TYPES = {"generation": int, "created": str, "action": str, "description": str,
-                  "removed_files": int, "removed_bytes": int}
+                  "removed_files": int, "removed_bytes": int, "kernels": dict}
+HISTORY_KEYS = ("generation", "created", "action", "description", "removed_files",
+                "removed_bytes")  # what ``history`` lists of a summary
 
 
 def summary_of(generation: Generation) -> dict[str, Any]:
-    """A generation as ``history`` lists it (without ``current``)."""
+    """A generation in short: what ``history`` lists (HISTORY_KEYS), and per kernel the
+    names of its modules out of the tree, how many module files and how many bytes
+    (what kmodtrimd's self-healing and metrics need)."""
+    kernels: dict[str, dict[str, Any]] = {}
+    for f in generation.removed:
+        if f.kernel:
+            entry = kernels.setdefault(f.kernel, {"modules": set(), "module_files": 0,
+                                                  "bytes": 0})
+            if f.kind == "module":
+                entry["module_files"] += 1
+                if f.module:
+                    entry["modules"].add(f.module)
+            entry["bytes"] += f.size
+    for entry in kernels.values():
+        entry["modules"] = sorted(entry["modules"])
     return {"generation": generation.number, "created": generation.created,
             "action": generation.action, "description": generation.description,
             "removed_files": len(generation.removed),
-            "removed_bytes": generation.removed_bytes}
+            "removed_bytes": generation.removed_bytes, "kernels": kernels}
+
+
+def _valid_kernels(kernels: dict[str, Any]) -> bool:
+    return all(isinstance(entry, dict) and isinstance(entry.get("modules"), list)
+               and all(isinstance(m, str) for m in entry["modules"])
+               and type(entry.get("module_files")) is int and type(entry.get("bytes")) is int
+               for entry in kernels.values())
 
 
 def generation_summary(root: Path, number: int) -> dict[str, Any]:
     """summary_of(generation ``number``), from its summary file when that was written for
-    exactly the manifest there is (sha256), else from the manifest. A manifest lists
-    thousands of files: reading only their summaries makes ``history`` fast. Raises
-    NoSuchGenerationError, StoreError."""
-    import hashlib
-
+    exactly the manifest there is (its size and CRC-32), else from the manifest. A manifest lists
+    thousands of files: reading only the summaries keeps ``history`` fast and kmodtrimd
+    small. Raises NoSuchGenerationError, StoreError."""
     if number > 0:
         try:
             summary = read_json(_summary_path(root, number), root)
@@ -222,8 +255,9 @@ def generation_summary(root: Path, number: int) -> dict[str, Any]:
         except (FileNotFoundError, StoreError):
             summary = None
         if (isinstance(summary, dict) and summary.get("generation") == number
-                and summary.get("sha256") == hashlib.sha256(data).hexdigest()
-                and all(type(summary.get(key)) is kind for key, kind in _SUMMARY_TYPES.items())):
+                and summary.get("manifest") == _fingerprint(data)
+                and all(type(summary.get(key)) is kind for key, kind in _SUMMARY_TYPES.items())
+                and _valid_kernels(summary["kernels"])):
             return {key: summary[key] for key in _SUMMARY_TYPES}
     return summary_of(load_generation(root, number))
 

@@ -166,11 +166,12 @@ def _unserved(root: Path, g: Generation) -> list[str]:
 
 def generation_rows(root: Path) -> list[dict[str, Any]]:
     """Every generation as ``history`` lists it, oldest first (the last is current)."""
-    from .store import generation_summary
+    from .store import HISTORY_KEYS, generation_summary
 
     rows = [generation_summary(root, n) for n in generation_numbers(root)]
     current = rows[-1]["generation"]
-    return [{**row, "current": row["generation"] == current} for row in rows]
+    return [{**{key: row[key] for key in HISTORY_KEYS}, "current": row["generation"] == current}
+            for row in rows]
 
 
 def history(root: Path) -> dict[str, Any]:

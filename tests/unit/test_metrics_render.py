@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from kmodtrim.records import Generation, StashedFile
 from kmodtrim.resident.metrics import MetricsState, RestoreCounters, created_epoch, render_metrics
+from kmodtrim.store import summary_of
 
 
 def _file(name: str, kernel: str, size: int, kind: str = "module") -> StashedFile:
@@ -25,8 +26,8 @@ def samples(text: str) -> dict[str, str]:
 
 
 def test_metrics_per_kernel_and_totals() -> None:
-    text = render_metrics(MetricsState(GENERATION, stash_bytes=300, boots=4,
-                                       last_trim=created_epoch(GENERATION),
+    text = render_metrics(MetricsState(summary_of(GENERATION), stash_bytes=300, boots=4,
+                                       last_trim=created_epoch(GENERATION.created),
                                        counters=RestoreCounters(self_heal=2, on_demand=1,
                                                                 by_hand=5)))
     assert samples(text) == {
@@ -50,7 +51,8 @@ def test_metrics_per_kernel_and_totals() -> None:
 
 def test_an_untrimmed_root_reports_zeroes() -> None:
     untrimmed = Generation(number=0, created="", action="untrimmed", description="")
-    values = samples(render_metrics(MetricsState(untrimmed, 0, 0, created_epoch(untrimmed))))
+    values = samples(render_metrics(MetricsState(summary_of(untrimmed), 0, 0,
+                                                 created_epoch(untrimmed.created))))
     assert values["kmodtrim_last_trim_timestamp_seconds"] == "0"
     assert values["kmodtrim_freed_bytes"] == "0"
     assert not any(k.startswith("kmodtrim_trimmed_modules") for k in values)

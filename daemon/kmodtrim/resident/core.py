@@ -23,9 +23,8 @@ from ..errors import KmodtrimError, StoreError
 from ..names import normalize
 from ..paths import default_kernel
 from ..store import (
-    Generation,
-    current_generation,
     generation_numbers,
+    generation_summary,
     load_generation,
     read_observations,
 )
@@ -156,19 +155,18 @@ class Daemon:
         """Re-read generation and observation state; return the properties that changed."""
         before = (self._generation, self._observed_since)
         try:
-            generation = current_generation(self.root)
+            # Its summary, not its manifest: kmodtrimd never holds thousands of records.
+            summary = generation_summary(self.root, generation_numbers(self.root)[-1])
         except StoreError as exc:
             log_event("error", f"cannot read the current generation: {exc}", error=True)
             return {}
-        self._generation = generation.number
+        self._generation = int(summary["generation"])
         boots = read_observations(self.root)
         self._observed_since = int(min(
             (float(b.get("first_seen", 0)) for b in boots.values()), default=0))
-        self._write_metrics(generation, len(boots))
-        kernel = self.kernel_release
-        self._trimmed = frozenset(
-            f.module for f in generation.removed
-            if f.kind == "module" and f.kernel == kernel and f.module)
+        self._write_metrics(summary, len(boots))
+        trimmed = summary["kernels"].get(self.kernel_release)
+        self._trimmed = frozenset(trimmed["modules"] if trimmed else ())
         changed: dict[str, object] = {}
         if before[0] != self._generation:
             changed["CurrentGeneration"] = self._generation
@@ -184,22 +182,23 @@ class Daemon:
             self.events.generation_new(self._generation)
         return changed
 
-    def _write_metrics(self, generation: Generation, boots: int) -> None:
-        """The node_exporter textfile (metrics.py), if a directory is set."""
+    def _write_metrics(self, summary: dict[str, Any], boots: int) -> None:
+        """The node_exporter textfile (metrics.py), if a directory is set; ``summary``:
+        the current generation's."""
         if self.metrics_dir is None:
             return
-        if generation.action in TRIM_ACTIONS:
-            self._last_trim, self._last_trim_known = created_epoch(generation), True
+        if summary["action"] in TRIM_ACTIONS:
+            self._last_trim, self._last_trim_known = created_epoch(summary["created"]), True
         elif not self._last_trim_known:  # once: the latest trim before a rollback/restore
             for number in reversed(generation_numbers(self.root)[:-1]):
                 with contextlib.suppress(StoreError):
-                    earlier = load_generation(self.root, number)
-                    if earlier.action in TRIM_ACTIONS:
-                        self._last_trim = created_epoch(earlier)
+                    earlier = generation_summary(self.root, number)
+                    if earlier["action"] in TRIM_ACTIONS:
+                        self._last_trim = created_epoch(earlier["created"])
                         break
             self._last_trim_known = True
         write_metrics(self.metrics_dir, render_metrics(MetricsState(
-            generation, stash_bytes(self.root), boots, self._last_trim, self.restores)))
+            summary, stash_bytes(self.root), boots, self._last_trim, self.restores)))
 
     async def _settle(self) -> dict[str, object]:
         # After each job, before it is removed: count its restores for the metrics, and
@@ -267,7 +266,7 @@ class Daemon:
         """Roll back to generation ``to`` (None: undo the latest). Raises BusyError,
         NoSuchGenerationError (before starting a job)."""
         if to is not None:
-            load_generation(self.root, to)  # fail early on a bad number
+            generation_summary(self.root, to)  # fail early on a bad number
         return self.slot.start("rollback", ("rollback", to, request), {
             "op": "rollback", "root": str(self.root), "to": to,
             "request": request.to_json()})

@@ -13,10 +13,11 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from ..records import Generation
 from ..store import replace_file, state_dir
 
 DEFAULT_TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
@@ -39,19 +40,20 @@ class RestoreCounters:
 
 @dataclass(frozen=True)
 class MetricsState:
-    """What the metrics are computed from (plain data)."""
+    """What the metrics are computed from (plain data): ``generation`` is the current
+    generation's summary (store.summary_of)."""
 
-    generation: Generation
+    generation: Mapping[str, Any]
     stash_bytes: int
     boots: int
     last_trim: float | None  # epoch of the latest trimming generation
     counters: RestoreCounters = field(default_factory=RestoreCounters)
 
 
-def created_epoch(generation: Generation) -> float | None:
-    """A generation's creation time as an epoch (None when unreadable)."""
+def created_epoch(created: str) -> float | None:
+    """A generation's creation time (``created``) as an epoch (None when unreadable)."""
     try:
-        return datetime.datetime.strptime(generation.created, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        return datetime.datetime.strptime(created, "%Y-%m-%dT%H:%M:%S%z").timestamp()
     except ValueError:
         return None
 
@@ -66,13 +68,9 @@ def _number(value: float) -> str:
 
 def render_metrics(state: MetricsState) -> str:
     """The text exposition format (version 0.0.4) of ``state``."""
-    kernels: dict[str, list[int]] = {}  # kernel → [modules out, bytes out]
-    for f in state.generation.removed:
-        if f.kernel:
-            entry = kernels.setdefault(f.kernel, [0, 0])
-            entry[0] += f.kind == "module"
-            entry[1] += f.size
-    removed = state.generation.removed_bytes
+    kernels = {kernel: (int(entry["module_files"]), int(entry["bytes"]))
+               for kernel, entry in state.generation["kernels"].items()}
+    removed = int(state.generation["removed_bytes"])
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str,
@@ -82,7 +80,7 @@ def render_metrics(state: MetricsState) -> str:
         lines.extend(f"{name}{labels} {_number(value)}" for labels, value in values)
 
     metric("kmodtrim_generation", "gauge", "The current generation (0: as installed).",
-           [("", state.generation.number)])
+           [("", state.generation["generation"])])
     metric("kmodtrim_removed_bytes", "gauge", "Bytes of the files out of the tree.",
            [("", removed)])
     metric("kmodtrim_stash_bytes", "gauge", "Bytes the local stash takes on disk.",
