@@ -39,7 +39,6 @@ from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan
 from .platforms import choose
 from .records import StashedFile
 from .sizes import human_bytes
-from .sources.reader import OutOfTreeReader
 from .store import (
     current_generation,
     generation_numbers,
@@ -53,6 +52,7 @@ from .store import (
 if TYPE_CHECKING:  # the engine loads only when a change runs
     from .executor import Options, Outcome
     from .policy import LoadedPolicy
+    from .sources.reader import OutOfTreeReader
 
 @dataclass(frozen=True)
 class Target:
@@ -74,12 +74,16 @@ def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
     prefix = inroot_path(module_dir(root, kernel), root) + "/"
     entries = [e for e in salvage.view(root).generation.removed
                if e.kind == "module" and e.kernel == kernel and e.path.startswith(prefix)]
-    reader = OutOfTreeReader(root, entries)
+    readers: list[OutOfTreeReader] = []  # made on the first read: a warm index reads none
 
     def load(entry: StashedFile) -> bytes:
+        if not readers:
+            from .sources.reader import OutOfTreeReader
+
+            readers.append(OutOfTreeReader(root, entries))
         # A damaged copy costs that module only: the index lists it as unreadable.
         try:
-            return reader.read(entry)
+            return readers[0].read(entry)
         except StashError as exc:
             raise ModuleParseError(entry.path, exc.message) from None
 
