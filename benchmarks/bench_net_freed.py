@@ -7,10 +7,13 @@ apt configuration names a local archive (a ``file:`` source made with dpkg-scanp
 serving that very .deb. Then `kmodtrim apply` with the recorded VM observation and the
 default policy, except ``[stash] keep`` (and ``initramfs = "skip"``, no boot here), and
 the figures from ``du``-like sums of allocated blocks: the module tree before and after,
-the stash, net freed and its share of the tree, and the apply's wall time.
+the stash, net freed and its share of the tree, and the apply's wall time. Beside them,
+Debian's own answer to a small kernel: its cloud kernel package's module tree as
+installed, untrimmed, of the same release. ``--cloud NAME`` trims for that platform
+(a scratch root shows none, so by default every platform's drivers stay).
 
     .venv/bin/python benchmarks/bench_net_freed.py [--release bookworm|trixie|both]
-        [--keep likely,all,none] [--json]
+        [--keep likely,all,none] [--cloud NAME] [--json]
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def installed_root(kernel: KernelTree, work: Path, keep: str) -> Path:
     return root
 
 
-def measure(kernel: KernelTree, keep: str) -> dict[str, object]:
+def measure(kernel: KernelTree, keep: str, clouds: list[str]) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="kmodtrim-bench-") as scratch:
         work = Path(scratch)
         root = installed_root(kernel, work, keep)
@@ -95,11 +98,13 @@ def measure(kernel: KernelTree, keep: str) -> dict[str, object]:
         tree_before = allocated(moddir / kernel.kver)
         seconds = timed([sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--force",
                          "--observed", str(OBSERVED), "--root", str(root), "--kernel",
-                         kernel.kver, "--symvers", str(kernel.symvers), "--offline"])
+                         kernel.kver, "--symvers", str(kernel.symvers), "--offline",
+                         *(arg for cloud in clouds for arg in ("--cloud", cloud))])
         tree_after = allocated(moddir / kernel.kver)
         stash = allocated(root / "var/lib/kmodtrim/stash")
         net = tree_before - tree_after - stash
         return {"release": kernel.release.name, "kernel": kernel.kver, "keep": keep,
+                "clouds": clouds or "every platform",
                 "tree_before_mib": round(tree_before / MIB, 1),
                 "tree_after_mib": round(tree_after / MIB, 1),
                 "stash_mib": round(stash / MIB, 1), "net_freed_mib": round(net / MIB, 1),
@@ -111,14 +116,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", default="both", choices=["bookworm", "trixie", "both"])
     parser.add_argument("--keep", default="likely,all,none")
+    parser.add_argument("--cloud", action="append", default=[], metavar="NAME")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     releases = ["bookworm", "trixie"] if args.release == "both" else [args.release]
     rows = []
     for release in releases:
         kernel = prepare_kernel("generic", release)
+        cloud = prepare_kernel("cloud", release)
+        cloud_dir = (cloud.root / "usr/lib/modules" if cloud.release.usrmerged
+                     else cloud.root / "lib/modules") / cloud.kver
+        cloud_mib = round(allocated(cloud_dir) / MIB, 1)
+        if not args.json:
+            print(f"{release:9} Debian's cloud kernel {cloud.kver} as installed: "
+                  f"{cloud_mib} MiB", flush=True)
         for keep in args.keep.split(","):
-            rows.append(measure(kernel, keep))
+            rows.append({**measure(kernel, keep, args.cloud), "debian_cloud_kernel": cloud.kver,
+                         "debian_cloud_tree_mib": cloud_mib})
             if not args.json:
                 r = rows[-1]
                 print(f"{r['release']:9} keep={r['keep']:7} tree {r['tree_before_mib']:6} → "
