@@ -351,6 +351,26 @@ def test_derived_kernel_exports_come_from_the_cache(tree: Path,
     assert snapshot(index) == snapshot(cold(tree))
 
 
+def test_a_restore_derives_no_exports(tree: Path, tmp_path: Path,
+                                      symbol_reads: list[int]) -> None:
+    """A load that leaves the cache as it is (a restore's), from a cache holding no
+    derived exports, derives them only when asked: the closure (what a restore needs)
+    does not ask, and is the one the derived exports give."""
+    from kmodtrim.closure import Reason, closure_of
+
+    build_index(tree, KVER, symvers=write_symvers(tmp_path / "Module.symvers", ["printk"]))
+    symbol_reads.clear()
+    index, _ = build_index(tree, KVER, save_cache=False)
+    assert index.kernel_exports_source == "derived from the tree"
+    seeds = {"unused_user": [Reason("policy", "restore requested")]}
+    lazy = closure_of(seeds, index)
+    assert 0 < len(symbol_reads) < len(index.modules)  # the closure's modules' only
+    expected = cold(tree)
+    assert lazy == closure_of(seeds, expected)
+    assert index.kernel_exports == expected.kernel_exports  # derived when asked
+    assert len(set(symbol_reads)) == len(index.modules)  # every module's, then
+
+
 def test_kernel_exports_file_changes_are_seen(tree: Path, tmp_path: Path) -> None:
     symvers = write_symvers(tmp_path / "Module.symvers", ["printk", "maybe_there"])
     build_index(tree, KVER, symvers=symvers)

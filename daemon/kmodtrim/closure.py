@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-from .index import ModuleIndex
+from .index import DERIVED_EXPORTS, ModuleIndex
 
 # Root causes (seeds) and the edges a closure follows.
 ReasonKind = Literal[
@@ -89,6 +89,12 @@ def closure_of(seeds: Mapping[str, Iterable[Reason]], index: ModuleIndex) -> Clo
     queue: deque[str] = deque()
     providers = index.symbol_providers
     kernel_exports = index.kernel_exports
+    if index.kernel_exports_source == DERIVED_EXPORTS:
+        # Derived exports are the symbols modules import that no module exports: one of
+        # a module's imports is among them exactly when no module provides it, which
+        # the provider lookup below finds anyway. Not asking spares a restore deriving
+        # them (reading every module's symbol lists).
+        kernel_exports = frozenset()
 
     def reach(name: str, reason: Reason) -> None:
         targets = index.resolve(name)

@@ -20,10 +20,19 @@ from .build import IndexStats, build_index
 from .cache import default_cache_dir
 from .discover import module_dir, read_builtins
 from .exports import derived_kernel_exports, read_kernel_exports
-from .model import ModuleEntry, ModuleIndex, StashedModule, alias_normalize
+from .model import (
+    DERIVED_EXPORTS,
+    DerivedExports,
+    ModuleEntry,
+    ModuleIndex,
+    StashedModule,
+    alias_normalize,
+)
 
 __all__ = [
+    "DERIVED_EXPORTS",
     "MODULE_DIR_BASES",
+    "DerivedExports",
     "IndexStats",
     "ModuleEntry",
     "ModuleIndex",

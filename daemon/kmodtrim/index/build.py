@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .cache import (
 )
 from .discover import _priority, _walk_modules, module_dir, read_builtins
 from .exports import _ExportsMemo, derived_kernel_exports, read_kernel_exports
-from .model import ModuleEntry, ModuleIndex, StashedModule
+from .model import DERIVED_EXPORTS, DerivedExports, ModuleEntry, ModuleIndex, StashedModule
 from .parallel import read_modules
 
 
@@ -226,14 +227,29 @@ def _build_index(
         and len(used) == len(cached_files) + len(cache.stash)
         and len(set(used)) == len(used)))
     derived = cache.derived if cache is not None and same_modules else None
-    if exports is None:
+    saving = use_cache and (cache is None or save_cache)
+    kernel_exports: AbstractSet[str]
+    if exports is not None:
+        kernel_exports, source = exports
+    else:
+        source = DERIVED_EXPORTS
         if derived is None:
-            if cache is not None:
-                cache.read_region()  # every module's symbol lists are about to be read
-            derived = derived_kernel_exports(e.info for e in modules.values())
             changed = True
-        exports = (derived, "derived from the tree")
-    if use_cache and (cache is None or (save_cache and (changed or memo != cache.exports))):
+
+            def derive() -> frozenset[str]:
+                if cache is not None:
+                    cache.read_region()  # every module's symbol lists are about to be read
+                return derived_kernel_exports(e.info for e in modules.values())
+
+            # Derived now only for the cache; otherwise when something asks (a restore
+            # does not: closure_of).
+            if saving:
+                kernel_exports = derived = derive()
+            else:
+                kernel_exports = DerivedExports(derive)
+        else:
+            kernel_exports = derived
+    if saving and (cache is None or changed or memo != cache.exports):
         _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived)
     index = ModuleIndex(
         root=root,
@@ -243,8 +259,8 @@ def _build_index(
         builtins=builtins - modules.keys(),
         builtin_aliases=builtin_aliases,
         modprobe=modprobe,
-        kernel_exports=exports[0],
-        kernel_exports_source=exports[1],
+        kernel_exports=kernel_exports,
+        kernel_exports_source=source,
         parse_errors=tuple(errors),
     )
     cached_count = len(files) + len(stashed) - parsed - len(errors)

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +18,34 @@ from ..modprobe import ModprobeConfig
 from ..names import normalize
 
 _GLOB_CHARS = re.compile(r"[*?\[]")
+DERIVED_EXPORTS = "derived from the tree"  # kernel_exports_source when no list exists
+
+
+class DerivedExports(AbstractSet[str]):
+    """The kernel's exports derived from the tree (exports.derived_kernel_exports: every
+    symbol a module imports that no module exports), worked out on first use: that reads
+    every module's symbol lists, which a restore never needs (see closure_of)."""
+
+    __slots__ = ("_make", "_symbols")
+
+    def __init__(self, make: Callable[[], frozenset[str]]) -> None:
+        self._make: Callable[[], frozenset[str]] | None = make
+        self._symbols: frozenset[str] | None = None
+
+    def _get(self) -> frozenset[str]:
+        if self._symbols is None:
+            assert self._make is not None
+            self._symbols, self._make = self._make(), None
+        return self._symbols
+
+    def __contains__(self, symbol: object) -> bool:
+        return symbol in self._get()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,8 +71,8 @@ class ModuleIndex:
     builtins: frozenset[str]
     builtin_aliases: tuple[tuple[str, str], ...]  # (pattern, builtin module)
     modprobe: ModprobeConfig
-    kernel_exports: frozenset[str]
-    kernel_exports_source: str  # "symvers:PATH", "System.map:PATH", "derived from the tree"
+    kernel_exports: AbstractSet[str]
+    kernel_exports_source: str  # "symvers:PATH", "System.map:PATH" or DERIVED_EXPORTS
     parse_errors: tuple[ModuleParseError, ...] = ()
     _alias_matchers: dict[int, _AliasMatcher] | None = field(
         default=None, repr=False, compare=False
