@@ -8,14 +8,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .. import usecases
 from ..documents import SCHEMA
 from . import remote, render
-from .read import target, warn_state
 from .term import Console
 
 
 def _recover(args: argparse.Namespace, console: Console) -> None:
+    from .. import usecases
+    from .read import warn_state
+
     if getattr(args, "dry_run", False):
         state = warn_state(args, console)
         if state.interrupted or state.salvaged:
@@ -50,6 +51,9 @@ def _declined(console: Console) -> int:
 
 
 def apply(args: argparse.Namespace, console: Console) -> int:
+    from .. import usecases
+    from .read import target
+
     if remote.via_daemon(args):
         bus = remote.client()
         doc = bus.plan(remote.options(args, "Plan"))
@@ -93,6 +97,8 @@ def _rollback_question(args: argparse.Namespace) -> str:
 
 
 def rollback(args: argparse.Namespace, console: Console) -> int:
+    from .. import usecases
+
     if remote.via_daemon(args):  # the daemon recovers, as for every verb it runs
         if not console.confirm(_rollback_question(args), yes=args.yes, dry_run=args.dry_run):
             return _declined(console)
@@ -111,7 +117,9 @@ def restore(args: argparse.Namespace, console: Console) -> int:
         from .ondemand import restore_on_demand
 
         return restore_on_demand(args, console)
+    from .. import usecases
     from ..names import normalize
+    from .read import target
 
     names = ", ".join(normalize(n) for n in args.names)
     question = f"restore {names} (with the modules they need) into the tree?"
@@ -133,6 +141,9 @@ def kernel_event(args: argparse.Namespace, console: Console) -> int:
     handed to it and this returns at once (the daemon handles it after the package
     manager's transaction, which is running the hook that called us); without a daemon
     (image builds) it runs here."""
+    from .. import usecases
+    from .read import target
+
     if remote.via_daemon(args):
         pending = remote.client().kernel_event(args.action, args.kver,
                                                remote.options(args, "KernelEvent"))

@@ -37,7 +37,6 @@ from ..errors import (
 )
 from ..ondemand import REQUESTED_BY
 from . import remote, render
-from .read import target
 from .term import Console
 
 LOCK_WAIT = 5.0  # seconds a running operation is waited for
@@ -80,6 +79,7 @@ def _in_process(args: argparse.Namespace, name: str) -> tuple[dict[str, Any] | N
     from .. import usecases
     from ..executor import Options
     from ..operations import load_index
+    from .read import target
 
     tgt = target(args)
     index, _ = load_index(tgt, save_cache=False)  # the restore changes the tree
