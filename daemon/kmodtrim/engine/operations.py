@@ -18,7 +18,6 @@ from ..index import ModuleIndex
 from ..names import normalize
 from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
-from ..sources.decide import recheck_archive
 from ..state.stash import PutRequest
 from ..store import (
     current_generation,
@@ -175,6 +174,8 @@ def rollback(root: Path, to: int | None, options: Options) -> Outcome:
                         if f.kernel is None or kernel_installed(root, f.kernel)}
         current_paths = {f.path for f in current.removed}
         to_restore = [f for f in current.removed if f.path not in target_paths]
+        from ..sources.decide import recheck_archive  # a rollback's only: restores skip it
+
         with fsutil.Walk(root) as walk:
             to_stash = recheck_archive(root, [
                 PutRequest(f.path, f.kind, f.module, f.kernel, f.package, f.source, f.version)
