@@ -1,18 +1,20 @@
-"""A Debian 13 system on a bootloader-less ext4 disk for the from-disk end-to-end test.
+"""A Debian 13 or 12 system on a bootloader-less ext4 disk for the from-disk end-to-end
+test.
 
-The base root is ``debootstrap --variant=minbase`` of trixie with systemd, udev, dbus,
+The base root is ``debootstrap --variant=minbase`` of the release with systemd, udev, dbus,
 systemd-networkd (DHCP on every ethernet link), initramfs-tools and Debian's *cloud* kernel
 (``linux-image-cloud-amd64``: the kernel Debian's cloud images ship, a third of the
 generic kernel's modules, so indexing, depmod and mkinitramfs inside a TCG guest take
 minutes, not tens of minutes), plus kmodtrim's run-time dependencies, so that installing
 the .deb with apt later needs no network. It is built once and cached under
-.cache/e2e/SUITE-cloud (a ``.partial`` directory renamed when complete, a lock file against
-concurrent sessions).
+.cache/e2e/RELEASE-cloud (a ``.partial`` directory renamed when complete, a lock file
+against concurrent sessions).
 
 Each test copies the root, installs the built .deb with apt inside it (chroot, services
 kept from starting by policy-rc.d, which is removed afterwards), makes a local flat apt
 repository in it its only apt source (``kernel_packages``: the installed kernel's package
-and a second cloud kernel of another version, downloaded through tests/kernels.py's
+and, on Debian 13, a second cloud kernel of another version, downloaded through
+tests/kernels.py's
 private apt configuration; ``local_repository``), and writes it to a sparse ext4 image
 with ``mkfs.ext4 -d`` (no loop device, no mount). Should the archive drop the cached
 root's kernel, the root is built again. qemu boots that image as a
@@ -46,7 +48,6 @@ from kernels import cache_lock, kernel_cache_dir  # noqa: E402
 from pkgbuild import sh  # noqa: E402
 from vm import Guest  # noqa: E402
 
-SUITE = "trixie"
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", "e2fsprogs",
@@ -72,25 +73,26 @@ def e2e_cache() -> Path:
     return kernel_cache_dir().parent / "e2e"
 
 
-def base_root(rebuild: bool = False) -> Path:
-    """The cached trixie root with the cloud kernel and its initramfs (built once:
+def base_root(release: kernels.Release, rebuild: bool = False) -> Path:
+    """The cached root of ``release`` with the cloud kernel and its initramfs (built once:
     a few minutes and about 400 MB; again when ``rebuild``)."""
+    suite = release.name
     cache = e2e_cache()
-    base = cache / f"{SUITE}-cloud"
+    base = cache / f"{suite}-cloud"
     with cache_lock(cache):
         if rebuild:
             shutil.rmtree(base, ignore_errors=True)
         if (base / "etc/os-release").exists():
             return base
-        partial = cache / f"{SUITE}-cloud.partial"
+        partial = cache / f"{suite}-cloud.partial"
         shutil.rmtree(partial, ignore_errors=True)
         try:
             sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-               SUITE, partial, MIRROR)
+               suite, partial, MIRROR)
         except AssertionError:
             shutil.rmtree(partial, ignore_errors=True)
             if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
-                pytest.skip(f"cannot debootstrap {SUITE} offline")
+                pytest.skip(f"cannot debootstrap {suite} offline")
             raise
         chroot(partial, "apt-get", "update", "-qq")
         chroot(partial, "apt-get", "install", "-y", "-q", "--no-install-recommends",
@@ -141,27 +143,32 @@ class KernelGone(Exception):
     """The archive no longer serves the cached root's kernel package."""
 
 
-def kernel_packages(installed: str) -> tuple[Path, Path]:
-    """(the .deb of the installed kernel ``installed``, the .deb of a second trixie cloud
-    kernel of another version), downloaded through tests/kernels.py's private apt
-    configuration (signed indexes, SHA256 checked) into its cache. Raises KernelGone when
-    the archive no longer has ``installed`` (the cached root is older than the archive)."""
+def kernel_packages(release: kernels.Release, installed: str, *, second: bool = True
+                    ) -> list[Path]:
+    """[the .deb of the installed kernel ``installed``, with ``second`` the .deb of a
+    second cloud kernel of the release of another version], downloaded through
+    tests/kernels.py's private apt configuration (signed indexes, SHA256 checked) into
+    its cache. Raises KernelGone when the archive no longer has ``installed`` (the cached
+    root is older than the archive)."""
     cache = kernel_cache_dir()
     with cache_lock(cache):
         try:
-            options = kernels._refresh_indexes(cache, kernels.TRIXIE)
+            options = kernels._refresh_indexes(cache, release)
             try:
                 first = kernels._fetch(cache, options, f"linux-image-{installed}")
             except kernels._Unavailable:
                 # Lists less than a day old may name a version the archive has dropped.
-                options = kernels._refresh_indexes(cache, kernels.TRIXIE, force=True)
+                options = kernels._refresh_indexes(cache, release, force=True)
                 first = kernels._fetch(cache, options, f"linux-image-{installed}")
         except kernels._Unavailable as exc:
             raise KernelGone(str(exc)) from None
+        if not second:
+            return [first]
         try:
-            return first, _second_kernel(cache, options, installed)
+            return [first, _second_kernel(cache, options, installed)]
         except kernels._Unavailable as exc:
-            pytest.fail(f"cannot download a second trixie cloud kernel: {exc}", pytrace=False)
+            pytest.fail(f"cannot download a second {release.name} cloud kernel: {exc}",
+                        pytrace=False)
 
 
 def _second_kernel(cache: Path, options: list[str], installed: str) -> Path:
