@@ -11,8 +11,9 @@ at exactly its installed version need not be kept locally.
   against the sha256 kmodtrim recorded when it took the file out. Only then may a file
   enter the tree.
 
-A family per package manager (deb.py: apt and dpkg), chosen by the root's package
-database; a root without one (an rpm root today: see FAMILIES) keeps every file locally.
+A family per package manager (deb.py: apt and dpkg; rpm.py: dnf and rpm), chosen by the
+root's package database; a root without one keeps every file locally. Each family names
+the digest algorithm of its record (md5 for dpkg, rpm's FILEDIGESTALGO: sha256 normally).
 Any failure — archive unreachable, version gone, a digest that differs, no
 record of the file — is an ArchiveError naming the file, raised before anything is
 written to the tree.
@@ -32,12 +33,13 @@ from ..records import StashedFile
 from ..store import state_dir
 from .deb import DebArchive
 from .payload import DEFAULT_DOWNLOAD, DownloadLimits, Origin, Payload, extract
+from .rpm import RpmArchive
 
 __all__ = ["Origin", "fetch", "fetch_dir", "origins", "served"]
 
 
 class Family(Protocol):
-    """One package manager's archive (deb.py)."""
+    """One package manager's archive (deb.py, rpm.py)."""
 
     name: str
 
@@ -50,10 +52,10 @@ class Family(Protocol):
     def payload(self, package_file: Path) -> Payload: ...
 
 
-# rpm has none yet: ``dnf download`` and rpm's FILEDIGESTS would fit this protocol, but on
-# the Debian hosts the tests run on, dnf with --installroot writes an rpm database under
-# ROOT/root/.rpmdb (Debian's rpm keeps %_dbpath in the home directory), so it is untested.
-FAMILIES: dict[str, Family] = {"dpkg": DebArchive()}
+# Keyed by the backend name detect_backend gives the root. dnf runs with an install root
+# inside the download directory, never ROOT: with ROOT it would write an rpm database
+# under ROOT/root/.rpmdb (Debian's rpm keeps %_dbpath in the home directory).
+FAMILIES: dict[str, Family] = {"dpkg": DebArchive(), "rpm": RpmArchive()}
 
 
 def family(root: Path) -> Family | None:
