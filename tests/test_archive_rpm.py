@@ -23,7 +23,7 @@ from kmodtrim.sources.decide import assign_sources
 from kmodtrim.sources.payload import Origin
 from kmodtrim.sources.restore import Restorer
 from kmodtrim.state.stash import PutRequest
-from pkgbuild import MODDIR, build_rpm, init_rpm_root, kernel_files, need, sh
+from pkgbuild import KVER, MODDIR, build_rpm, init_rpm_root, kernel_files, need, sh
 
 NAME = "kernel-test"
 NEVRA = f"{NAME}-1.0-1.noarch"
@@ -171,3 +171,71 @@ def test_an_unreachable_repository_fails_clearly_and_loses_nothing(
                               f"{ORIGIN} (")
     assert message.endswith("nothing was written")
     assert tree(root) == before
+
+
+@pytest.fixture(scope="module")
+def module_rpm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A kernel-like rpm of real (gcc-built, xz-compressed) modules: a NIC and its core,
+    kept for the observation; two unused modules the trim takes out."""
+    from modbuild import ModSpec, module_bytes
+
+    need("rpm", "rpmbuild", "createrepo_c", "dnf", "depmod", "xz")
+    out = tmp_path_factory.mktemp("modrpm")
+    specs = (ModSpec("core", exports=("core_fn",)),
+             ModSpec("nic", imports=("core_fn",), depends=("core",)),
+             ModSpec("unused_a", exports=("a_fn",)),
+             ModSpec("unused_b", imports=("a_fn",), depends=("unused_a",)))
+    files = {f"{MODDIR}/{s.name}.ko.xz": module_bytes(s, out, compress="xz") for s in specs}
+    files[f"/boot/vmlinuz-{KVER}"] = b"kernel image\n"
+    return build_rpm(out / "pkg", "kernel-mods", "1.0", "1", files)
+
+
+def test_apply_restore_and_rollback_through_the_cli(tmp_path: Path, module_rpm: Path) -> None:
+    """``kmodtrim apply`` on an rpm root leaves what the repository serves to it (no
+    local copy), ``restore`` and ``rollback 0`` download and check it, byte-identical, and
+    ``rpm -V`` is clean again."""
+    from kmodtrim.backends.rpm import RpmBackend
+    from kmodtrim.store import current_generation
+
+    repo = tmp_path / "repo"
+    publish(repo, module_rpm)
+    root = init_rpm_root(tmp_path / "root")
+    (root / "etc/yum.repos.d").mkdir(parents=True)
+    (root / "etc/os-release").write_text('NAME="Test"\nVERSION_ID="1"\n')
+    point_at(root, f"file://{repo}")
+    sh("rpm", f"--root={root}", "--dbpath=/var/lib/rpm", "--install", "--nodeps", module_rpm)
+    sh("depmod", "-b", root, KVER)
+    (root / "etc/modprobe.d").mkdir(parents=True)  # as every system has it
+    (root / "etc/kmodtrim").mkdir(parents=True)
+    (root / "etc/kmodtrim/policy.toml").write_text(
+        'presets = []\nclouds = []\ninitramfs = "skip"\n[min_observation]\nboots = 0\n'
+        'days = 0\n[stash]\nkeep = "none"\n')
+    (root / "observed").write_text("nic\n")
+    before = tree(root)
+
+    def kmodtrim(*args: str) -> str:
+        import subprocess
+        import sys
+
+        proc = subprocess.run([sys.executable, "-m", "kmodtrim.cli", *args, "--root",
+                               str(root), "--kernel", KVER, "--offline"],
+                              capture_output=True, text=True, check=False,
+                              stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    kmodtrim("apply", "--yes", "--observed", str(root / "observed"))
+    removed = current_generation(root).removed
+    assert {f.path.rsplit("/", 1)[-1] for f in removed} == {"unused_a.ko.xz",
+                                                            "unused_b.ko.xz"}
+    assert {(f.source, f.package, f.version) for f in removed} == {
+        (Source.ARCHIVE, "kernel-mods-1.0-1.noarch", "1.0-1")}
+    stash = root / "var/lib/kmodtrim/stash"
+    assert sum(p.stat().st_size for p in stash.rglob("*") if p.is_file()) < 4096
+    kmodtrim("restore", "unused_a", "--yes")
+    assert (root / MODDIR.lstrip("/") / "unused_a.ko.xz").is_file()
+    kmodtrim("rollback", "0", "--yes")
+    after = {k: v for k, v in tree(root).items() if not k.startswith("var/cache")}
+    assert after == before  # the caches kmodtrim keeps aside
+    assert RpmBackend().verify(root, ["kernel-mods"]) == []
+    assert not (root / "var/lib/kmodtrim/fetch").exists()

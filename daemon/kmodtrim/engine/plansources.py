@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from .. import fsutil
 from ..index import ModuleIndex
 from ..records import Generation
+from ..sources.archive import FAMILIES
 from ..sources.decide import Assigned, assign_sources
 from ..sources.likely import likely_offline
 from ..state.stash import PutRequest
@@ -39,7 +40,8 @@ def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutReques
 def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: LoadedPolicy,
                         current: Generation, backend: str = "auto") -> Assigned:
     """The files ``plan`` takes out, each with where it comes back from under the policy's
-    ``[stash]`` settings: the archive only on a dpkg system whose backend is not the stash
+    ``[stash]`` settings: the archive only where a package manager has an archive family
+    (dpkg with apt, rpm with dnf: sources/archive.py) and the backend is not the stash
     alone (``backend``: the option, ``auto`` meaning the policy's)."""
     option = policy.settings.backend if backend == "auto" else backend
     stash = policy.settings.stash
@@ -55,4 +57,4 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
 
     return assign_sources(
         root, trim_requests(root, plan, current), keep=stash.keep, budget_mib=stash.budget_mib,
-        archive=resolve_backend(root, option).name == "dpkg", likely=likely)
+        archive=resolve_backend(root, option).name in FAMILIES, likely=likely)

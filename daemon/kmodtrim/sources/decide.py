@@ -38,9 +38,9 @@ def assign_sources(root: Path, requests: Sequence[PutRequest], *, keep: StashKee
                    likely: Callable[[PutRequest], bool]) -> Assigned:
     """``requests`` with ``source`` (and the package ``version``) set: the archive for what
     it serves and the stash policy ``keep`` leaves to it, the stash for the rest. Without
-    an ``archive`` (not a dpkg system, or the policy's backend is the stash alone) every
-    file keeps a local copy. Links always stay in the stash's records (they have no
-    bytes to fetch)."""
+    an ``archive`` (no package manager with an archive family, or the policy's backend is
+    the stash alone) every file keeps a local copy. Links always stay in the stash's
+    records (they have no bytes to fetch)."""
     sizes: dict[str, int] = {}
     with fsutil.Walk(root) as walk:
         for r in requests:
