@@ -387,3 +387,21 @@ def test_module_reads_go_through_the_bounded_helper(monkeypatch: pytest.MonkeyPa
     with pytest.raises(InputError, match="decompresses to more than the 1 MiB limit"):
         elf.decompress(bombs(2 * MIB)["zstd"], "zstd", "m.ko.zst")
     assert inputs.MAX_MODULE_BYTES == 256 * MIB
+
+
+def test_kmodtrims_own_on_demand_file_is_not_read_as_configuration(tmp_path: Path) -> None:
+    """Its lines are installs for trimmed modules and those modules' own aliases: the
+    index has them from the modules themselves, and reading thousands of them cost every
+    plan and restore. Every other file is read as kmod reads it."""
+    from kmodtrim.ondemand import CONF_PATH
+
+    conf = tmp_path / "etc/modprobe.d"
+    conf.mkdir(parents=True)
+    (tmp_path / CONF_PATH.lstrip("/")).write_text(
+        "install xfs /usr/bin/kmodtrim restore --on-demand xfs $CMDLINE_OPTS\n"
+        "alias fs-xfs xfs\n")
+    (conf / "local.conf").write_text("alias my-nic virtio_net\ninstall dummy /bin/true\n")
+    config = read_modprobe_config(tmp_path)
+    assert config.aliases == (("my_nic", "virtio_net"),)
+    assert config.install_commands == {"dummy": "/bin/true"}
+    assert config.files == ("/etc/modprobe.d/local.conf",)

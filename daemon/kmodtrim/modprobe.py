@@ -14,6 +14,7 @@ from pathlib import Path
 from .elf import parse_softdep
 from .inputs import MAX_CONFIG_BYTES, is_masked, read_optional_input
 from .names import normalize
+from .ondemand import CONF_PATH
 
 CONFIG_DIRS = (
     "etc/modprobe.d",
@@ -81,8 +82,14 @@ def read_modprobe_config(root: Path) -> ModprobeConfig:
     installs: dict[str, str] = {}
     blacklist: set[str] = set()
     files: list[str] = []
+    own = root / CONF_PATH.lstrip("/")
     for path in config_files(root):
         if path.is_dir():  # kmod skips these too ("directories ... are not supported")
+            continue
+        if path == own:
+            # kmodtrim's own on-demand lines: installs for trimmed modules and their own
+            # aliases, which the index has from the modules themselves (thousands of lines
+            # on a trimmed generic kernel, read by every plan and restore for nothing).
             continue
         if is_masked(path):  # a symlink to /dev/null: read as empty, as kmod does
             raw: bytes | None = b""
