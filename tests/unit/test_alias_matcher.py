@@ -53,6 +53,19 @@ def test_lazy_buckets_answer_as_one_bucketing(pairs: list[tuple[str, str]],
         assert matcher.match(string) == reference(pairs, string)
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(modules, st.lists(patterns, max_size=4)), max_size=12),
+       st.lists(st.text(ALPHABET, max_size=8), min_size=1, max_size=6))
+def test_patterns_given_per_module_answer_as_pairs(
+        entries: list[tuple[str, list[str]]], strings: list[str]) -> None:
+    """The index gives its modules' aliases per module (scanned for one first character
+    when asked): the same answers, in the same order, as the same patterns in pairs."""
+    pairs = [(a, name) for name, aliases in entries for a in aliases]
+    matcher = _AliasMatcher((), [(name, tuple(aliases)) for name, aliases in entries])
+    for string in strings:
+        assert matcher.match(string) == reference(pairs, string)
+
+
 def test_exact_then_wildcard_first_then_longer_prefixes() -> None:
     pairs = [("pci:v1d2*", "by_long_prefix"), ("*", "any"), ("pci:v1d2", "exact"),
              ("p*", "by_short_prefix"), ("fs-xfs", "xfs"), ("[pq]ci:*", "bracket")]

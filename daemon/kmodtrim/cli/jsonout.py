@@ -20,6 +20,7 @@ def dumps_indented(doc: Any, indent: int = 2) -> str:
     Raises TypeError for a value or key JSON cannot hold, as json does."""
     out: list[str] = []
     write = out.append
+    keys: dict[str, str] = {}  # a string key's text with ": ", made once per document
 
     def encode(o: Any, level: int) -> None:
         if isinstance(o, dict):
@@ -28,13 +29,20 @@ def dumps_indented(doc: Any, indent: int = 2) -> str:
                 return
             inner = "\n" + " " * (indent * (level + 1))
             separator = "," + inner
-            write("{")
+            write("{" + inner)
             first = True
             for key, value in o.items():
-                write(inner if first else separator)
-                first = False
-                write(_string(key) if type(key) is str else _key(key))
-                write(": ")
+                if first:
+                    first = False
+                else:
+                    write(separator)
+                if type(key) is str:
+                    text = keys.get(key)
+                    if text is None:
+                        text = keys[key] = _string(key) + ": "
+                    write(text)
+                else:  # not cached: True and 1 are one dict key, but not one JSON key
+                    write(_key(key) + ": ")
                 kind = type(value)
                 if kind is str:
                     write(_string(value))

@@ -122,8 +122,10 @@ class ModuleIndex:
         if matcher is None:
             if which == 0:
                 pairs: Iterable[tuple[str, str]] = self.modprobe.aliases
-            elif which == 1:
-                pairs = ((a, e.name) for e in self.modules.values() for a in e.info.aliases)
+            elif which == 1:  # tens of thousands: scanned per first character when asked
+                matcher = matchers[which] = _AliasMatcher(
+                    (), [(e.name, e.info.aliases) for e in self.modules.values()])
+                return matcher
             else:
                 pairs = self.builtin_aliases
             matcher = matchers[which] = _AliasMatcher(pairs)
@@ -173,10 +175,18 @@ class _AliasMatcher:
     exact matches and before the longer prefixes, as one bucketing of all would.
     """
 
-    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+    def __init__(self, pairs: Iterable[tuple[str, str]],
+                 entries: list[tuple[str, tuple[str, ...]]] | None = None) -> None:
+        """``pairs``: (pattern, module); ``entries``: (module, its patterns), scanned for
+        one first character when a string starting with it is first looked up (no pair
+        is made for the others: a plan looks up a few names among 26,000 aliases)."""
         self._pending: dict[str, list[tuple[str, str]]] = {}  # by first char, unbucketed
         self._shards: dict[str, _Buckets] = {}
+        self._entries = entries
         wild: list[tuple[str, str]] = []
+        if entries is not None:
+            wild = [(a, name) for name, aliases in entries for a in aliases
+                    if a[:1] in _WILD_FIRST]
         pending = self._pending
         for pair in pairs:
             first = pair[0][:1]
@@ -194,7 +204,12 @@ class _AliasMatcher:
     def _shard(self, first: str) -> _Buckets:
         shard = self._shards.get(first)
         if shard is None:
-            shard = self._shards[first] = _Buckets(self._pending.pop(first, ()))
+            pairs: list[tuple[str, str]] = self._pending.pop(first, [])
+            if self._entries is not None:
+                spelt = ("_", "-") if first == "_" else (first,)  # as alias_normalize
+                pairs += [(a, name) for name, aliases in self._entries for a in aliases
+                          if a[:1] in spelt]
+            shard = self._shards[first] = _Buckets(pairs)
         return shard
 
     def match(self, string: str) -> list[str]:
