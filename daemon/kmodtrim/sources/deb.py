@@ -28,6 +28,7 @@ from .payload import (
     download_dir,
     download_error,
     download_timeout,
+    origins_of,
 )
 
 
@@ -44,15 +45,12 @@ class DebArchive:
         return argv
 
     def origins(self, root: Path, paths: Sequence[str]) -> dict[str, Origin]:
-        owners = DpkgBackend().owners(root, paths)
-        versions: dict[str, str] = {}
-        for package in sorted({p for p in owners.values() if p}):
+        def version(package: str) -> str | None:
             done = run([*dpkg_command(root, "dpkg-query"), "--show",
                         "--showformat=${Version}", package], env=PM_ENV, check=False)
-            if done.returncode == 0 and done.stdout.strip():
-                versions[package] = done.stdout.strip()
-        return {path: Origin(package, versions[package])
-                for path, package in owners.items() if package in versions}
+            return done.stdout.strip() if done.returncode == 0 else None
+
+        return origins_of(DpkgBackend().owners(root, paths), version)
 
     def served(self, root: Path, wanted: Iterable[Origin]) -> set[Origin]:
         if shutil.which(self.tool, path=PM_ENV["PATH"]) is None:

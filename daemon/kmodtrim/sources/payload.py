@@ -9,6 +9,7 @@ import pwd
 import shutil
 import subprocess
 import tarfile
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
@@ -49,6 +50,19 @@ class Origin:
 
     def __str__(self) -> str:
         return f"{self.package} {self.version}"
+
+
+def origins_of(owners: Mapping[str, str | None],
+               version: Callable[[str], str | None]) -> dict[str, Origin]:
+    """Each owned path's Origin: its package and that package's installed ``version``
+    (asked once per package, in name order; a package with none is left out)."""
+    versions: dict[str, str] = {}
+    for package in sorted({p for p in owners.values() if p}):
+        found = version(package)
+        if found:
+            versions[package] = found
+    return {path: Origin(package, versions[package])
+            for path, package in owners.items() if package and package in versions}
 
 
 @dataclass(frozen=True)

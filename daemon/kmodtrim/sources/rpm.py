@@ -37,6 +37,7 @@ from .payload import (
     Payload,
     download_error,
     download_timeout,
+    origins_of,
 )
 
 _EVR = "%|EPOCH?{%{EPOCH}:}|%{VERSION}-%{RELEASE}"
@@ -96,15 +97,13 @@ class RpmArchive:
     tool = "dnf"
 
     def origins(self, root: Path, paths: Sequence[str]) -> dict[str, Origin]:
-        owners = RpmBackend().owners(root, paths)
-        versions: dict[str, str] = {}
-        for package in sorted({p for p in owners.values() if p}):
+        def version(package: str) -> str | None:
             done = run([*rpm_command(root), "-q", "--qf", _EVR, package], env=PM_ENV,
                        check=False)
-            if done.returncode == 0 and done.stdout.strip() and " " not in done.stdout.strip():
-                versions[package] = done.stdout.strip()
-        return {path: Origin(package, versions[package])
-                for path, package in owners.items() if package in versions}
+            found = done.stdout.strip()
+            return found if done.returncode == 0 and " " not in found else None
+
+        return origins_of(RpmBackend().owners(root, paths), version)
 
     def served(self, root: Path, wanted: Iterable[Origin]) -> set[Origin]:
         if shutil.which(self.tool, path=PM_ENV["PATH"]) is None:
