@@ -13,7 +13,6 @@ connects exactly as it does to the real system bus.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 
 from kmodtrim.dbus.client import daemon_running, manager_properties
+from need import need
 
 __all__ = ["BUS_POLICY", "PrivateBus", "private_bus", "running_daemon", "running_polkitd",
            "start_private_bus"]
@@ -184,9 +184,7 @@ def running_polkitd(bus: PrivateBus, directory: Path, rules: str) -> Iterator[No
     actions directories, so nothing on this machine changes. Skips the test unless run as
     root with polkitd, dbus-send and unshare installed.
     """
-    if os.geteuid() != 0 or not POLKITD.exists() or not shutil.which("unshare") \
-            or not shutil.which("dbus-send"):
-        pytest.skip("needs root, polkitd (apt-get install polkitd), dbus-send and unshare")
+    need(str(POLKITD), "unshare", "dbus-send", root=True)
     directory.mkdir(parents=True, exist_ok=True)
     rules_file = directory / "50-kmodtrim-test.rules"
     rules_file.write_text(rules)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from need import need
+
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN = REPO / "packaging" / "debian"
 BUILD_INPUTS = ("pyproject.toml", "README.md", "daemon/kmodtrim", "units", "config")
@@ -17,12 +19,6 @@ BUILD_INPUTS = ("pyproject.toml", "README.md", "daemon/kmodtrim", "units", "conf
 # A clean environment for package tools: no virtualenv or user-installed interpreter
 # ahead of the distribution's python3 on PATH.
 SYSTEM_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8"}
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool, path=SYSTEM_ENV["PATH"]) is None:
-            pytest.skip(f"needs {tool}")
 
 
 def project_version() -> str:
@@ -34,7 +30,7 @@ def project_version() -> str:
 def build_kmodtrim_deb(work: Path) -> Path:
     """kmodtrim_VERSION_all.deb built under ``work``; skips when build dependencies are
     missing (under CI=true a skip fails: scripts/setup installs them)."""
-    need("dpkg-buildpackage", "dpkg-checkbuilddeps")
+    need("dpkg-buildpackage", "dpkg-checkbuilddeps", path=SYSTEM_ENV["PATH"])
     tree = work / f"kmodtrim-{project_version()}"
     tree.mkdir()
     for name in BUILD_INPUTS:

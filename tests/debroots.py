@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from kernels import cache_lock, kernel_cache_dir
+from need import need
 from pkgbuild import sh
 
 MIRROR = "http://deb.debian.org/debian"
@@ -31,11 +32,22 @@ CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
 LISTS_MAX_AGE = 24 * 3600
 
 
+def debootstrap(suite: str, target: Path, include: tuple[str, ...] = ()) -> None:
+    """``debootstrap --variant=minbase`` of ``suite`` (with ``include``) into ``target``,
+    removed again when it fails; with KMODTRIM_TEST_OFFLINE set, a failure skips."""
+    shutil.rmtree(target, ignore_errors=True)
+    extra = [f"--include={','.join(include)}"] if include else []
+    try:
+        sh("debootstrap", "--variant=minbase", *extra, suite, target, MIRROR)
+    except AssertionError:
+        shutil.rmtree(target, ignore_errors=True)
+        if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
+            pytest.skip(f"cannot debootstrap {suite} offline")
+        raise
+
+
 def need_root_tools() -> None:
-    missing = [t for t in ("debootstrap", "chroot") if shutil.which(t) is None]
-    if missing or os.geteuid() != 0:
-        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'} "
-                    "(apt-get install debootstrap)")
+    need("debootstrap", "chroot", root=True)
 
 
 def roots_cache() -> Path:
@@ -49,14 +61,7 @@ def minbase(suite: str) -> Path:
     with cache_lock(cache):
         if not (base / "etc/os-release").exists():
             partial = cache / f"{suite}-minbase.partial"
-            shutil.rmtree(partial, ignore_errors=True)
-            try:
-                sh("debootstrap", "--variant=minbase", suite, partial, MIRROR)
-            except AssertionError:
-                shutil.rmtree(partial, ignore_errors=True)
-                if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
-                    pytest.skip(f"cannot debootstrap {suite} offline")
-                raise
+            debootstrap(suite, partial)
             # No service starts inside a chroot.
             policy = partial / "usr/sbin/policy-rc.d"
             policy.write_text("#!/bin/sh\nexit 101\n")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
 import struct
 import subprocess
 import tempfile
@@ -443,11 +442,6 @@ def swap_elf_byte_order(data: bytes, *, machine: int | None = None) -> bytes:
         for at in range(offset, offset + size - step + 1, step):
             swap(entry, at)
     return bytes(out)
-
-
-def tools_available() -> list[str]:
-    """The build tools missing from PATH (empty when modules can be built)."""
-    return [tool for tool in ("gcc", "ld") if shutil.which(tool) is None]
 
 
 def scratch_root(root: Path, kver: str, specs: Iterable[ModSpec], *, policy: str) -> Path:

@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from need import need as need  # re-exported: the package tests import it from here
+
 KVER = "9.9.9-test"
 MODDIR = f"/lib/modules/{KVER}/kernel/drivers"
-
-
-def need(*tools: str) -> None:
-    """Skip the calling test unless every tool is installed."""
-    missing = [t for t in tools if shutil.which(t) is None]
-    if missing:
-        pytest.skip(f"needs {', '.join(missing)} (apt-get install dpkg-dev rpm)")
 
 
 def sh(*argv: str | Path, cwd: Path | None = None,

@@ -11,14 +11,12 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from modbuild import scratch_root
+from need import need
 from test_fleet import KVER, POLICY, SPECS, hosts
 
 __all__ = ["hosts"]  # the fixture, re-exported for pytest
@@ -27,12 +25,6 @@ COLLECTION = Path(__file__).resolve().parent.parent / "contrib" / "ansible"
 KMODTRIM = f"{sys.executable} -m kmodtrim.cli"
 RECAP = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)",
                    re.MULTILINE)
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
 
 
 # What a dry run itself leaves: the index cache and the (empty) lock file kmodtrim takes.

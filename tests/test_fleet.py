@@ -20,6 +20,7 @@ from kmodtrim.documents import EXPORT_KIND, MERGE_KIND, problems
 from kmodtrim.policy import load_policy
 from kmodtrim.store import HowSeen, read_observations, record_observation
 from modbuild import ModSpec, scratch_root
+from need import need
 
 KVER = "6.1.0-test"
 SPECS = (
@@ -33,12 +34,6 @@ SPECS = (
     ModSpec("unused_b"),
 )
 POLICY = "presets = []\nclouds = []\nrules = []\n"
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
 
 
 def kmodtrim(*args: str) -> subprocess.CompletedProcess[str]:

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from need import need
+
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
 PLUGIN = UNITS / "45-kmodtrim.install"
@@ -185,10 +187,10 @@ def _recording_plugin(path: Path, log: Path) -> Path:
     return path
 
 
-@pytest.mark.skipif(shutil.which("kernel-install") is None, reason="needs kernel-install")
 @pytest.mark.parametrize("stub_exit", [0, 1, 77])
 def test_real_kernel_install_runs_later_plugins_whatever_kmodtrim_does(
         scratch: Scratch, tmp_path: Path, stub_exit: int) -> None:
+    need("kernel-install")
     order = tmp_path / "order.log"
     plugins_dir = tmp_path / "install.d"
     plugins_dir.mkdir()

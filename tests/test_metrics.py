@@ -5,7 +5,6 @@ restore (counted apart), atomically (node_exporter reports no scrape error)."""
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import subprocess
 import time
@@ -14,25 +13,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
 from dbusfixture import PrivateBus, private_bus
 from kmodtrim.daemon import start
 from kmodtrim.executor import Options, apply_plan
 from kmodtrim.operations import Target, make_plan_for
 from kmodtrim.resident.jobs import Request
 from kmodtrim.store import record_observation
+from need import need
 from test_daemon import BOOT_ID, DEVICE_ADD, KVER, _wait_for, root
 
 __all__ = ["private_bus", "root"]  # fixtures, re-exported for pytest
 
 NODE_EXPORTER = "prometheus-node-exporter"
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
 
 
 def _free_port() -> int:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from debbuild import BUILD_INPUTS, SYSTEM_ENV, build_kmodtrim_deb, need, project_version
+from debbuild import BUILD_INPUTS, SYSTEM_ENV, build_kmodtrim_deb, project_version
+from need import need
 
 REPO = Path(__file__).resolve().parent.parent
 DEBIAN = REPO / "packaging" / "debian"

@@ -29,6 +29,7 @@ from kmodtrim.regen import (
     run_depmod,
     verify_initramfs,
 )
+from need import need
 
 KVER = "6.1.0-99-test-amd64"
 # Loadable (not built in) in Debian's cloud kernel: the boot disk and NIC of a qemu VM.
@@ -41,7 +42,12 @@ add_drivers+=" virtio_blk virtio_net virtio_pci "
 compress="zstd -1 -q"
 """
 
-needs_dracut = pytest.mark.skipif(shutil.which("dracut") is None, reason="dracut-core missing")
+@pytest.fixture
+def dracut_installed() -> None:
+    need("dracut")
+
+
+needs_dracut = pytest.mark.usefixtures("dracut_installed")
 
 
 def _sha(path: Path) -> str:

@@ -21,6 +21,7 @@ import pytest
 
 from dbusfixture import bus_config
 from kmodtrim.dbus import api
+from need import need
 
 REPO = Path(__file__).resolve().parent.parent
 UNITS = REPO / "units"
@@ -46,12 +47,6 @@ NOBODY = 65534
 MAX_EXPOSURE = 3.5
 
 C_ENV = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "SYSTEMD_COLORS": "0"}
-
-
-def need(*tools: str) -> None:
-    for tool in tools:
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool}")
 
 
 def unit_settings(path: Path) -> dict[tuple[str, str], list[str]]:
@@ -222,9 +217,7 @@ def _stop(proc: subprocess.Popen[str]) -> None:
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bus]:
     """A private dbus-daemon configured like the system bus, with kmodtrim's policy."""
-    need("dbus-daemon", "dbus-send")
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the policy is checked for root and for another uid")
+    need("dbus-daemon", "dbus-send", root=True)  # the policy is checked for root and another uid
     base = tmp_path_factory.mktemp("bus")
     servicedir = base / "system-services"
     servicedir.mkdir()
@@ -360,8 +353,9 @@ def _policy_members(context: str) -> dict[str, set[str]]:
 def test_bus_policy_lists_exactly_the_methods_the_daemon_exports() -> None:
     # A method added to the daemon but not to the policy is unreachable for non-root
     # callers (polkit never gets asked); one removed from the daemon leaves a stale rule.
-    service = pytest.importorskip("kmodtrim.dbus.interfaces")
     from dbus_next.service import ServiceInterface
+
+    from kmodtrim.dbus import interfaces as service
 
     def exported(cls: Any, name: str) -> set[str]:
         # Without the daemon behind it: only the class's @method declarations matter.
@@ -464,8 +458,7 @@ def test_dbus_interface_file_is_valid_introspection_xml(tmp_path: Path) -> None:
 
 def test_tmpfiles_creates_state_and_cache_directories(tmp_path: Path) -> None:
     need("systemd-tmpfiles")
-    if os.geteuid() != 0:
-        pytest.skip("needs root: the entries chown to root")
+    need(root=True)  # the entries chown to root
     proc = subprocess.run(["systemd-tmpfiles", "--create", f"--root={tmp_path}",
                            str(TMPFILES)], capture_output=True, text=True, env=C_ENV,
                           timeout=30, check=False)

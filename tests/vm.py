@@ -26,14 +26,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-
+from debroots import debootstrap
 from kernels import KernelTree, kernel_cache_dir
+from need import need
 from pkgbuild import sh
 
 REPO = Path(__file__).resolve().parent.parent
 SUITE = "bookworm"
-MIRROR = "http://deb.debian.org/debian"
 # nftables: the guest asks for netfilter modules by alias (restore on demand).
 BASE_PACKAGES = ("systemd", "systemd-sysv", "udev", "dbus", "kmod", "python3", "iproute2",
                  "nftables")
@@ -41,10 +40,7 @@ PYTHON_DIR = "/usr/local/lib/kmodtrim"
 
 
 def need_vm_tools() -> None:
-    missing = [t for t in ("qemu-system-x86_64", "debootstrap", "cpio") if not shutil.which(t)]
-    if missing or os.geteuid() != 0:
-        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'} "
-                    "(apt-get install qemu-system-x86 debootstrap cpio)")
+    need("qemu-system-x86_64", "debootstrap", "cpio", root=True)
 
 
 def base_image() -> Path:
@@ -57,15 +53,7 @@ def base_image() -> Path:
         return base
     cache.mkdir(parents=True, exist_ok=True)
     partial = cache / f"{base.name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    try:
-        sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-            SUITE, partial, MIRROR)
-    except AssertionError as exc:
-        shutil.rmtree(partial, ignore_errors=True)
-        if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
-            pytest.skip(f"cannot debootstrap {SUITE} offline")
-        raise exc
+    debootstrap(SUITE, partial, BASE_PACKAGES)
     partial.rename(base)
     return base
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
-import os
 import re
 import shutil
 import subprocess
@@ -43,8 +42,9 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 import kernels  # noqa: E402
-from debroots import CHROOT_ENV, MIRROR, chroot  # noqa: E402
+from debroots import CHROOT_ENV, chroot, debootstrap  # noqa: E402
 from kernels import cache_lock, kernel_cache_dir  # noqa: E402
+from need import need  # noqa: E402
 from pkgbuild import sh  # noqa: E402
 from vm import Guest  # noqa: E402
 
@@ -63,10 +63,7 @@ TOOLS = ("qemu-system-x86_64", "debootstrap", "chroot", "mkfs.ext4", "debugfs")
 
 
 def need_e2e_tools() -> None:
-    missing = [t for t in TOOLS if shutil.which(t) is None]
-    if missing or os.geteuid() != 0:
-        pytest.skip(f"needs root and {', '.join(missing) or 'nothing else'} "
-                    "(apt-get install qemu-system-x86 debootstrap e2fsprogs)")
+    need(*TOOLS, root=True)
 
 
 def e2e_cache() -> Path:
@@ -85,15 +82,7 @@ def base_root(release: kernels.Release, rebuild: bool = False) -> Path:
         if (base / "etc/os-release").exists():
             return base
         partial = cache / f"{suite}-cloud.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        try:
-            sh("debootstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}",
-               suite, partial, MIRROR)
-        except AssertionError:
-            shutil.rmtree(partial, ignore_errors=True)
-            if os.environ.get("KMODTRIM_TEST_OFFLINE", "") not in ("", "0"):
-                pytest.skip(f"cannot debootstrap {suite} offline")
-            raise
+        debootstrap(suite, partial, BASE_PACKAGES)
         chroot(partial, "apt-get", "update", "-qq")
         chroot(partial, "apt-get", "install", "-y", "-q", "--no-install-recommends",
                *PYTHON_PACKAGES)
