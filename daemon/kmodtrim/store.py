@@ -210,8 +210,7 @@ def _summary_path(root: Path, number: int) -> Path:
 
 _SUMMARY_TYPES = {"generation": int, "created": str, "action": str, "description": str,
                   "removed_files": int, "removed_bytes": int, "kernels": dict}
-HISTORY_KEYS = ("generation", "created", "action", "description", "removed_files",
-                "removed_bytes")  # what ``history`` lists of a summary
+HISTORY_KEYS = tuple(k for k in _SUMMARY_TYPES if k != "kernels")  # what ``history`` lists
 
 
 def summary_of(generation: Generation) -> dict[str, Any]:
@@ -245,9 +244,9 @@ def _valid_kernels(kernels: dict[str, Any]) -> bool:
 
 def generation_summary(root: Path, number: int) -> dict[str, Any]:
     """summary_of(generation ``number``), from its summary file when that was written for
-    exactly the manifest there is (its size and CRC-32), else from the manifest. A manifest lists
-    thousands of files: reading only the summaries keeps ``history`` fast and kmodtrimd
-    small. Raises NoSuchGenerationError, StoreError."""
+    exactly the manifest there is (its size and CRC-32), else from the manifest. A
+    manifest lists thousands of files: reading only the summaries keeps ``history`` fast
+    and kmodtrimd small. Raises NoSuchGenerationError, StoreError."""
     if number > 0:
         try:
             summary = read_json(_summary_path(root, number), root)
