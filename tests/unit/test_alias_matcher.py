@@ -48,7 +48,7 @@ modules = st.sampled_from(["m1", "m2", "m3", "m4", "m5"])
        st.lists(st.text(ALPHABET, max_size=8), min_size=1, max_size=6))
 def test_lazy_buckets_answer_as_one_bucketing(pairs: list[tuple[str, str]],
                                               strings: list[str]) -> None:
-    matcher = _AliasMatcher(pairs)
+    matcher = _AliasMatcher.of_pairs(pairs)
     for string in strings:  # several lookups: buckets built by one serve the next
         assert matcher.match(string) == reference(pairs, string)
 
@@ -61,7 +61,7 @@ def test_patterns_given_per_module_answer_as_pairs(
     """The index gives its modules' aliases per module (scanned for one first character
     when asked): the same answers, in the same order, as the same patterns in pairs."""
     pairs = [(a, name) for name, aliases in entries for a in aliases]
-    matcher = _AliasMatcher((), [(name, tuple(aliases)) for name, aliases in entries])
+    matcher = _AliasMatcher([(name, tuple(aliases)) for name, aliases in entries])
     for string in strings:
         assert matcher.match(string) == reference(pairs, string)
 
@@ -69,9 +69,9 @@ def test_patterns_given_per_module_answer_as_pairs(
 def test_exact_then_wildcard_first_then_longer_prefixes() -> None:
     pairs = [("pci:v1d2*", "by_long_prefix"), ("*", "any"), ("pci:v1d2", "exact"),
              ("p*", "by_short_prefix"), ("fs-xfs", "xfs"), ("[pq]ci:*", "bracket")]
-    matcher = _AliasMatcher(pairs)
+    matcher = _AliasMatcher.of_pairs(pairs)
     assert matcher.match("pci:v1d2") == ["exact", "any", "bracket", "by_short_prefix",
                                          "by_long_prefix"]
     assert matcher.match("fs-xfs") == matcher.match("fs_xfs") == ["xfs", "any"]
     assert matcher.match("") == ["any"]
-    assert _AliasMatcher([("", "empty")]).match("") == ["empty"]
+    assert _AliasMatcher.of_pairs([("", "empty")]).match("") == ["empty"]

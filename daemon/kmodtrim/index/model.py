@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,15 +120,13 @@ class ModuleIndex:
             object.__setattr__(self, "_alias_matchers", matchers)
         matcher = matchers.get(which)
         if matcher is None:
-            if which == 0:
-                pairs: Iterable[tuple[str, str]] = self.modprobe.aliases
-            elif which == 1:  # tens of thousands: scanned per first character when asked
-                matcher = matchers[which] = _AliasMatcher(
-                    (), [(e.name, e.info.aliases) for e in self.modules.values()])
-                return matcher
+            if which == 1:  # tens of thousands: scanned per first character when asked
+                matcher = _AliasMatcher([(e.name, e.info.aliases)
+                                         for e in self.modules.values()])
             else:
-                pairs = self.builtin_aliases
-            matcher = matchers[which] = _AliasMatcher(pairs)
+                matcher = _AliasMatcher.of_pairs(
+                    self.modprobe.aliases if which == 0 else self.builtin_aliases)
+            matchers[which] = matcher
         return matcher
 
     # -- relationships ----------------------------------------------------------------
@@ -168,48 +166,33 @@ class _AliasMatcher:
 
     Patterns without wildcards go into a dict; the rest are bucketed by their literal
     prefix (up to the first wildcard), so a lookup only tries patterns whose prefix is a
-    prefix of the string. Patterns are sorted by their first character only when made;
-    the buckets of one first character are built the first time a string starting with
-    it is looked up (a plan looks up a handful of names, not 26,000 patterns' worth).
+    prefix of the string. The buckets of one first character are built the first time a
+    string starting with it is looked up (a plan looks up a handful of names, not 26,000
+    patterns' worth).
     Those starting with a wildcard (an empty prefix) are tried by every lookup, after the
     exact matches and before the longer prefixes, as one bucketing of all would.
     """
 
-    def __init__(self, pairs: Iterable[tuple[str, str]],
-                 entries: list[tuple[str, tuple[str, ...]]] | None = None) -> None:
-        """``pairs``: (pattern, module); ``entries``: (module, its patterns), scanned for
-        one first character when a string starting with it is first looked up (no pair
-        is made for the others: a plan looks up a few names among 26,000 aliases)."""
-        self._pending: dict[str, list[tuple[str, str]]] = {}  # by first char, unbucketed
-        self._shards: dict[str, _Buckets] = {}
+    def __init__(self, entries: Sequence[tuple[str, Sequence[str]]]) -> None:
+        """``entries``: (module, its patterns), scanned for one first character when a
+        string starting with it is first looked up (no pair is made for the others)."""
         self._entries = entries
-        wild: list[tuple[str, str]] = []
-        if entries is not None:
-            wild = [(a, name) for name, aliases in entries for a in aliases
-                    if a[:1] in _WILD_FIRST]
-        pending = self._pending
-        for pair in pairs:
-            first = pair[0][:1]
-            if first in _WILD_FIRST:
-                wild.append(pair)
-            else:
-                key = "_" if first == "-" else first  # as alias_normalize spells it
-                shard = pending.get(key)
-                if shard is None:
-                    pending[key] = [pair]
-                else:
-                    shard.append(pair)
-        self._wild = _Buckets(wild).by_prefix.get("", [])
+        self._shards: dict[str, _Buckets] = {}
+        self._wild = _Buckets([(a, name) for name, aliases in entries for a in aliases
+                               if a[:1] in _WILD_FIRST]).by_prefix.get("", [])
+
+    @classmethod
+    def of_pairs(cls, pairs: Iterable[tuple[str, str]]) -> _AliasMatcher:
+        """A matcher of (pattern, module) pairs."""
+        return cls([(module, (pattern,)) for pattern, module in pairs])
 
     def _shard(self, first: str) -> _Buckets:
         shard = self._shards.get(first)
         if shard is None:
-            pairs: list[tuple[str, str]] = self._pending.pop(first, [])
-            if self._entries is not None:
-                spelt = ("_", "-") if first == "_" else (first,)  # as alias_normalize
-                pairs += [(a, name) for name, aliases in self._entries for a in aliases
-                          if a[:1] in spelt]
-            shard = self._shards[first] = _Buckets(pairs)
+            spelt = ("_", "-") if first == "_" else (first,)  # as alias_normalize spells it
+            shard = self._shards[first] = _Buckets(
+                [(a, name) for name, aliases in self._entries for a in aliases
+                 if a[:1] in spelt and a[:1] not in _WILD_FIRST])
         return shard
 
     def match(self, string: str) -> list[str]:
