@@ -240,3 +240,20 @@ def test_apply_restore_and_rollback_through_the_cli(tmp_path: Path, module_rpm: 
     assert after == before  # the caches kmodtrim keeps aside
     assert RpmBackend().verify(root, ["kernel-mods"]) == []
     assert not (root / "var/lib/kmodtrim/fetch").exists()
+
+
+def test_releasever_comes_from_the_roots_own_os_release(tmp_path: Path) -> None:
+    """An image's /etc/os-release is usually a link to /usr/lib/os-release: absolute, so
+    it is resolved inside the root (read through the host, it named the host's release)."""
+    from kmodtrim.sources.rpm import dnf_command
+
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "usr/lib").mkdir(parents=True)
+    (root / "usr/lib/os-release").write_text('NAME="Image"\nVERSION_ID="7.4"\n')
+    (root / "etc/os-release").symlink_to("/usr/lib/os-release")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    assert "--releasever=7.4" in dnf_command(root, scratch)
+    (root / "usr/lib/os-release").write_text('NAME="Image"\n')
+    assert not any(a.startswith("--releasever") for a in dnf_command(root, scratch))

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import KernelNotFoundError
 from ..observe.inroot import _inroot_realpath, _read_text
+from ..observe.osrelease import parse_os_release as parse_os_release  # re-exported
+from ..observe.osrelease import read_os_release
 from ..paths import default_kernel, installed_kernels
 
-OS_RELEASE_FILES = ("/etc/os-release", "/usr/lib/os-release")
-OS_RELEASE_KEYS = {"ID": "id", "VERSION_ID": "version_id", "IMAGE_ID": "image_id",
-                   "IMAGE_VERSION": "image_version"}
 MACHINE_ID = "/etc/machine-id"
 
 
@@ -44,22 +42,6 @@ def _platform(root: Path) -> dict[str, str | None]:
             "detected": found.platform if found is not None else None}
 
 
-def parse_os_release(text: str) -> dict[str, str | None]:
-    """The image fields of an os-release file (shell-style ``KEY=value`` lines, quoted or
-    not; os-release(5)); None for a field the file lacks."""
-    found: dict[str, str | None] = dict.fromkeys(OS_RELEASE_KEYS.values())
-    for line in text.splitlines():
-        key, sep, value = line.strip().partition("=")
-        if not sep or key not in OS_RELEASE_KEYS:
-            continue
-        try:
-            words = shlex.split(value)
-        except ValueError:  # an unbalanced quote: take the line as written
-            words = [value.strip("\"'")]
-        found[OS_RELEASE_KEYS[key]] = " ".join(words) or None
-    return found
-
-
 def hash_machine_id(machine_id: str, salt: str | None) -> str:
     """sha256 of the machine id, or with a salt HMAC-SHA256 keyed with it (hosts are told
     apart in a merge without the id being recoverable from a document)."""
@@ -78,12 +60,7 @@ def _valid_machine_id(text: str | None) -> str | None:
 def read_host_facts(root: Path, salt: str | None = None) -> HostFacts:
     """The facts of the host (or image) at ``root``. Raises ObservationError for a file
     that is not a regular file or is too large."""
-    image: dict[str, str | None] = dict.fromkeys(OS_RELEASE_KEYS.values())
-    for name in OS_RELEASE_FILES:
-        text = _read_text(root, _inroot_realpath(root, name))
-        if text is not None:
-            image = parse_os_release(text)
-            break
+    image = read_os_release(root)
     machine_id = _valid_machine_id(_read_text(root, _inroot_realpath(root, MACHINE_ID)))
     try:
         kernel: str | None = default_kernel(root)

@@ -7,9 +7,9 @@ are normalised (``-`` → ``_``) as kmod does.
 
 The package's files: loaded.py reads loaded modules, devices.py device modaliases,
 filesystems.py mounts and fstab, platform.py the DMI and hypervisor facts of the
-platform, rootdev.py the root device's driver chain, inroot.py the
-root-relative file access they share, exported.py the names in an ``--observed`` file that
-is an observation export or a fleet merge (JSON).
+platform, osrelease.py the image's os-release, rootdev.py the root device's driver
+chain, inroot.py the root-relative file access they share, exported.py the names in an
+``--observed`` file that is an observation export or a fleet merge (JSON).
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from ..backends.package import PM_ENV, is_live
 from ..backends.rpm import RpmBackend, rpm_command
-from ..errors import ArchiveError, CommandError, InputError
-from ..inputs import MAX_CONFIG_BYTES, read_input
+from ..errors import ArchiveError, CommandError, ObservationError
+from ..observe.osrelease import read_os_release
 from ..run import run
 from ..store import make_dirs
 from .payload import (
@@ -57,20 +57,6 @@ def dnf_spec(origin: Origin) -> str:
     return f"{name}-{epoch}:{release}.{arch}"
 
 
-def _releasever(root: Path) -> str | None:
-    """VERSION_ID of ROOT/etc/os-release (what $releasever means in its repositories)."""
-    for name in ("etc/os-release", "usr/lib/os-release"):
-        try:
-            text = read_input(root / name, limit=MAX_CONFIG_BYTES, what="os-release")
-        except InputError:
-            continue
-        for line in text.decode("utf-8", "replace").splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "VERSION_ID" and value.strip().strip("\"'"):
-                return value.strip().strip("\"'")
-    return None
-
-
 def dnf_command(root: Path, directory: Path) -> list[str]:
     """dnf for ``root``, keeping everything it writes under ``directory`` (which must
     exist): the root's own repositories when it is not the live system."""
@@ -86,7 +72,10 @@ def dnf_command(root: Path, directory: Path) -> list[str]:
             f"--setopt=cachedir={directory / 'cache'}",
             f"--setopt=persistdir={directory / 'persist'}",
             f"--setopt=logdir={directory / 'log'}"]
-    release = _releasever(root)
+    try:
+        release = read_os_release(root)["version_id"]  # what $releasever means there
+    except ObservationError:  # not a regular file, or too big: no release given
+        release = None
     if release is not None:
         argv.append(f"--releasever={release}")
     return argv
