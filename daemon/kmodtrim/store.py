@@ -261,6 +261,14 @@ def generation_summary(root: Path, number: int) -> dict[str, Any]:
     return summary_of(load_generation(root, number))
 
 
+def generation_rows(root: Path) -> list[dict[str, Any]]:
+    """Every generation as ``history`` lists it, oldest first (the last is current)."""
+    rows = [generation_summary(root, n) for n in generation_numbers(root)]
+    current = rows[-1]["generation"]
+    return [{**{key: row[key] for key in HISTORY_KEYS}, "current": row["generation"] == current}
+            for row in rows]
+
+
 def module_history(root: Path, path: str) -> dict[str, int | None]:
     """The generation that last took ``path`` out and the one that last put it back."""
     taken: int | None = None

@@ -24,7 +24,13 @@ from .errors import KmodtrimError
 from .paths import default_kernel, is_live_root
 from .records import Generation, Source
 from .state.stash import Stash
-from .store import generation_numbers, load_generation, read_observations, read_restored
+from .store import (
+    generation_numbers,
+    generation_rows,
+    load_generation,
+    read_observations,
+    read_restored,
+)
 
 if TYPE_CHECKING:
     from .engine.transition import Options, Outcome
@@ -162,16 +168,6 @@ def _unserved(root: Path, g: Generation) -> list[str]:
             f"{paths[0]} comes back from the archive, which no longer serves {origin}"
             for origin, paths in sorted(by_origin.items(), key=lambda i: str(i[0]))
             if origin not in serving]
-
-
-def generation_rows(root: Path) -> list[dict[str, Any]]:
-    """Every generation as ``history`` lists it, oldest first (the last is current)."""
-    from .store import HISTORY_KEYS, generation_summary
-
-    rows = [generation_summary(root, n) for n in generation_numbers(root)]
-    current = rows[-1]["generation"]
-    return [{**{key: row[key] for key in HISTORY_KEYS}, "current": row["generation"] == current}
-            for row in rows]
 
 
 def history(root: Path) -> dict[str, Any]:

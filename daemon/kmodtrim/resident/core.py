@@ -24,6 +24,7 @@ from ..names import normalize
 from ..paths import default_kernel
 from ..store import (
     generation_numbers,
+    generation_rows,
     generation_summary,
     load_generation,
     read_observations,
@@ -242,8 +243,6 @@ class Daemon:
     def list_generations(self) -> list[dict[str, Any]]:
         """Every generation, oldest first (``kmodtrim history --json``'s rows). Raises
         StoreError."""
-        from ..usecases import generation_rows
-
         return generation_rows(self.root)
 
     def show_generation(self, number: int) -> dict[str, Any]:
