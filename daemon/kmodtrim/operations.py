@@ -68,29 +68,46 @@ class Target:
     clouds: tuple[str, ...] = ()  # --cloud: whose drivers to keep (else the policy's)
 
 
-def stashed_modules(root: Path, kernel: str) -> list[StashedModule]:
-    """Module files of ``kernel`` that the current generation holds out of the tree (read,
-    when the index has no cached row for one, from the stash or the package archive)."""
-    prefix = inroot_path(module_dir(root, kernel), root) + "/"
-    entries = [e for e in salvage.view(root).generation.removed
-               if e.kind == "module" and e.kernel == kernel and e.path.startswith(prefix)]
-    readers: list[OutOfTreeReader] = []  # made on the first read: a warm index reads none
+class CurrentStash:
+    """The module files of ``kernel`` that the current generation holds out of the tree (a
+    StashedSource; each read, when the index has no cached row for it, from the stash or
+    the package archive). Keyed by the newest manifest's number and fingerprint when the
+    records need no closer look (state/glance.py), so that a warm index lists them
+    without reading the manifest."""
 
-    def load(entry: StashedFile) -> bytes:
-        if not readers:
-            from .sources.reader import OutOfTreeReader
+    def __init__(self, root: Path, kernel: str) -> None:
+        from .state.glance import quick_or_none
 
-            readers.append(OutOfTreeReader(root, entries))
-        # A damaged copy costs that module only: the index lists it as unreadable.
-        try:
-            return readers[0].read(entry)
-        except StashError as exc:
-            raise ModuleParseError(entry.path, exc.message) from None
+        self.root = root
+        self.kernel = kernel
+        self.prefix = inroot_path(module_dir(root, kernel), root) + "/"
+        quick = quick_or_none(root)
+        self.key: tuple[int | str, ...] | None = None if quick is None else (
+            quick["generation"], *quick.get("manifest", ()), self.prefix)
 
-    return [StashedModule(
-        relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
-        load=lambda entry=entry: load(entry),  # type: ignore[misc]
-    ) for entry in entries]
+    def modules(self) -> list[StashedModule]:
+        prefix = self.prefix
+        entries = [e for e in salvage.view(self.root).generation.removed
+                   if e.kind == "module" and e.kernel == self.kernel
+                   and e.path.startswith(prefix)]
+        readers: list[OutOfTreeReader] = []  # made on the first read: a warm index reads none
+        root = self.root
+
+        def load(entry: StashedFile) -> bytes:
+            if not readers:
+                from .sources.reader import OutOfTreeReader
+
+                readers.append(OutOfTreeReader(root, entries))
+            # A damaged copy costs that module only: the index lists it as unreadable.
+            try:
+                return readers[0].read(entry)
+            except StashError as exc:
+                raise ModuleParseError(entry.path, exc.message) from None
+
+        return [StashedModule(
+            relpath=entry.path[len(prefix):], size=entry.size, sha256=entry.sha256,
+            load=lambda entry=entry: load(entry),  # type: ignore[misc]
+        ) for entry in entries]
 
 
 def load_index(target: Target, *, rebuild: bool = False,
@@ -108,7 +125,7 @@ def load_index(target: Target, *, rebuild: bool = False,
         use_cache=target.use_cache,
         rebuild=rebuild,
         symvers=target.symvers,
-        stashed=stashed_modules(target.root, kernel),
+        stashed=CurrentStash(target.root, kernel),
         save_cache=save_cache,
     )
 

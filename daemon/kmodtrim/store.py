@@ -20,8 +20,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
-from enum import StrEnum
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ from .errors import (
     NoSuchGenerationError,
     PermissionDeniedError,
     StoreError,
-    UntrustedStateError,
 )
 from .records import GENERATION_ZERO, Generation, RemovedPackage, StashedFile
 from .state.files import (
@@ -44,17 +42,68 @@ from .state.files import (
     check_trusted,
     encode_json,
     fsync_dir,
+    journal_path,
     make_dirs,
     read_json,
-    read_state_bytes,
     replace_file,
     state_dir,
 )
+from .state.observations import (
+    HowSeen,
+    forget_restored,
+    observations_path,
+    read_observations,
+    read_restored,
+    read_supplied,
+    record_observation,
+    record_restored,
+    record_supplied,
+)
+from .state.summary import (
+    HISTORY_KEYS,
+    generation_numbers,
+    generation_rows,
+    generation_summary,
+    generations_dir,
+    manifest_path,
+    summary_document,
+    summary_of,
+    summary_path,
+)
 
 __all__ = [  # re-exported: callers import them from here
-    "DIR_MODE", "FILE_MODE", "GENERATION_ZERO", "STATE_DIR", "STATE_FILE_LIMIT", "Generation",
-    "RemovedPackage", "StashedFile", "atomic_write_bytes", "atomic_write_json",
-    "check_trusted", "fsync_dir", "make_dirs", "read_json", "replace_file", "state_dir",
+    "DIR_MODE",
+    "FILE_MODE",
+    "GENERATION_ZERO",
+    "HISTORY_KEYS",
+    "STATE_DIR",
+    "STATE_FILE_LIMIT",
+    "Generation",
+    "HowSeen",
+    "RemovedPackage",
+    "StashedFile",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "check_trusted",
+    "forget_restored",
+    "fsync_dir",
+    "generation_numbers",
+    "generation_rows",
+    "generation_summary",
+    "generations_dir",
+    "journal_path",
+    "make_dirs",
+    "observations_path",
+    "read_json",
+    "read_observations",
+    "read_restored",
+    "read_supplied",
+    "record_observation",
+    "record_restored",
+    "record_supplied",
+    "replace_file",
+    "state_dir",
+    "summary_of",
 ]
 
 log = logging.getLogger("kmodtrim.store")
@@ -124,23 +173,6 @@ def _now() -> str:
 # Generations
 
 
-
-
-def generations_dir(root: Path) -> Path:
-    return state_dir(root) / "generations"
-
-
-def generation_numbers(root: Path) -> list[int]:
-    """Recorded generation numbers (0 always exists), ascending."""
-    numbers = {0}
-    with contextlib.suppress(OSError):
-        for name in os.listdir(generations_dir(root)):
-            stem, dot, ext = name.partition(".")
-            if dot and ext == "json" and stem.isdigit():
-                numbers.add(int(stem))
-    return sorted(numbers)
-
-
 # Manifests never change once written: each is read once per process (keyed by its inode,
 # size and mtime, so a file replaced meanwhile is read again).
 # At most a few: a long-running kmodtrimd must not keep every manifest it ever read.
@@ -152,7 +184,7 @@ def load_generation(root: Path, number: int) -> Generation:
     """Generation ``number``. Raises NoSuchGenerationError or StoreError."""
     if number == 0:
         return GENERATION_ZERO
-    path = generations_dir(root) / f"{number}.json"
+    path = manifest_path(root, number)
     try:
         st = os.stat(path)
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -187,86 +219,12 @@ def current_generation(root: Path) -> Generation:
 
 
 def write_generation(root: Path, generation: Generation) -> None:
-    """Write generation's manifest, then its summary (summary_of), which names the
+    """Write generation's manifest, then its summary (state/summary.py), which names the
     manifest's size and CRC-32: a summary that does not match its manifest is not used."""
     data = encode_json(generation.to_json())
-    atomic_write_bytes(generations_dir(root) / f"{generation.number}.json", data)
-    atomic_write_json(_summary_path(root, generation.number),
-                      {"manifest": _fingerprint(data), **summary_of(generation)})
-
-
-def _fingerprint(data: bytes) -> list[int]:
-    """[size, CRC-32] of a manifest's bytes: whether a summary was written for it (state
-    files are trusted, so this guards against a stale summary, not a forged one; CRC-32
-    keeps OpenSSL's libcrypto out of kmodtrimd, which reads summaries)."""
-    import zlib
-
-    return [len(data), zlib.crc32(data)]
-
-
-def _summary_path(root: Path, number: int) -> Path:
-    return generations_dir(root) / f"{number}.summary.json"
-
-
-_SUMMARY_TYPES = {"generation": int, "created": str, "action": str, "description": str,
-                  "removed_files": int, "removed_bytes": int, "kernels": dict}
-HISTORY_KEYS = tuple(k for k in _SUMMARY_TYPES if k != "kernels")  # what ``history`` lists
-
-
-def summary_of(generation: Generation) -> dict[str, Any]:
-    """A generation in short: what ``history`` lists (HISTORY_KEYS), and per kernel the
-    names of its modules out of the tree, how many module files and how many bytes
-    (what kmodtrimd's self-healing and metrics need)."""
-    kernels: dict[str, dict[str, Any]] = {}
-    for f in generation.removed:
-        if f.kernel:
-            entry = kernels.setdefault(f.kernel, {"modules": set(), "module_files": 0,
-                                                  "bytes": 0})
-            if f.kind == "module":
-                entry["module_files"] += 1
-                if f.module:
-                    entry["modules"].add(f.module)
-            entry["bytes"] += f.size
-    for entry in kernels.values():
-        entry["modules"] = sorted(entry["modules"])
-    return {"generation": generation.number, "created": generation.created,
-            "action": generation.action, "description": generation.description,
-            "removed_files": len(generation.removed),
-            "removed_bytes": generation.removed_bytes, "kernels": kernels}
-
-
-def _valid_kernels(kernels: dict[str, Any]) -> bool:
-    return all(isinstance(entry, dict) and isinstance(entry.get("modules"), list)
-               and all(isinstance(m, str) for m in entry["modules"])
-               and type(entry.get("module_files")) is int and type(entry.get("bytes")) is int
-               for entry in kernels.values())
-
-
-def generation_summary(root: Path, number: int) -> dict[str, Any]:
-    """summary_of(generation ``number``), from its summary file when that was written for
-    exactly the manifest there is (its size and CRC-32), else from the manifest. A
-    manifest lists thousands of files: reading only the summaries keeps ``history`` fast
-    and kmodtrimd small. Raises NoSuchGenerationError, StoreError."""
-    if number > 0:
-        try:
-            summary = read_json(_summary_path(root, number), root)
-            data = read_state_bytes(generations_dir(root) / f"{number}.json", root)
-        except (FileNotFoundError, StoreError):
-            summary = None
-        if (isinstance(summary, dict) and summary.get("generation") == number
-                and summary.get("manifest") == _fingerprint(data)
-                and all(type(summary.get(key)) is kind for key, kind in _SUMMARY_TYPES.items())
-                and _valid_kernels(summary["kernels"])):
-            return {key: summary[key] for key in _SUMMARY_TYPES}
-    return summary_of(load_generation(root, number))
-
-
-def generation_rows(root: Path) -> list[dict[str, Any]]:
-    """Every generation as ``history`` lists it, oldest first (the last is current)."""
-    rows = [generation_summary(root, n) for n in generation_numbers(root)]
-    current = rows[-1]["generation"]
-    return [{**{key: row[key] for key in HISTORY_KEYS}, "current": row["generation"] == current}
-            for row in rows]
+    atomic_write_bytes(manifest_path(root, generation.number), data)
+    atomic_write_json(summary_path(root, generation.number),
+                      summary_document(generation, data))
 
 
 def module_history(root: Path, path: str) -> dict[str, int | None]:
@@ -289,10 +247,6 @@ def module_history(root: Path, path: str) -> dict[str, int | None]:
 # Journal
 
 
-def journal_path(root: Path) -> Path:
-    return state_dir(root) / "journal.json"
-
-
 def read_journal(root: Path) -> dict[str, Any] | None:
     try:
         doc = read_json(journal_path(root), root)
@@ -311,145 +265,3 @@ def clear_journal(root: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         journal_path(root).unlink()
         fsync_dir(state_dir(root))
-
-
-# ---------------------------------------------------------------------------------------
-# Observations (modules seen loaded, per boot)
-
-
-def observations_path(root: Path) -> Path:
-    return state_dir(root) / "observations.json"
-
-
-def _check_observations(path: Path, doc: Any) -> dict[str, Any]:
-    """``doc`` if it has the observations file's structure; raises StoreError."""
-    def is_names(value: Any) -> bool:
-        return isinstance(value, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-
-    if not isinstance(doc, dict) or not isinstance(doc.get("boots"), dict):
-        raise StoreError(f"{path}: unexpected structure")
-    for boot in doc["boots"].values():
-        if (not isinstance(boot, dict) or not isinstance(boot.get("modules"), list)
-                or not all(isinstance(m, str) for m in boot["modules"])
-                or not all(isinstance(boot.get(k, 0), int | float)
-                           for k in ("first_seen", "last_seen"))
-                or not all(_is_sighting(s) for s in _as_dict(boot.get("seen", {})))):
-            raise StoreError(f"{path}: a boot record has an unexpected structure")
-    for key in ("supplied", "restored"):
-        if not is_names(doc.get(key, {})):
-            raise StoreError(f"{path}: {key!r} is not a map of names")
-    return doc
-
-
-def _observations_doc(root: Path, *, for_update: bool = False) -> dict[str, Any]:
-    """The whole observations file. A corrupt one is treated as empty (logged); before an
-    update it is moved aside (``observations.json.corrupt-TIME``) — a reader never renames
-    anything."""
-    path = observations_path(root)
-    try:
-        return _check_observations(path, read_json(path, root))
-    except FileNotFoundError:
-        return {"boots": {}}
-    except UntrustedStateError:
-        raise  # not corrupt but planted: never read, never touched
-    except StoreError as exc:
-        if not for_update:
-            log.warning("%s; ignoring it (the next change sets it aside)", exc.message)
-            return {"boots": {}}
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        with contextlib.suppress(OSError):
-            os.replace(path, aside)
-        log.warning("%s; set aside as %s, starting from no observations", exc.message, aside)
-        return {"boots": {}}
-
-
-class HowSeen(StrEnum):
-    """How a module was seen loaded (a boot record's ``seen`` says it per module)."""
-
-    PROC_MODULES = "proc-modules"  # the /proc/modules snapshot at start-up or --record
-    UEVENT = "uevent"  # a module's uevent while the daemon ran
-    MODALIAS = "modalias"  # restored for a device's modalias (self-healing)
-
-
-def _as_dict(value: Any) -> list[Any]:
-    return list(value.values()) if isinstance(value, dict) else [None]
-
-
-def _is_sighting(value: Any) -> bool:
-    return (isinstance(value, dict) and isinstance(value.get("first"), int | float)
-            and isinstance(value.get("last"), int | float)
-            and isinstance(value.get("how"), list)
-            and all(isinstance(h, str) for h in value["how"]))
-
-
-def read_observations(root: Path) -> dict[str, dict[str, Any]]:
-    """boot id → {"first_seen": epoch, "last_seen": epoch, "modules": [names]}, and since
-    the fleet export, ``"seen"``: name → {"first", "last", "how": [HowSeen]} for the
-    modules recorded since (older boot records lack it: their boot's times stand)."""
-    boots: dict[str, dict[str, Any]] = _observations_doc(root)["boots"]
-    return boots
-
-
-def read_supplied(root: Path) -> dict[str, str]:
-    """Module name → where it came from, for observations an admin supplied to an applied
-    trim (``--observed FILE``): later kernels are trimmed with them too."""
-    supplied: dict[str, str] = _observations_doc(root).get("supplied", {})
-    return supplied
-
-
-def read_restored(root: Path) -> dict[str, str]:
-    """Module name → when and how it was restored: kept by later plans until forgotten."""
-    restored: dict[str, str] = _observations_doc(root).get("restored", {})
-    return restored
-
-
-def _update_names(root: Path, key: str, add: dict[str, str], drop: Iterable[str] = (),
-                  *, replace_existing: bool = False) -> None:
-    doc = _observations_doc(root, for_update=True)
-    names = doc.setdefault(key, {})
-    for name, source in add.items():
-        if replace_existing:
-            names[name] = source
-        else:
-            names.setdefault(name, source)
-    for name in drop:
-        names.pop(name, None)
-    atomic_write_json(observations_path(root), doc)
-
-
-def record_supplied(root: Path, names: dict[str, str]) -> None:
-    """Remember supplied observations (name → source), in addition to earlier ones."""
-    _update_names(root, "supplied", names)
-
-
-def record_restored(root: Path, names: dict[str, str]) -> None:
-    """Remember modules restored by hand or on demand (name → how and when)."""
-    _update_names(root, "restored", names, replace_existing=True)
-
-
-def forget_restored(root: Path, names: set[str]) -> set[str]:
-    """Stop keeping ``names`` for having been restored; returns those that were kept."""
-    known = set(read_restored(root)) & names
-    if known:
-        _update_names(root, "restored", {}, known)
-    return known
-
-
-def record_observation(
-    root: Path, boot_id: str, modules: list[str], now: float | None = None,
-    how: HowSeen = HowSeen.PROC_MODULES,
-) -> None:
-    """Add modules seen loaded during boot ``boot_id`` (union with what was recorded),
-    each with when (first and last) and ``how`` it was seen."""
-    now = time.time() if now is None else now
-    doc = _observations_doc(root, for_update=True)
-    boot = doc["boots"].setdefault(boot_id, {"first_seen": now, "last_seen": now, "modules": []})
-    boot["last_seen"] = now
-    boot["modules"] = sorted(set(boot["modules"]) | set(modules))
-    seen = boot.setdefault("seen", {})
-    for name in modules:
-        sighting = seen.setdefault(name, {"first": now, "last": now, "how": []})
-        sighting["last"] = now
-        sighting["how"] = sorted(set(sighting["how"]) | {str(how)})
-    atomic_write_json(observations_path(root), doc)

@@ -18,24 +18,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import salvage
 from .documents import SCHEMA
 from .errors import KmodtrimError
 from .paths import default_kernel, is_live_root
-from .records import Generation, Source
-from .state.stash import Stash
-from .store import (
-    generation_numbers,
-    generation_rows,
-    load_generation,
-    read_observations,
-    read_restored,
-)
+from .state.glance import quick_or_none
+from .state.observations import read_observations, read_restored
+from .state.summary import generation_numbers, generation_rows
 
 if TYPE_CHECKING:
     from .engine.transition import Options, Outcome
     from .index import ModuleIndex
     from .operations import PlanResult, Target
+    from .records import Generation
 
 Progress = Callable[[str, int, int], None]
 
@@ -101,10 +95,61 @@ def _boot_kept(root: Path) -> int:
 
 def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
            verify: bool = False) -> dict[str, Any]:
-    """The ``status`` document. Raises StoreError for untrusted state."""
+    """The ``status`` document. Raises StoreError for untrusted state. Whole records
+    are read at a glance (state/glance.py); anything else from the full view."""
+    quick = None if verify else quick_or_none(root, stash=True)
+    records = _records_status(root, verify) if quick is None else {
+        "generation": quick["generation"], "description": quick["description"],
+        "removed_files": quick["removed_files"], "removed_bytes": quick["removed_bytes"],
+        "stash_bytes_on_disk": quick["stash_bytes_on_disk"],
+        "from_archive_files": quick["from_archive_files"], "interrupted_operation": False,
+        "pending": None, "problems": [], "damaged": []}
+    boots = read_observations(root)
+    declared = _declared(root, policy)
+    now = time.time()
+    first = min((float(b.get("first_seen", now)) for b in boots.values()), default=now)
+    days = round((now - first) / 86400, 1)
+    try:
+        shown_kernel: str | None = kernel or default_kernel(root)
+    except KmodtrimError:
+        shown_kernel = None
+    boot_kept = _boot_kept(root)
+    return {
+        "schema": SCHEMA,
+        "root": str(root),
+        "kernel": shown_kernel,
+        "mode": declared["mode"],
+        "daemon_running": _daemon_running(root),
+        "generation": records["generation"],
+        "description": records["description"],
+        "removed_files": records["removed_files"],
+        "removed_bytes": records["removed_bytes"],
+        "stash_bytes_on_disk": records["stash_bytes_on_disk"],
+        "boot_kept_bytes": boot_kept,
+        "net_freed_bytes": records["removed_bytes"] - records["stash_bytes_on_disk"]
+        - boot_kept,
+        "from_archive_files": records["from_archive_files"],
+        "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
+                        "days_needed": declared["days"],
+                        "met": len(boots) >= declared["boots"] and days >= declared["days"]},
+        "restored_modules": sorted(read_restored(root)),
+        "interrupted_operation": records["interrupted_operation"],
+        "pending": records["pending"],
+        "problems": records["problems"],
+        "damaged": records["damaged"],
+        "verified": verify,
+    }
+
+
+def _records_status(root: Path, verify: bool) -> dict[str, Any]:
+    """What ``status`` says of the records, from the full view: every problem named,
+    every missing (or, with ``verify``, damaged) stash copy listed."""
+    from . import salvage
+    from .records import Source
+    from .state.stash import Stash
+
     state = salvage.view(root)
     g = state.generation
-    boots = read_observations(root)
     stash = Stash(root)
     if verify:
         damaged = [why for _entry, why in stash.verify(g.removed)] + _unserved(root, g)
@@ -119,43 +164,18 @@ def status(root: Path, *, kernel: str | None = None, policy: Path | None = None,
                    f"{g.number}; the next change command writes it")
     else:
         pending = None
-    declared = _declared(root, policy)
-    now = time.time()
-    first = min((float(b.get("first_seen", now)) for b in boots.values()), default=now)
-    days = round((now - first) / 86400, 1)
-    try:
-        shown_kernel: str | None = kernel or default_kernel(root)
-    except KmodtrimError:
-        shown_kernel = None
-    return {
-        "schema": SCHEMA,
-        "root": str(root),
-        "kernel": shown_kernel,
-        "mode": declared["mode"],
-        "daemon_running": _daemon_running(root),
-        "generation": g.number,
-        "description": g.description,
-        "removed_files": len(g.removed),
-        "removed_bytes": g.removed_bytes,
-        "stash_bytes_on_disk": (on_disk := stash.size_on_disk()),
-        "boot_kept_bytes": (boot_kept := _boot_kept(root)),
-        "net_freed_bytes": g.removed_bytes - on_disk - boot_kept,
-        "from_archive_files": sum(1 for f in g.removed if f.source is Source.ARCHIVE),
-        "observation": {"boots": len(boots), "days": days, "boots_needed": declared["boots"],
-                        "days_needed": declared["days"],
-                        "met": len(boots) >= declared["boots"] and days >= declared["days"]},
-        "restored_modules": sorted(read_restored(root)),
-        "interrupted_operation": state.interrupted is not None,
-        "pending": pending,
-        "problems": list(state.problems),
-        "damaged": damaged,
-        "verified": verify,
-    }
+    return {"generation": g.number, "description": g.description,
+            "removed_files": len(g.removed), "removed_bytes": g.removed_bytes,
+            "stash_bytes_on_disk": stash.size_on_disk(),
+            "from_archive_files": sum(1 for f in g.removed if f.source is Source.ARCHIVE),
+            "interrupted_operation": state.interrupted is not None, "pending": pending,
+            "problems": list(state.problems), "damaged": damaged}
 
 
 def _unserved(root: Path, g: Generation) -> list[str]:
     """For ``status --verify``: files out of the tree whose package version the archive
     no longer serves (they have no local copy, so nothing could restore them)."""
+    from .records import Source
     from .sources.archive import Origin, served
 
     by_origin: dict[Origin, list[str]] = {}
@@ -178,6 +198,8 @@ def history(root: Path) -> dict[str, Any]:
 def show(root: Path, number: int) -> dict[str, Any]:
     """The ``show`` document: what generation ``number`` took out and put back, by module,
     firmware and package. Raises NoSuchGenerationError, StoreError."""
+    from .store import load_generation
+
     g = load_generation(root, number)
     by_path = {f.path: f for f in g.removed}
     if number > 0:
@@ -243,7 +265,7 @@ def plan_document(result: PlanResult, root: Path) -> dict[str, Any]:
     from .engine.plansources import assign_plan_sources
 
     assigned = assign_plan_sources(root, result.plan, result.index, result.policy,
-                                   salvage.view(root).generation)
+                                   _paths_out(root, result.index))
     out = assigned.local_bytes + assigned.archive_bytes
     stash = result.policy.settings.stash
     return {"schema": SCHEMA, **result.plan.to_json(), "sources": {
@@ -254,12 +276,30 @@ def plan_document(result: PlanResult, root: Path) -> dict[str, Any]:
         "tree_bytes_out": out, "net_freed_bytes": out - assigned.local_bytes}}
 
 
+def _paths_out(root: Path, index: ModuleIndex) -> set[str]:
+    """The in-root paths the current generation holds out of the tree, as far as a plan of
+    ``index``'s kernel can tell: its stashed module files (which the index lists) and the
+    other files out (which the summary lists), when the records need no closer look;
+    else every path out, from the full view."""
+    quick = quick_or_none(root, whole=True)
+    if quick is None:
+        from . import salvage
+
+        return {f.path for f in salvage.view(root).generation.removed}
+    from .planner import inroot_moddir
+
+    prefix = inroot_moddir(index) + "/"
+    return {prefix + relpath for relpath in index.stashed_relpaths} | set(quick["others_out"])
+
+
 # ---------------------------------------------------------------------------------------
 # Change verbs (each recovers first, then runs one operation)
 
 
 def outcome_document(outcome: Outcome, root: Path) -> dict[str, Any]:
     """The document every change verb answers with, whichever face ran it."""
+    from .state.stash import Stash
+
     doc = outcome.to_json()
     doc["taken_out"] = doc.pop("stash")
     doc["put_back"] = doc.pop("restore")

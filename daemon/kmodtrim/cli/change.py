@@ -18,8 +18,7 @@ def _recover(args: argparse.Namespace, console: Console) -> None:
     from .read import warn_state
 
     if getattr(args, "dry_run", False):
-        state = warn_state(args, console)
-        if state.interrupted or state.salvaged:
+        if warn_state(args, console):
             console.warn("--dry-run: that recovery is not done now; what follows is from "
                          "the state as it will be after it")
         return

@@ -17,9 +17,15 @@ from . import remote, render
 from .term import Console
 
 
-def warn_state(args: argparse.Namespace, console: Console) -> Any:
+def warn_state(args: argparse.Namespace, console: Console) -> bool:
     """Warn (stderr) when the state is not what its records say: an operation to finish
-    or undo, or records rebuilt from the stash. Read-only verbs never fix it."""
+    or undo, or records rebuilt from the stash. Read-only verbs never fix it. Returns
+    whether the next change command recovers first. Whole records are seen at a glance
+    (state/glance.py); only others need the full view."""
+    from ..state.glance import quick_or_none
+
+    if quick_or_none(args.root) is not None:
+        return False
     from .. import salvage
 
     state = salvage.view(args.root)
@@ -31,7 +37,7 @@ def warn_state(args: argparse.Namespace, console: Console) -> Any:
     if state.salvaged:
         console.warn("showing the state rebuilt from the stash's own records; the next "
                      "change command writes it as a new generation")
-    return state
+    return bool(state.interrupted or state.salvaged)
 
 
 def _answer(args: argparse.Namespace, console: Console, doc: dict[str, Any],

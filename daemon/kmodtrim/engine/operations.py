@@ -122,7 +122,8 @@ def apply_plan(
             )
         from .plansources import assign_plan_sources
 
-        to_stash = assign_plan_sources(root, plan, index, policy, current,
+        to_stash = assign_plan_sources(root, plan, index, policy,
+                                       {f.path for f in current.removed},
                                        options.backend).requests
         kept_names = {m.name for m in plan.keep}
         to_restore = [

@@ -5,12 +5,12 @@ decides), so that ``kmodtrim plan`` answers without importing it."""
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import fsutil
 from ..index import ModuleIndex
-from ..records import Generation
 from ..sources.archive import FAMILIES
 from ..sources.decide import Assigned, assign_sources
 from ..sources.likely import likely_offline
@@ -22,9 +22,9 @@ if TYPE_CHECKING:
     from ..policy import LoadedPolicy
 
 
-def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutRequest]:
-    """The files ``plan`` takes out that are still in the tree."""
-    already = {f.path for f in current.removed}
+def trim_requests(root: Path, plan: Plan, already: AbstractSet[str]) -> list[PutRequest]:
+    """The files ``plan`` takes out that are still in the tree and not already out
+    (``already``: the in-root paths the current generation holds out of the tree)."""
     to_stash: list[PutRequest] = []
     with fsutil.Walk(root) as walk:
         for m in plan.remove:
@@ -38,7 +38,7 @@ def trim_requests(root: Path, plan: Plan, current: Generation) -> list[PutReques
 
 
 def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: LoadedPolicy,
-                        current: Generation, backend: str = "auto") -> Assigned:
+                        already: AbstractSet[str], backend: str = "auto") -> Assigned:
     """The files ``plan`` takes out, each with where it comes back from under the policy's
     ``[stash]`` settings: the archive only where a package manager has an archive family
     (dpkg with apt, rpm with dnf: sources/archive.py) and the backend is not the stash
@@ -56,5 +56,5 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
             entry.name, entry.relpath, entry.info.aliases, platforms)
 
     return assign_sources(
-        root, trim_requests(root, plan, current), keep=stash.keep, budget_mib=stash.budget_mib,
+        root, trim_requests(root, plan, already), keep=stash.keep, budget_mib=stash.budget_mib,
         archive=resolve_backend(root, option).name in FAMILIES, likely=likely)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,15 @@ from .cache import (
 )
 from .discover import _priority, _walk_modules, module_dir, read_builtins
 from .exports import _ExportsMemo, derived_kernel_exports, read_kernel_exports
-from .model import DERIVED_EXPORTS, DerivedExports, ModuleEntry, ModuleIndex, StashedModule
+from .model import (
+    DERIVED_EXPORTS,
+    DerivedExports,
+    ModuleEntry,
+    ModuleIndex,
+    StashedList,
+    StashedModule,
+    StashedSource,
+)
 from .parallel import read_modules
 
 
@@ -52,14 +60,15 @@ def build_index(
     use_cache: bool = True,
     rebuild: bool = False,
     symvers: Path | None = None,
-    stashed: Sequence[StashedModule] = (),
+    stashed: Sequence[StashedModule] | StashedSource = (),
     save_cache: bool = True,
 ) -> tuple[ModuleIndex, IndexStats]:
     """Index the module tree of ``kernel`` (default: see default_kernel) under ``root``.
 
     ``stashed`` are module files an earlier trim took out of the tree: they are indexed
     too (marked ``stashed``), so plans, closures and the derived kernel exports see the
-    whole kernel. Malformed module files are collected in ``parse_errors`` rather than
+    whole kernel; given as a StashedSource with a key, they are listed from the cache
+    when it saw that key. Malformed module files are collected in ``parse_errors`` rather than
     aborting. ``save_cache=False`` reads a cache but does not update it (a restore that
     is about to change the tree again: writing it would only delay the restore).
     Raises KernelNotFoundError.
@@ -69,8 +78,9 @@ def build_index(
     collecting = gc.isenabled()
     gc.disable()
     try:
+        source = StashedList(stashed) if isinstance(stashed, Sequence) else stashed
         return _build_index(Path(root), kernel, cache_dir, use_cache, rebuild, symvers,
-                            stashed, save_cache)
+                            source, save_cache)
     finally:
         if collecting:
             gc.enable()
@@ -83,16 +93,23 @@ def _build_index(
     use_cache: bool,
     rebuild: bool,
     symvers: Path | None,
-    stashed: Sequence[StashedModule],
+    stash_source: StashedSource,
     save_cache: bool,
 ) -> tuple[ModuleIndex, IndexStats]:
     kernel = kernel or default_kernel(root)
     moddir = module_dir(root, kernel)
     files = _walk_modules(moddir)
     cache_file = _cache_path(cache_dir or default_cache_dir(root), kernel)
-    stash_by_relpath = {item.relpath: item for item in stashed}
+    by_relpath = _ByRelpath(stash_source)
     cache = None if (rebuild or not use_cache) else _load_cache(cache_file, moddir,
-                                                                stash_by_relpath)
+                                                                by_relpath)
+    stashed: Sequence[StashedModule]
+    key = stash_source.key
+    if cache is not None and key is not None and cache.stash_key == key:
+        stashed = [StashedModule(relpath, stat[0], stat[2], by_relpath.loader(relpath))
+                   for relpath, stat in cache.stash]
+    else:
+        stashed = stash_source.modules()
     cached_files: list[_FileRow] = cache.files if cache is not None else []
     names: list[str] = cache.columns[0] if cache is not None else []
     # Rows are the tree's files, then the stashed ones: (row, (size, 0, sha256)).
@@ -249,8 +266,9 @@ def _build_index(
                 kernel_exports = DerivedExports(derive)
         else:
             kernel_exports = derived
-    if saving and (cache is None or changed or memo != cache.exports):
-        _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived)
+    rekeyed = cache is not None and cache.stash_key != key  # same rows, a new key
+    if saving and (cache is None or changed or rekeyed or memo != cache.exports):
+        _save_cache(cache_file, moddir, fresh, fresh_stash, memo, derived, key)
     index = ModuleIndex(
         root=root,
         kernel=kernel,
@@ -262,9 +280,43 @@ def _build_index(
         kernel_exports=kernel_exports,
         kernel_exports_source=source,
         parse_errors=tuple(errors),
+        stashed_relpaths=frozenset(item.relpath for item in stashed),
     )
     cached_count = len(files) + len(stashed) - parsed - len(errors)
     return index, IndexStats(files=len(files), parsed=parsed, cached=cached_count)
+
+
+class _ByRelpath(Mapping[str, StashedModule]):
+    """A source's stashed modules by relpath, listed on first use (a warm index with an
+    unchanged key never uses it)."""
+
+    def __init__(self, source: StashedSource) -> None:
+        self._source = source
+        self._modules: dict[str, StashedModule] | None = None
+
+    def _all(self) -> dict[str, StashedModule]:
+        if self._modules is None:
+            self._modules = {item.relpath: item for item in self._source.modules()}
+        return self._modules
+
+    def __getitem__(self, relpath: str) -> StashedModule:
+        return self._all()[relpath]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def loader(self, relpath: str) -> Callable[[], bytes]:
+        """The bytes of stashed ``relpath`` (a file the source no longer lists: a
+        ModuleParseError, as for any unreadable module)."""
+        def load() -> bytes:
+            item = self.get(relpath)
+            if item is None:
+                raise ModuleParseError(f"stash:{relpath}", "no longer stashed")
+            return item.load()
+        return load
 
 
 def _put_back_row(moddir: Path, relpath: str, stat: Any,

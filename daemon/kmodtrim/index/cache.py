@@ -23,12 +23,13 @@ from ..store import check_trusted, replace_file
 from .exports import _ExportsMemo
 from .model import StashedModule
 
-_CACHE_FORMAT = 4
+_CACHE_FORMAT = 5
 
 # One file per kernel: a header (magic, format, length and CRC-32 of the head), the head
 # (marshal), then the symbol region. The head is column-oriented, one row per module file:
 #
-#     (version, moddir, files, stash, columns, symtab, exports, derived, region length)
+#     (version, moddir, files, stash, columns, symtab, exports, derived, region length,
+#      stash key)
 #
 # ``files`` lists the tree's module files as the walk sees them, [(relpath, (size,
 # mtime_ns, inode))] in walk order, and ``stash`` the stashed ones as [(relpath, (size, 0,
@@ -38,6 +39,8 @@ _CACHE_FORMAT = 4
 # region: those lists are most of the data and only the modules a plan keeps need them,
 # so they are decoded per module, on first use, and checked then. When the walk finds
 # exactly ``files``, every row is used as it is; otherwise rows are matched per relpath.
+# ``stash key`` is the StashedSource key ``stash`` was listed under (None: none): the same
+# key again lists the same stashed files, so they are taken from ``stash`` as they are.
 # Repeated values (vermagic, licence, dependency names) are stored once.
 
 
@@ -73,7 +76,7 @@ class _LoadedCache:
     (a cache replaced meanwhile is a new file: this one still reads the old)."""
 
     __slots__ = ("__weakref__", "columns", "derived", "exports", "fd", "files", "moddir",
-                 "path", "region", "region_start", "stash", "stashed", "symtab")
+                 "path", "region", "region_start", "stash", "stash_key", "stashed", "symtab")
 
     def __init__(self, head: tuple[Any, ...], path: Path, fd: int, region_start: int,
                  moddir: Path, stashed: Mapping[str, StashedModule]) -> None:
@@ -83,6 +86,7 @@ class _LoadedCache:
         self.symtab: bytes = head[5]
         self.exports: _ExportsMemo = head[6]
         self.derived: frozenset[str] | None = head[7]
+        self.stash_key: tuple[int | str, ...] | None = head[9]
         self.path = path
         self.fd = fd
         weakref.finalize(self, os.close, fd)
@@ -245,7 +249,7 @@ def _read_cache_head(path: Path, fd: int, moddir: Path,
         return None
     if not (
         isinstance(head, tuple)
-        and len(head) == 9
+        and len(head) == 10
         and head[0] == __version__
         and head[1] == str(moddir)
         and isinstance(head[2], list)
@@ -258,6 +262,7 @@ def _read_cache_head(path: Path, fd: int, moddir: Path,
         and isinstance(head[6], dict)
         and (head[7] is None or isinstance(head[7], frozenset))
         and head[8] == size - _HEADER.size - head_length
+        and (head[9] is None or isinstance(head[9], tuple))
     ):
         return None
     return _LoadedCache(head, path, fd, _HEADER.size + head_length, moddir, stashed)
@@ -265,7 +270,8 @@ def _read_cache_head(path: Path, fd: int, moddir: Path,
 
 def _save_cache(path: Path, moddir: Path, files: list[tuple[str, Any, ModuleInfo]],
                 stash: list[tuple[str, Any, ModuleInfo]], exports: _ExportsMemo,
-                derived: frozenset[str] | None) -> None:
+                derived: frozenset[str] | None,
+                stash_key: tuple[int | str, ...] | None = None) -> None:
     columns: list[list[object]] = [[] for _ in _COLUMN_FIELDS]
     shared = [name in _SHARED_FIELDS for name in _COLUMN_FIELDS]
     canonical: dict[object, object] = {}
@@ -298,7 +304,7 @@ def _save_cache(path: Path, moddir: Path, files: list[tuple[str, Any, ModuleInfo
     head = marshal.dumps((
         __version__, str(moddir), [(relpath, stat) for relpath, stat, _ in files],
         [(relpath, stat) for relpath, stat, _ in stash], tuple(columns), b"".join(symtab),
-        exports, derived, offset,
+        exports, derived, offset, stash_key,
     ))
     header = _HEADER.pack(_MAGIC, _CACHE_FORMAT, len(head), zlib.crc32(head))
     if not _cache_trusted(path):

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from ..elf import ModuleInfo
 from ..errors import ModuleParseError
@@ -74,6 +75,9 @@ class ModuleIndex:
     kernel_exports: AbstractSet[str]
     kernel_exports_source: str  # "symvers:PATH", "System.map:PATH" or DERIVED_EXPORTS
     parse_errors: tuple[ModuleParseError, ...] = ()
+    # relpaths of every stashed module file given, shadowed ones too (a file both here and
+    # in the tree was put back by something else: a package upgrade, say)
+    stashed_relpaths: frozenset[str] = frozenset()
     _alias_matchers: dict[int, _AliasMatcher] | None = field(
         default=None, repr=False, compare=False
     )
@@ -257,3 +261,28 @@ class StashedModule:
     size: int
     sha256: str
     load: Callable[[], bytes]  # the original (uncompressed-as-installed) file bytes
+
+
+class StashedSource(Protocol):
+    """Where an index's stashed modules come from. ``key`` determines them exactly (None
+    when nothing does): the index cache keeps the stashed rows it last saw with their
+    key, so an unchanged key lists them without reading the generation's manifest."""
+
+    @property
+    def key(self) -> tuple[int | str, ...] | None: ...
+
+    def modules(self) -> Sequence[StashedModule]:
+        """Every stashed module file (reads the generation's manifest)."""
+        ...
+
+
+class StashedList:
+    """A StashedSource of a list already made (no key)."""
+
+    key = None
+
+    def __init__(self, modules: Sequence[StashedModule]) -> None:
+        self._modules = modules
+
+    def modules(self) -> Sequence[StashedModule]:
+        return self._modules

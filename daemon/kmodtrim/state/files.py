@@ -23,6 +23,16 @@ def state_dir(root: Path) -> Path:
     return root / STATE_DIR
 
 
+def journal_path(root: Path) -> Path:
+    """The write-ahead journal of the running operation (absent when idle)."""
+    return state_dir(root) / "journal.json"
+
+
+def stash_dir(root: Path) -> Path:
+    """The stash (state/stash.py): ``packs/`` and ``objects/``."""
+    return state_dir(root) / "stash"
+
+
 def _untrusted(path: Path, st: os.stat_result) -> str | None:
     """Why ``path`` (already lstat'ed) cannot be trusted as kmodtrim state, or None."""
     if stat.S_ISLNK(st.st_mode):

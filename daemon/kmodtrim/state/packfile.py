@@ -28,7 +28,6 @@ not tell these apart (a ``.ko.zst`` is itself a zstd frame), so the frame says i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -39,7 +38,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, NoReturn
 
 from ..errors import StashError
-from ..store import fsync_dir, make_dirs
+from .files import fsync_dir, make_dirs
 
 PACK_MAGIC = b"KMTPACK1"
 _PACK_END = b"KMTPEND1"
@@ -215,9 +214,12 @@ class PackWriter:
         table = b"".join(_INDEX_ENTRY.pack(bytes.fromhex(sha), offset, length)
                          for sha, offset, length in self.index)
         self._write(table)
-        self._write(_FOOTER.pack(len(self.index), hashlib.sha256(table).digest(), _PACK_END))
+        import hashlib  # the quick readers of the stash (state/glance.py) need none
+
+        digest = hashlib.sha256(table)
+        self._write(_FOOTER.pack(len(self.index), digest.digest(), _PACK_END))
         assert self._tmp is not None
-        name = hashlib.sha256(table).hexdigest()[:32]
+        name = digest.hexdigest()[:32]
         final = self.directory / f"g{generation}-{name}.pack"
         try:
             file.flush()
@@ -246,9 +248,31 @@ class PackWriter:
             self._tmp = None
 
 
+def index_keys(pack: Path, key_bytes: int) -> set[bytes] | None:
+    """The first ``key_bytes`` of the sha256 of every record in ``pack``'s index (the
+    manifest's key among them), read without checking the index's own digest: for a quick
+    "is every blob there?" whose "no" is checked again with read_index. None when the pack
+    has no whole index (read_index then walks its records). Raises OSError."""
+    with open(pack, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < len(PACK_MAGIC) + _FOOTER.size:
+            return None
+        f.seek(size - _FOOTER.size)
+        count, _digest, end = _FOOTER.unpack(f.read(_FOOTER.size))
+        table_size = count * _INDEX_ENTRY.size
+        if end != _PACK_END or table_size > size - _FOOTER.size - len(PACK_MAGIC):
+            return None
+        f.seek(size - _FOOTER.size - table_size)
+        table = f.read(table_size)
+    step = _INDEX_ENTRY.size
+    return {table[i:i + key_bytes] for i in range(0, len(table), step)}
+
+
 def read_index(pack: Path) -> list[tuple[str, int, int]]:
     """A pack's (sha256, frame offset, frame length) list: from its index, or by walking
     its records when the index is damaged. Raises OSError if it cannot be read at all."""
+    import hashlib
+
     with open(pack, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size >= len(PACK_MAGIC) + _FOOTER.size:

@@ -32,7 +32,8 @@ from .. import fsutil
 from ..errors import DamagedCopyError, StashError, StoreError
 from ..inputs import MAX_MODULE_BYTES
 from ..records import Source, StashedFile
-from ..store import check_trusted, replace_file, state_dir
+from ..store import check_trusted, replace_file
+from .files import stash_dir
 from .packfile import (
     MANIFEST_SHA,
     PackWriter,
@@ -101,8 +102,8 @@ class Stash:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.objects = state_dir(root) / "stash" / "objects"
-        self.packs = state_dir(root) / "stash" / "packs"
+        self.objects = stash_dir(root) / "objects"
+        self.packs = stash_dir(root) / "packs"
         self._packed: dict[str, _Located] | None = None
         self._packed_lock = threading.Lock()
 
