@@ -93,6 +93,10 @@ def test_status_and_history_import_no_policy_index_planner_or_engine(
     modules = imported(tmp_path, *args, "--root", str(trimmed), "--offline")
     assert "kmodtrim.usecases" in modules  # the verb really ran
     assert heavy(modules) == []
+    # Whole records are read at a glance: not the manifest, its model or the stash's
+    # reader (state/glance.py).
+    assert not {"kmodtrim.records", "kmodtrim.salvage", "kmodtrim.state.stash",
+                "kmodtrim.store", "dataclasses", "hashlib"} & modules
 
 
 def test_status_reads_the_policy_files_mode_without_the_policy_package(

@@ -8,8 +8,8 @@ anything heavy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Initramfs(StrEnum):
@@ -67,8 +67,7 @@ class FleetFormat(StrEnum):
     POLICY = "policy"  # a kmodtrim policy.d drop-in: rules
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):  # not a dataclass: making one costs a quick verb's start-up
     """One option: its key (the D-Bus ``a{sv}`` key and the argparse dest), D-Bus
     signature, CLI flag, help, choices and the verbs / D-Bus members that take it."""
 

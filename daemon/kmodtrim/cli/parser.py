@@ -19,9 +19,8 @@ import argparse
 import os
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import NamedTuple, NoReturn
 
 from .. import __version__
 from ..request import OPTION_BY_KEY, FleetAction, KernelAction
@@ -47,8 +46,7 @@ class Parser(argparse.ArgumentParser):
         raise UsageExit(2, f"{self.prog}: error: {message}\n{self.format_usage().rstrip()}")
 
 
-@dataclass(frozen=True)
-class Verb:
+class Verb(NamedTuple):  # not a dataclass: making one costs a quick verb's start-up
     name: str
     summary: str
     description: str

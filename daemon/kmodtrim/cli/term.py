@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import TextIO
 
 from ..errors import InputError
@@ -18,18 +17,20 @@ def _colour_wanted(stream: TextIO) -> bool:
         os.environ.get("TERM") != "dumb"
 
 
-@dataclass
 class Console:
     """Where and how much the CLI says. ``out`` carries what was asked for (a document or
-    its human rendering); everything else goes to ``err``."""
+    its human rendering); everything else goes to ``err``. (A plain class: making a
+    dataclass costs every verb's start-up.)"""
 
-    out: TextIO = field(default_factory=lambda: sys.stdout)
-    err: TextIO = field(default_factory=lambda: sys.stderr)
-    quiet: bool = False
-    verbose: bool = False
-    json: bool = False
-    _step: str | None = None
-    _step_started: float = 0.0
+    def __init__(self, out: TextIO | None = None, err: TextIO | None = None, *,
+                 quiet: bool = False, verbose: bool = False, json: bool = False) -> None:
+        self.out: TextIO = sys.stdout if out is None else out
+        self.err: TextIO = sys.stderr if err is None else err
+        self.quiet = quiet
+        self.verbose = verbose
+        self.json = json
+        self._step: str | None = None
+        self._step_started = 0.0
 
     def bold(self, text: str) -> str:
         return f"\033[1m{text}\033[0m" if _colour_wanted(self.out) else text
