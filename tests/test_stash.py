@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from kmodtrim.errors import StashError
-from kmodtrim.state.stash import PutRequest, Stash
+from kmodtrim.records import PutRequest
+from kmodtrim.state.stash import Stash
 from kmodtrim.store import StashedFile
 from pkgbuild import small_tmpfs
 
@@ -164,7 +165,8 @@ def test_garbage_collection_keeps_every_referenced_blob(tmp_path: Path) -> None:
 _KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from kmodtrim.state.stash import PutRequest, Stash
+from kmodtrim.records import PutRequest
+from kmodtrim.state.stash import Stash
 root = Path(sys.argv[1])
 paths = sys.argv[2:]
 def each(i):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import zstandard
 
-from kmodtrim.records import StashedFile
+from kmodtrim.records import PutRequest, StashedFile
 from kmodtrim.state.packfile import PackWriter
-from kmodtrim.state.stash import PutRequest, Stash
+from kmodtrim.state.stash import Stash
 
 KDIR = "/usr/lib/modules/6.12.0-test/kernel/drivers"
 

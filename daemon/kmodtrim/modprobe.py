@@ -14,7 +14,7 @@ from pathlib import Path
 from .elf import parse_softdep
 from .inputs import MAX_CONFIG_BYTES, is_masked, read_optional_input
 from .names import normalize
-from .ondemand import CONF_PATH
+from .paths import ON_DEMAND_CONF
 
 CONFIG_DIRS = (
     "etc/modprobe.d",
@@ -82,7 +82,7 @@ def read_modprobe_config(root: Path) -> ModprobeConfig:
     installs: dict[str, str] = {}
     blacklist: set[str] = set()
     files: list[str] = []
-    own = root / CONF_PATH.lstrip("/")
+    own = root / ON_DEMAND_CONF.lstrip("/")
     for path in config_files(root):
         if path.is_dir():  # kmod skips these too ("directories ... are not supported")
             continue

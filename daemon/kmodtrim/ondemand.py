@@ -46,8 +46,9 @@ from fnmatch import fnmatchcase
 from itertools import chain
 
 from .names import normalize
+from .paths import ON_DEMAND_CONF
 
-CONF_PATH = "/etc/modprobe.d/kmodtrim-on-demand.conf"
+CONF_PATH = ON_DEMAND_CONF
 COMMAND = "/usr/bin/kmodtrim restore --on-demand"
 HEADER = "# kmodtrim: trimmed modules come back when modprobe asks for them. Generated"
 EXCLUDED_PREFIX = "# excluded:"

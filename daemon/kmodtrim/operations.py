@@ -12,7 +12,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import salvage
 from .closure import Reason
 from .errors import InputError, ModuleParseError, StashError, UnknownModuleError
 from .index import (
@@ -37,21 +36,13 @@ from .observe import (
 )
 from .planner import Evidence, Plan, inroot_moddir, inroot_path, make_plan, scan_firmware
 from .platforms import choose
-from .records import StashedFile
 from .sizes import human_bytes
-from .store import (
-    current_generation,
-    generation_numbers,
-    load_generation,
-    module_history,
-    read_observations,
-    read_restored,
-    read_supplied,
-)
+from .state.observations import read_observations, read_restored, read_supplied
 
 if TYPE_CHECKING:  # the engine loads only when a change runs
     from .executor import Options, Outcome
     from .policy import LoadedPolicy
+    from .records import StashedFile
     from .sources.reader import OutOfTreeReader
 
 @dataclass(frozen=True)
@@ -86,6 +77,8 @@ class CurrentStash:
             quick["generation"], *quick.get("manifest", ()), self.prefix)
 
     def modules(self) -> list[StashedModule]:
+        from . import salvage
+
         prefix = self.prefix
         entries = [e for e in salvage.view(self.root).generation.removed
                    if e.kind == "module" and e.kernel == self.kernel
@@ -255,18 +248,6 @@ def explanation_json(e: Explanation) -> dict[str, Any]:
     }
 
 
-def generation_summary(root: Path) -> list[dict[str, Any]]:
-    """Every generation, oldest first (``kmodtrim history --json``, D-Bus
-    ``ListGenerations``)."""
-    gens = [load_generation(root, n) for n in generation_numbers(root)]
-    current = gens[-1].number
-    return [{
-        "generation": g.number, "created": g.created, "action": g.action,
-        "description": g.description, "removed_files": len(g.removed),
-        "removed_bytes": g.removed_bytes, "current": g.number == current,
-    } for g in gens]
-
-
 def explain(result: PlanResult, name: str) -> Explanation:
     """Explain the decision about ``name`` (a module name or an alias) in ``result``.
 
@@ -303,6 +284,8 @@ def explain(result: PlanResult, name: str) -> Explanation:
 
 def _now_state(root: Path, path: str, *, kept: bool, out: bool) -> str:
     """What is true of a module file now, from the generations that moved it."""
+    from .store import module_history
+
     moved = module_history(root, path)
     trimmed, restored = moved["trimmed_in"], moved["restored_in"]
     if out:
@@ -330,6 +313,8 @@ def kernel_event(target: Target, action: str, kernel: str, options: Options) -> 
         raise InputError(f"kernel event {action!r}: expected 'add' or 'remove'")
     target = replace(target, kernel=kernel)
     result = make_plan_for(target)
+    from .store import current_generation
+
     trimmed_before = any(f.kind == "module" and f.kernel != kernel
                          for f in current_generation(target.root).removed)
     if not trimmed_before and result.policy.settings.mode != "auto":

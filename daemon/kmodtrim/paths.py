@@ -16,6 +16,8 @@ MODULE_DIR_BASES = ("lib/modules", "usr/lib/modules")
 # The initramfs image a regeneration replaced is kept beside the new one, as
 # IMAGE.kmodtrim-prev, until the new one has booted (regen/).
 PREVIOUS_SUFFIX = ".kmodtrim-prev"
+# kmodtrim's own modprobe.d file: an install line per trimmed module (ondemand.py)
+ON_DEMAND_CONF = "/etc/modprobe.d/kmodtrim-on-demand.conf"
 
 
 def in_root(root: Path, path: str) -> Path:

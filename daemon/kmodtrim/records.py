@@ -454,4 +454,20 @@ class Generation:
         )
 
 
+@dataclass(frozen=True)
+class PutRequest:
+    """One file to take out: its in-root path and what the manifest says of it
+    (``package``: for a removed package's own files; the executor fills in the owner of
+    the others). With ``source`` ARCHIVE it is only described (hashed, recorded in the
+    manifest with its package ``version``), not copied: the archive brings it back."""
+
+    path: str
+    kind: str = "module"
+    module: str | None = None
+    kernel: str | None = None
+    package: str | None = None
+    source: Source = Source.STASH
+    version: str | None = None
+
+
 GENERATION_ZERO = Generation(0, "", "untrimmed", "the tree as installed")

@@ -14,7 +14,7 @@ def _emit(text: str, output: Path | None, console: Console) -> None:
     if output is None:
         console.out.write(text)
         return
-    from ..store import atomic_write_bytes
+    from ..state.files import atomic_write_bytes
 
     atomic_write_bytes(output, text.encode())
     console.note(f"wrote {output}")
@@ -31,7 +31,7 @@ def observe_export(args: argparse.Namespace, console: Console) -> int:
     from ..errors import InputError
     from ..fleet.export import export_document
     from ..fleet.host import read_host_facts
-    from ..store import read_observations, read_restored
+    from ..state.observations import read_observations, read_restored
 
     if not args.export:
         raise InputError("--salt and --output go with --export",

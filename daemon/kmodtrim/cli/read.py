@@ -108,7 +108,7 @@ def explain(args: argparse.Namespace, console: Console) -> int:
 def observe(args: argparse.Namespace, console: Console) -> int:
     from ..errors import KmodtrimError
     from ..operations import boot_id, gather_evidence, load_index
-    from ..store import record_observation
+    from ..state.observations import record_observation
 
     tgt = target(args)
     evidence = gather_evidence(tgt)

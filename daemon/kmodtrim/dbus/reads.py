@@ -23,7 +23,8 @@ from typing import Any
 from ..paths import MODULE_DIR_BASES
 from ..resident.core import POLICY_FILES, Daemon
 from ..resident.jobs import Request
-from ..store import generations_dir, observations_path
+from ..state.observations import observations_path
+from ..state.summary import generations_dir
 from . import typed
 from .api import DOCUMENT_SCHEMA
 from .auth import caller_uid

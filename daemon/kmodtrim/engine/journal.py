@@ -19,8 +19,7 @@ from typing import Any
 
 from ..errors import StoreError
 from ..names import is_valid_kernel_version
-from ..records import KINDS, RemovedPackage, Source, StashedFile, managed_path
-from ..state.stash import PutRequest
+from ..records import KINDS, PutRequest, RemovedPackage, Source, StashedFile, managed_path
 from ..store import write_journal
 
 VERSION = 2

@@ -18,7 +18,7 @@ from ..index import ModuleIndex
 from ..names import normalize
 from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
-from ..state.stash import PutRequest
+from ..records import PutRequest
 from ..store import (
     current_generation,
     generation_numbers,

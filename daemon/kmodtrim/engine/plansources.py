@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from .. import fsutil
 from ..index import ModuleIndex
-from ..sources.archive import FAMILIES
+from ..records import PutRequest
 from ..sources.decide import Assigned, assign_sources
+from ..sources.families import FAMILY_CLASSES
 from ..sources.likely import likely_offline
-from ..state.stash import PutRequest
 from .exclusions import resolve_backend
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
                         already: AbstractSet[str], backend: str = "auto") -> Assigned:
     """The files ``plan`` takes out, each with where it comes back from under the policy's
     ``[stash]`` settings: the archive only where a package manager has an archive family
-    (dpkg with apt, rpm with dnf: sources/archive.py) and the backend is not the stash
+    (dpkg with apt, rpm with dnf: sources/families.py) and the backend is not the stash
     alone (``backend``: the option, ``auto`` meaning the policy's)."""
     option = policy.settings.backend if backend == "auto" else backend
     stash = policy.settings.stash
@@ -57,4 +57,4 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
 
     return assign_sources(
         root, trim_requests(root, plan, already), keep=stash.keep, budget_mib=stash.budget_mib,
-        archive=resolve_backend(root, option).name in FAMILIES, likely=likely)
+        archive=resolve_backend(root, option).name in FAMILY_CLASSES, likely=likely)

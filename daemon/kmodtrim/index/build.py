@@ -5,7 +5,6 @@ the cache when anything changed."""
 from __future__ import annotations
 
 import gc
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -325,6 +324,8 @@ def _put_back_row(moddir: Path, relpath: str, stat: Any,
     the stashed copy's: same size and sha256), else -1 (the file is read)."""
     if stashed is None or stashed[1][0] != stat[0]:
         return -1
+    import hashlib  # only for a file put back since the last index
+
     try:
         with open(moddir / relpath, "rb") as f:
             digest = hashlib.sha256(f.read(MAX_MODULE_BYTES + 1)).hexdigest()

@@ -19,7 +19,7 @@ from ..elf import ModuleInfo, decompress, parse_module, read_module
 from ..errors import InputError, ModuleParseError, StoreError
 from ..inputs import MAX_KERNEL_METADATA_BYTES, open_input
 from ..names import compression_of
-from ..store import check_trusted, replace_file
+from ..state.files import check_trusted, replace_file
 from .exports import _ExportsMemo
 from .model import StashedModule
 

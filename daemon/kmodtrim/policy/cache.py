@@ -77,7 +77,7 @@ def _key(root: Path, files: list[PolicyFile]) -> list[Any]:
 
 
 def _read(path: Path, key: list[Any]) -> LoadedPolicy | None:
-    from ..store import check_trusted
+    from ..state.files import check_trusted
 
     try:
         check_trusted(path.parent.parent, path)
@@ -98,8 +98,7 @@ def _read(path: Path, key: list[Any]) -> LoadedPolicy | None:
 
 
 def _write(path: Path, key: list[Any], loaded: LoadedPolicy) -> None:
-    from ..state.files import make_dirs
-    from ..store import check_trusted, replace_file
+    from ..state.files import check_trusted, make_dirs, replace_file
     from .compat import dump
 
     doc = {

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import BusyError, InputError, KmodtrimError
 from ..names import is_valid_kernel_version
 from ..request import Backend, Initramfs, KernelAction
-from ..store import atomic_write_json, read_json, state_dir
+from ..state.files import atomic_write_json, read_json, state_dir
 from .jobs import Events, Job, JobSlot, Request
 from .systemd import log_event, sd_notify
 

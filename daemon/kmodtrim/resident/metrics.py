@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..store import replace_file, state_dir
+from ..state.files import replace_file, state_dir
 
 DEFAULT_TEXTFILE_DIR = Path("/var/lib/prometheus/node-exporter")
 METRICS_FILE = "kmodtrim.prom"

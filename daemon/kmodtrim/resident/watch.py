@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import BusyError, KmodtrimError
-from ..store import HowSeen, record_observation
+from ..state.observations import HowSeen, record_observation
 from ..uevent import parse_uevent
 from .jobs import Events, Job, JobSlot, Request
 from .spawn import Worker

@@ -110,7 +110,7 @@ def startup(ctx: Context) -> dict[str, Any]:
     from ..executor import recover
     from ..observe import read_proc_modules
     from ..operations import boot_id
-    from ..store import record_observation
+    from ..state.observations import record_observation
 
     done = recover(ctx.root)
     boot = boot_id(ctx.root)

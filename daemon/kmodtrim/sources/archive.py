@@ -30,10 +30,9 @@ from ..backends.package import other_spelling
 from ..backends.select import detect_backend
 from ..errors import ArchiveError
 from ..records import StashedFile
-from ..store import state_dir
-from .deb import DebArchive
+from ..state.files import state_dir
+from .families import family_named
 from .payload import DEFAULT_DOWNLOAD, DownloadLimits, Origin, Payload, extract
-from .rpm import RpmArchive
 
 __all__ = ["Origin", "fetch", "fetch_dir", "origins", "served"]
 
@@ -52,15 +51,10 @@ class Family(Protocol):
     def payload(self, package_file: Path) -> Payload: ...
 
 
-# Keyed by the backend name detect_backend gives the root. dnf runs with an install root
-# inside the download directory, never ROOT: with ROOT it would write an rpm database
-# under ROOT/root/.rpmdb (Debian's rpm keeps %_dbpath in the home directory).
-FAMILIES: dict[str, Family] = {"dpkg": DebArchive(), "rpm": RpmArchive()}
-
-
 def family(root: Path) -> Family | None:
-    """The archive family of ``root``'s package manager (None without one)."""
-    return FAMILIES.get(detect_backend(root).name)
+    """The archive family of ``root``'s package manager (None without one; families.py
+    says which have one)."""
+    return family_named(detect_backend(root).name)
 
 
 def fetch_dir(root: Path) -> Path:

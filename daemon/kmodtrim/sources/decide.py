@@ -12,9 +12,7 @@ from pathlib import Path
 
 from .. import fsutil
 from ..errors import StoreError
-from ..records import Source
-from ..state.stash import PutRequest
-from .archive import origins, served
+from ..records import PutRequest, Source
 from .choice import Candidate, StashKeep, choose_local_copies
 
 MIB = 1 << 20
@@ -54,6 +52,8 @@ def assign_sources(root: Path, requests: Sequence[PutRequest], *, keep: StashKee
     files = [r for r in requests if sizes.get(r.path, -1) >= 0]
     if not archive or keep == "all" or not files:
         return Assigned(tuple(requests), total, 0)
+    from .archive import origins, served  # only where the archive may serve files
+
     owned = origins(root, [r.path for r in files])
     serving = served(root, set(owned.values()))
     candidates = [Candidate(r.path, sizes[r.path], served=owned.get(r.path) in serving,
@@ -78,6 +78,8 @@ def recheck_archive(root: Path, requests: Sequence[PutRequest]) -> list[PutReque
     archived = [r for r in requests if r.source is Source.ARCHIVE]
     if not archived:
         return list(requests)
+    from .archive import origins, served
+
     owned = origins(root, [r.path for r in archived])
     serving = served(root, set(owned.values()))
     out = []

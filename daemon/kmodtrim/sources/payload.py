@@ -18,7 +18,7 @@ from ..backends.package import PM_ENV
 from ..errors import ArchiveError
 from ..inputs import MAX_MODULE_BYTES
 from ..run import scrubbed_env
-from ..store import make_dirs
+from ..state.files import make_dirs
 
 DOWNLOAD_TIMEOUT = 900.0  # seconds for one package (a generic kernel is ~100 MB)
 _APT_USER = "_apt"  # apt's download sandbox user

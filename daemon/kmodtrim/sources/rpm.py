@@ -29,7 +29,7 @@ from ..backends.rpm import RpmBackend, rpm_command
 from ..errors import ArchiveError, CommandError, ObservationError
 from ..observe.osrelease import read_os_release
 from ..run import run
-from ..store import make_dirs
+from ..state.files import make_dirs
 from .payload import (
     DEFAULT_DOWNLOAD,
     DownloadLimits,

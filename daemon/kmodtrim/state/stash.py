@@ -31,9 +31,8 @@ from typing import Any
 from .. import fsutil
 from ..errors import DamagedCopyError, StashError, StoreError
 from ..inputs import MAX_MODULE_BYTES
-from ..records import Source, StashedFile
-from ..store import check_trusted, replace_file
-from .files import stash_dir
+from ..records import PutRequest, Source, StashedFile
+from .files import check_trusted, replace_file, stash_dir
 from .packfile import (
     MANIFEST_SHA,
     PackWriter,
@@ -53,22 +52,6 @@ MANIFEST_SCHEMA = 1
 # What put_many embeds in its pack beside the files: given their entries, a document with
 # anything else the state is rebuilt from (e.g. packages removed whole).
 Describe = Callable[[Sequence[StashedFile]], dict[str, Any]]
-
-
-@dataclass(frozen=True)
-class PutRequest:
-    """One file to take out: its in-root path and what the manifest says of it
-    (``package``: for a removed package's own files; the executor fills in the owner of
-    the others). With ``source`` ARCHIVE it is only described (hashed, recorded in the
-    manifest with its package ``version``), not copied: the archive brings it back."""
-
-    path: str
-    kind: str = "module"
-    module: str | None = None
-    kernel: str | None = None
-    package: str | None = None
-    source: Source = Source.STASH
-    version: str | None = None
 
 
 @dataclass(frozen=True)
