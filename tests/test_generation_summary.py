@@ -13,7 +13,8 @@ import pytest
 from kmodtrim import usecases
 from kmodtrim.errors import StoreError
 from kmodtrim.records import Generation, StashedFile
-from kmodtrim.store import generation_summary, generations_dir, make_dirs, write_generation
+from kmodtrim.state.history import generation_summary
+from kmodtrim.store import generations_dir, make_dirs, write_generation
 
 
 def _generation(number: int, files: int) -> Generation:

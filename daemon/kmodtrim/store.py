@@ -62,8 +62,6 @@ from .state.observations import (
 from .state.summary import (
     HISTORY_KEYS,
     generation_numbers,
-    generation_rows,
-    generation_summary,
     generations_dir,
     manifest_path,
     summary_document,
@@ -88,8 +86,6 @@ __all__ = [  # re-exported: callers import them from here
     "forget_restored",
     "fsync_dir",
     "generation_numbers",
-    "generation_rows",
-    "generation_summary",
     "generations_dir",
     "journal_path",
     "make_dirs",

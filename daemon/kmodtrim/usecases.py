@@ -22,8 +22,9 @@ from .documents import SCHEMA
 from .errors import KmodtrimError
 from .paths import default_kernel, is_live_root
 from .state.glance import quick_or_none
+from .state.history import generation_rows
 from .state.observations import read_observations, read_restored
-from .state.summary import generation_numbers, generation_rows
+from .state.summary import generation_numbers
 
 if TYPE_CHECKING:
     from .engine.transition import Options, Outcome

@@ -22,13 +22,10 @@ from .. import __version__
 from ..errors import KmodtrimError, StoreError
 from ..names import normalize
 from ..paths import default_kernel
-from ..store import (
-    generation_numbers,
-    generation_rows,
-    generation_summary,
-    load_generation,
-    read_observations,
-)
+from ..state.history import generation_rows, generation_summary
+from ..state.observations import read_observations
+from ..state.summary import generation_numbers
+from ..store import load_generation
 from .jobs import EventRelay, Events, Job, JobSlot, Request
 from .kernel_events import KernelEventQueue
 from .metrics import (

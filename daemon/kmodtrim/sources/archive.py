@@ -24,31 +24,16 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Protocol
 
 from ..backends.package import other_spelling
 from ..backends.select import detect_backend
 from ..errors import ArchiveError
 from ..records import StashedFile
 from ..state.files import state_dir
-from .families import family_named
-from .payload import DEFAULT_DOWNLOAD, DownloadLimits, Origin, Payload, extract
+from .families import Family, family_named
+from .payload import DEFAULT_DOWNLOAD, DownloadLimits, Origin, extract
 
 __all__ = ["Origin", "fetch", "fetch_dir", "origins", "served"]
-
-
-class Family(Protocol):
-    """One package manager's archive (deb.py, rpm.py)."""
-
-    name: str
-
-    def origins(self, root: Path, paths: Sequence[str]) -> dict[str, Origin]: ...
-    def served(self, root: Path, wanted: Iterable[Origin]) -> set[Origin]: ...
-    def download(self, root: Path, origin: Origin, directory: Path, first: str,
-                 limits: DownloadLimits = ...) -> Path: ...
-    def digests(self, root: Path, origin: Origin) -> tuple[str, dict[str, str]]: ...
-    def record_name(self, origin: Origin) -> str: ...
-    def payload(self, package_file: Path) -> Payload: ...
 
 
 def family(root: Path) -> Family | None:

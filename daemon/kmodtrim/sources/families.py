@@ -5,10 +5,27 @@ load the families' downloaders and payload readers."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-if TYPE_CHECKING:
-    from .archive import Family
+if TYPE_CHECKING:  # the families' payload reader loads with a family, not before
+    from .payload import DownloadLimits, Origin, Payload
+
+
+class Family(Protocol):
+    """One package manager's archive (deb.py, rpm.py)."""
+
+    name: str
+
+    def origins(self, root: Path, paths: Sequence[str]) -> dict[str, Origin]: ...
+    def served(self, root: Path, wanted: Iterable[Origin]) -> set[Origin]: ...
+    def download(self, root: Path, origin: Origin, directory: Path, first: str,
+                 limits: DownloadLimits = ...) -> Path: ...
+    def digests(self, root: Path, origin: Origin) -> tuple[str, dict[str, str]]: ...
+    def record_name(self, origin: Origin) -> str: ...
+    def payload(self, package_file: Path) -> Payload: ...
+
 
 # the backend name detect_backend gives a root → its family's module (under sources) and
 # class. dnf runs with an install root inside the download directory, never ROOT: with
