@@ -22,8 +22,8 @@ import pytest
 
 from kmodtrim.backends.dpkg import DpkgBackend, dpkg_command
 from kmodtrim.executor import recover
-from kmodtrim.records import Source
 from kmodtrim.store import current_generation, read_journal
+from kmodtrim.takeout import Source
 from modbuild import ModSpec, module_bytes
 from pkgbuild import build_deb, init_dpkg_root, need, sh
 

@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from kmodtrim.errors import ArchiveError
-from kmodtrim.records import PutRequest, Source, StashedFile
+from kmodtrim.records import StashedFile
 from kmodtrim.sources.archive import family, origins, served
 from kmodtrim.sources.decide import assign_sources
 from kmodtrim.sources.payload import Origin
 from kmodtrim.sources.restore import Restorer
+from kmodtrim.takeout import PutRequest, Source
 from pkgbuild import KVER, MODDIR, build_rpm, init_rpm_root, kernel_files, need, sh
 
 NAME = "kernel-test"

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from kmodtrim.errors import StashError
-from kmodtrim.records import PutRequest
 from kmodtrim.state.stash import Stash
 from kmodtrim.store import StashedFile
+from kmodtrim.takeout import PutRequest
 from pkgbuild import small_tmpfs
 
 
@@ -165,7 +165,7 @@ def test_garbage_collection_keeps_every_referenced_blob(tmp_path: Path) -> None:
 _KILLED_WRITER = """
 import os, signal, sys
 from pathlib import Path
-from kmodtrim.records import PutRequest
+from kmodtrim.takeout import PutRequest
 from kmodtrim.state.stash import Stash
 root = Path(sys.argv[1])
 paths = sys.argv[2:]

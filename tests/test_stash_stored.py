@@ -11,9 +11,10 @@ from pathlib import Path
 
 import zstandard
 
-from kmodtrim.records import PutRequest, StashedFile
+from kmodtrim.records import StashedFile
 from kmodtrim.state.packfile import PackWriter
 from kmodtrim.state.stash import Stash
+from kmodtrim.takeout import PutRequest
 
 KDIR = "/usr/lib/modules/6.12.0-test/kernel/drivers"
 

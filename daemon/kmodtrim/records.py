@@ -12,13 +12,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from enum import StrEnum
 from functools import partial
 from itertools import repeat
 from typing import Any
 
 from .errors import StoreError
 from .fsutil import UnsafePathError, check_relative
+from .takeout import Source
 
 MODULE_TREES = ("/lib/modules/", "/usr/lib/modules/")
 FIRMWARE_TREES = ("/lib/firmware/", "/usr/lib/firmware/")
@@ -105,13 +105,6 @@ class _Fields:
 
 
 _REQUIRED = object()
-
-
-class Source(StrEnum):
-    """Where a file out of the tree comes back from (sources/)."""
-
-    STASH = "stash"  # a local copy in the stash (state/stash.py)
-    ARCHIVE = "archive"  # the package archive: ``package`` at exactly ``version``
 
 
 @dataclass(frozen=True)
@@ -452,22 +445,6 @@ class Generation:
             packages_reinstalled=f.texts("packages_reinstalled"),
             exclusion_backends=f.texts("exclusion_backends"),
         )
-
-
-@dataclass(frozen=True)
-class PutRequest:
-    """One file to take out: its in-root path and what the manifest says of it
-    (``package``: for a removed package's own files; the executor fills in the owner of
-    the others). With ``source`` ARCHIVE it is only described (hashed, recorded in the
-    manifest with its package ``version``), not copied: the archive brings it back."""
-
-    path: str
-    kind: str = "module"
-    module: str | None = None
-    kernel: str | None = None
-    package: str | None = None
-    source: Source = Source.STASH
-    version: str | None = None
 
 
 GENERATION_ZERO = Generation(0, "", "untrimmed", "the tree as installed")

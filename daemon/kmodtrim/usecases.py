@@ -146,8 +146,8 @@ def _records_status(root: Path, verify: bool) -> dict[str, Any]:
     """What ``status`` says of the records, from the full view: every problem named,
     every missing (or, with ``verify``, damaged) stash copy listed."""
     from . import salvage
-    from .records import Source
     from .state.stash import Stash
+    from .takeout import Source
 
     state = salvage.view(root)
     g = state.generation
@@ -176,8 +176,8 @@ def _records_status(root: Path, verify: bool) -> dict[str, Any]:
 def _unserved(root: Path, g: Generation) -> list[str]:
     """For ``status --verify``: files out of the tree whose package version the archive
     no longer serves (they have no local copy, so nothing could restore them)."""
-    from .records import Source
     from .sources.archive import Origin, served
+    from .takeout import Source
 
     by_origin: dict[Origin, list[str]] = {}
     for f in g.removed:

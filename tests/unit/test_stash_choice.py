@@ -12,10 +12,11 @@ import zstandard
 
 from kmodtrim.engine.journal import Journal
 from kmodtrim.errors import StoreError
-from kmodtrim.records import Source, StashedFile
+from kmodtrim.records import StashedFile
 from kmodtrim.sources.choice import STASH_KEEP, Candidate, choose_local_copies
 from kmodtrim.sources.likely import likely_offline
 from kmodtrim.state.packfile import raw_frame
+from kmodtrim.takeout import Source
 
 MIB = 1 << 20
 FILES = [

@@ -163,18 +163,6 @@ class NoPackageBackend:
             raise CommandError("cannot install packages: no package manager")
 
 
-RPM_DB_DIRS = ("usr/lib/sysimage/rpm", "var/lib/rpm")
-_RPM_DB_FILES = ("rpmdb.sqlite", "Packages", "Packages.db")
-
-
-def rpm_db_dir(root: Path) -> str | None:
-    """The in-root directory ("/var/lib/rpm", …) holding an rpm database, or None."""
-    for rel in RPM_DB_DIRS:
-        if any((root / rel / name).is_file() for name in _RPM_DB_FILES):
-            return "/" + rel
-    return None
-
-
 # ---------------------------------------------------------------------------------------
 # Shared helpers
 

@@ -5,22 +5,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import InputError
+from .detect import checked_name, detected_name
 from .dpkg import DpkgBackend
-from .package import NoPackageBackend, PackageBackend, rpm_db_dir
+from .package import NoPackageBackend, PackageBackend
 from .rpm import RpmBackend
-
-BACKEND_NAMES = ("dpkg", "rpm", "none")
 
 
 def detect_backend(root: Path) -> PackageBackend:
     """dpkg if ROOT/var/lib/dpkg/status exists, else rpm if ROOT has an rpm database, else
-    a backend whose operations do nothing."""
-    if (root / "var/lib/dpkg/status").is_file():
-        return backend_by_name("dpkg")
-    if rpm_db_dir(root) is not None:
-        return backend_by_name("rpm")
-    return NoPackageBackend()
+    a backend whose operations do nothing (detect.detected_name)."""
+    return backend_by_name(detected_name(root))
 
 
 def backend_by_name(name: str) -> PackageBackend:
@@ -29,7 +23,5 @@ def backend_by_name(name: str) -> PackageBackend:
         return DpkgBackend()
     if name == "rpm":
         return RpmBackend()
-    if name == "none":
-        return NoPackageBackend()
-    raise InputError(f"unknown package backend {name!r}",
-                     hint="use one of: auto, dpkg, rpm, none")
+    checked_name(name)
+    return NoPackageBackend()

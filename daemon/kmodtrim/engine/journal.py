@@ -19,8 +19,9 @@ from typing import Any
 
 from ..errors import StoreError
 from ..names import is_valid_kernel_version
-from ..records import KINDS, PutRequest, RemovedPackage, Source, StashedFile, managed_path
+from ..records import KINDS, RemovedPackage, StashedFile, managed_path
 from ..store import write_journal
+from ..takeout import PutRequest, Source
 
 VERSION = 2
 

@@ -19,7 +19,8 @@ from .. import fsutil
 from ..errors import KmodtrimError, ModuleParseError, StashError
 from ..ondemand import CONF_PATH, KernelModules, conf_text, excluded_of
 from ..paths import kernel_installed
-from ..records import Generation, Source, StashedFile
+from ..records import Generation, StashedFile
+from ..takeout import Source
 
 if TYPE_CHECKING:
     from ..index import ModuleIndex, StashedModule

@@ -18,7 +18,6 @@ from ..index import ModuleIndex
 from ..names import normalize
 from ..observe import filesystem_module_aliases
 from ..paths import kernel_installed
-from ..records import PutRequest
 from ..store import (
     current_generation,
     generation_numbers,
@@ -29,6 +28,7 @@ from ..store import (
     record_supplied,
     write_generation,
 )
+from ..takeout import PutRequest
 from . import transition
 from .exclusions import resolve_backend
 from .ondemand import recorded_excluded

@@ -25,9 +25,10 @@ from ..backends.package import (
 )
 from ..backends.select import backend_by_name
 from ..errors import InputError, StashError
-from ..records import Generation, PutRequest, RemovedPackage, StashedFile
+from ..records import Generation, RemovedPackage, StashedFile
 from ..state.files import state_dir
 from ..state.stash import Stash
+from ..takeout import PutRequest
 from .exclusions import has_package_manager
 from .journal import Journal
 

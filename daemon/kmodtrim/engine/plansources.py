@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .. import fsutil
+from ..backends.detect import resolved_name
 from ..index import ModuleIndex
-from ..records import PutRequest
 from ..sources.decide import Assigned, assign_sources
 from ..sources.families import FAMILY_CLASSES
 from ..sources.likely import likely_offline
-from .exclusions import resolve_backend
+from ..takeout import PutRequest
 
 if TYPE_CHECKING:
     from ..planner import Plan
@@ -57,4 +57,4 @@ def assign_plan_sources(root: Path, plan: Plan, index: ModuleIndex, policy: Load
 
     return assign_sources(
         root, trim_requests(root, plan, already), keep=stash.keep, budget_mib=stash.budget_mib,
-        archive=resolve_backend(root, option).name in FAMILY_CLASSES, likely=likely)
+        archive=resolved_name(root, option) in FAMILY_CLASSES, likely=likely)

@@ -39,11 +39,12 @@ from .. import fsutil
 from ..backends.package import PackageBackend
 from ..errors import DamagedCopyError, KmodtrimError, StashError, StoreError
 from ..paths import kernel_installed
-from ..records import Generation, PutRequest, RemovedPackage, Source, StashedFile
+from ..records import Generation, RemovedPackage, StashedFile
 from ..sources.payload import DEFAULT_DOWNLOAD, ON_DEMAND_DOWNLOAD
 from ..sources.restore import Restorer, sweep
 from ..state.stash import Stash
 from ..store import clear_journal, generation_numbers, write_generation
+from ..takeout import PutRequest, Source
 from . import packages as pkg
 from .exclusions import (
     exclusion_backends,

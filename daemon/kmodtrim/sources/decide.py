@@ -9,11 +9,14 @@ import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import fsutil
 from ..errors import StoreError
-from ..records import PutRequest, Source
-from .choice import Candidate, StashKeep, choose_local_copies
+from ..takeout import PutRequest, Source
+
+if TYPE_CHECKING:
+    from .choice import StashKeep
 
 MIB = 1 << 20
 
@@ -53,6 +56,7 @@ def assign_sources(root: Path, requests: Sequence[PutRequest], *, keep: StashKee
     if not archive or keep == "all" or not files:
         return Assigned(tuple(requests), total, 0)
     from .archive import origins, served  # only where the archive may serve files
+    from .choice import Candidate, choose_local_copies
 
     owned = origins(root, [r.path for r in files])
     serving = served(root, set(owned.values()))

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from ..errors import StashError
 from ..inputs import MAX_MODULE_BYTES
-from ..records import Source, StashedFile
+from ..records import StashedFile
 from ..state.stash import Stash
+from ..takeout import Source
 from .archive import fetch
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 from .. import fsutil
 from ..errors import StashError
 from ..inputs import MAX_MODULE_BYTES
-from ..records import Source, StashedFile
+from ..records import StashedFile
 from ..state.stash import Stash
+from ..takeout import Source
 from .archive import fetch, fetch_dir
 from .payload import DEFAULT_DOWNLOAD, DownloadLimits
 

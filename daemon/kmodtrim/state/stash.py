@@ -31,7 +31,8 @@ from typing import Any
 from .. import fsutil
 from ..errors import DamagedCopyError, StashError, StoreError
 from ..inputs import MAX_MODULE_BYTES
-from ..records import PutRequest, Source, StashedFile
+from ..records import StashedFile
+from ..takeout import PutRequest, Source
 from .files import check_trusted, replace_file, stash_dir
 from .packfile import (
     MANIFEST_SHA,

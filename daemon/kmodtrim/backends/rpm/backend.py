@@ -14,6 +14,7 @@ from ...errors import CommandError, InputError
 from ...inputs import MAX_CONFIG_BYTES, read_input
 from ...run import run
 from ...store import RemovedPackage
+from ..detect import rpm_db_dir
 from ..package import (
     PM_ENV,
     OwnerTable,
@@ -24,7 +25,6 @@ from ..package import (
     is_live,
     other_spelling,
     parse_verify,
-    rpm_db_dir,
     wait_for_lock_holders,
     write_config,
 )

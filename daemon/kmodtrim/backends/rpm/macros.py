@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ...run import run
-from ..package import PM_ENV, is_live, rpm_db_dir
+from ..detect import rpm_db_dir
+from ..package import PM_ENV, is_live
 
 MACRO_FILE = "etc/rpm/macros.kmodtrim"
 _CHUNK = 8000  # characters per macro line, well below rpm's 16 KiB line buffer
