@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -59,7 +60,7 @@ def _full(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(usecases, "quick_or_none", lambda *a, **k: None)
 
 
-def _status(root: Path) -> dict[str, object]:
+def _status(root: Path) -> dict[str, Any]:
     return usecases.status(root, kernel=KVER)
 
 

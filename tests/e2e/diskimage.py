@@ -49,10 +49,14 @@ from pkgbuild import sh  # noqa: E402
 from vm import Guest  # noqa: E402
 
 KERNEL_PACKAGE = "linux-image-cloud-amd64"
-BASE_PACKAGES = (
+# the kernel flavours a base root can have: the e2e's cloud kernel, and the generic one
+# (benchmarks/bench_boot.py boots it before and after a trim)
+KERNEL_PACKAGES = {"cloud": KERNEL_PACKAGE, "generic": "linux-image-amd64"}
+SYSTEM_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "kmod", "iproute2", "e2fsprogs",
-    "initramfs-tools", KERNEL_PACKAGE, "python3",
+    "initramfs-tools", "python3",
 )
+BASE_PACKAGES = (*SYSTEM_PACKAGES, KERNEL_PACKAGE)
 # kmodtrim's Depends, installed with apt in the chroot (debootstrap's resolver does not
 # follow virtual packages such as python3-zstandard's python3-cffi-backend-api-*), so
 # that `apt install ./kmodtrim_*.deb` needs no network later.
@@ -70,19 +74,21 @@ def e2e_cache() -> Path:
     return kernel_cache_dir().parent / "e2e"
 
 
-def base_root(release: kernels.Release, rebuild: bool = False) -> Path:
-    """The cached root of ``release`` with the cloud kernel and its initramfs (built once:
-    a few minutes and about 400 MB; again when ``rebuild``)."""
+def base_root(release: kernels.Release, rebuild: bool = False,
+              flavour: str = "cloud") -> Path:
+    """The cached root of ``release`` with the ``flavour`` kernel (KERNEL_PACKAGES) and its
+    initramfs (built once: a few minutes and about 400 MB with the cloud kernel; again
+    when ``rebuild``)."""
     suite = release.name
     cache = e2e_cache()
-    base = cache / f"{suite}-cloud"
+    base = cache / f"{suite}-{flavour}"
     with cache_lock(cache):
         if rebuild:
             shutil.rmtree(base, ignore_errors=True)
         if (base / "etc/os-release").exists():
             return base
-        partial = cache / f"{suite}-cloud.partial"
-        debootstrap(suite, partial, BASE_PACKAGES)
+        partial = cache / f"{suite}-{flavour}.partial"
+        debootstrap(suite, partial, (*SYSTEM_PACKAGES, KERNEL_PACKAGES[flavour]))
         chroot(partial, "apt-get", "update", "-qq")
         chroot(partial, "apt-get", "install", "-y", "-q", "--no-install-recommends",
                *PYTHON_PACKAGES)

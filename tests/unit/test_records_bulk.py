@@ -11,11 +11,11 @@ import pytest
 from kmodtrim.errors import StoreError
 from kmodtrim.fsutil import UnsafePathError, check_relative
 from kmodtrim.records import (
-    Source,
     StashedFile,
     paths_are_normalised,
     stashed_files,
 )
+from kmodtrim.takeout import Source
 
 from .test_records import KVER, MODULE, SHA, file_doc
 
