@@ -54,6 +54,12 @@ def dumps_indented(doc: Any, indent: int = 2) -> str:
                     write("true")
                 elif value is False:
                     write("false")
+                elif kind is list and value and all(type(item) is str for item in value):
+                    # a list of strings (a module's files) is written here, not recursed
+                    # into: a plan has thousands
+                    deeper = "\n" + " " * (indent * (level + 2))
+                    write("[" + deeper + ("," + deeper).join(map(_string, value))
+                          + "\n" + " " * (indent * (level + 1)) + "]")
                 else:
                     encode(value, level + 1)
             write("\n" + " " * (indent * level) + "}")
