@@ -7,9 +7,10 @@ initramfs-tools, a bootloader-less ext4 disk qemu boots with the kernel and init
 its own /boot) with the generic kernel instead of the cloud one. Boot 1 boots it as
 installed and records what loaded. kmodtrim then trims the image root offline, as an image
 build would (``kmodtrim --root ROOT apply --observed BOOT1 --force``, default policy; the
-initramfs regenerated in a chroot), and boot 2 boots the trimmed disk with its regenerated
-initramfs. Each boot must reach multi-user with no failed unit, an address on the NIC and
-no "Unknown symbol" or "module not found" in its journal; the table says so per boot.
+initramfs regenerated in a chroot with /proc, /sys and /dev mounted), and boot 2 boots the
+trimmed disk with its regenerated initramfs. Each boot must reach multi-user with no failed
+unit, an address on the NIC and no "Unknown symbol" or "module not found" in its journal;
+the table says so per boot.
 
 qemu runs TCG (emulated CPUs, KVM may be absent): boot seconds compare before with after,
 not with real hardware. A first run builds the release's generic base root (about 10
@@ -21,10 +22,12 @@ minutes); the image root of each run is a scratch copy.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -142,12 +145,34 @@ def _seconds(span: str) -> float:
     return value
 
 
+@contextlib.contextmanager
+def api_filesystems(root: Path) -> Iterator[None]:
+    """/proc, /sys and /dev mounted under the image root while kmodtrim runs, as image
+    builders (mkosi, debootstrap-based scripts) mount them: initramfs-tools' mkinitramfs
+    runs chrooted and needs them."""
+    mounted: list[Path] = []
+    try:
+        for source, target, how in (("proc", "proc", ["-t", "proc"]),
+                                    ("/sys", "sys", ["--bind"]),
+                                    ("/dev", "dev", ["--bind"])):
+            where = root / target
+            where.mkdir(exist_ok=True)
+            subprocess.run(["mount", *how, source, str(where)], check=True)
+            mounted.append(where)
+        yield
+    finally:
+        for where in reversed(mounted):
+            if subprocess.run(["umount", str(where)], check=False).returncode != 0:
+                subprocess.run(["umount", "--lazy", str(where)], check=False)
+
+
 def trim(root: Path, kver: str, observed: Path) -> dict[str, Any]:
     """``kmodtrim apply`` on the image root, offline, as an image build runs it."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--force", "--json",
-         "--root", str(root), "--kernel", kver, "--observed", str(observed)],
-        capture_output=True, text=True, check=False)
+    with api_filesystems(root):
+        proc = subprocess.run(
+            [sys.executable, "-m", "kmodtrim.cli", "apply", "--yes", "--force", "--json",
+             "--root", str(root), "--kernel", kver, "--observed", str(observed)],
+            capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"kmodtrim apply failed:\n{proc.stderr}")
     doc: dict[str, Any] = json.loads(proc.stdout)
@@ -170,7 +195,8 @@ def run(release: Release, scratch: Path) -> dict[str, Any]:
     return {"release": release.name, "kernel": kver, "before": before, "after": after,
             "boots": [first, second], "trim": {
                 k: outcome.get(k) for k in ("generation", "removed_files", "removed_bytes",
-                                            "stash_bytes_on_disk", "net_freed_bytes")}}
+                                            "stash_bytes_on_disk", "boot_growth_bytes",
+                                            "net_freed_bytes")}}
 
 
 def healthy(b: dict[str, Any]) -> bool:
@@ -178,17 +204,24 @@ def healthy(b: dict[str, Any]) -> bool:
             and not b["journal_errors"])
 
 
+def net_freed(before: dict[str, int], after: dict[str, int]) -> int:
+    """What the disk gained: module tree, stash and /boot together, before less after."""
+    return sum(before[k] - after[k] for k in ("tree", "stash", "boot"))
+
+
 def report(results: list[dict[str, Any]]) -> None:
     print("Debian generic kernel from its own disk, as installed → trimmed offline "
           "(qemu TCG)")
     print(f"  {'release':<10} {'kernel':<18} {'module tree MB':>16} {'stash MB':>9} "
-          f"{'initramfs MB':>14} {'boot s':>13} {'loaded':>7}  boots healthy")
+          f"{'initramfs MB':>14} {'net freed MB':>13} {'boot s':>13} {'loaded':>7}  "
+          "boots healthy")
     for r in results:
         b, a = r["before"], r["after"]
         one, two = r["boots"]
         print(f"  {r['release']:<10} {r['kernel']:<18} "
               f"{b['tree'] / MB:6.1f} → {a['tree'] / MB:5.1f} {a['stash'] / MB:9.1f} "
               f"{b['initramfs'] / MB:5.1f} → {a['initramfs'] / MB:5.1f} "
+              f"{net_freed(b, a) / MB:13.1f} "
               f"{one['seconds']:5.1f} → {two['seconds']:5.1f} "
               f"{len(one['modules']):3d}/{len(two['modules']):<3d}  "
               f"{healthy(one)}/{healthy(two)}")
