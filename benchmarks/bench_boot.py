@@ -34,7 +34,7 @@ from typing import Any
 from common import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
-from diskimage import base_root, boot_disk, kernel_release, make_disk, read_tree
+from diskimage import base_root, boot_disk, kernel_release, make_disk, read_tree, serial_service
 
 from kernels import BOOKWORM, TRIXIE, Release
 
@@ -62,35 +62,13 @@ sync
 echo "BENCH-DONE boot $n"
 systemctl poweroff
 """
-GUEST_UNIT = """[Unit]
-Description=kmodtrim boot benchmark
-
-[Service]
-Type=simple
-ExecStart=/usr/local/sbin/bench-boot
-StandardOutput=tty
-StandardError=tty
-TTYPath=/dev/ttyS0
-
-[Install]
-WantedBy=multi-user.target
-"""
 BOOT_TIMEOUT = 1800.0
 MB = 1e6
 
 
 def prepare(root: Path) -> None:
     """The guest's measuring service, enabled; multi-user as the default target."""
-    script = root / "usr/local/sbin/bench-boot"
-    script.write_text(GUEST_SCRIPT)
-    script.chmod(0o755)
-    (root / "etc/systemd/system/bench-boot.service").write_text(GUEST_UNIT)
-    default = root / "etc/systemd/system/default.target"
-    default.unlink(missing_ok=True)
-    default.symlink_to("/usr/lib/systemd/system/multi-user.target")
-    wants = root / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / "bench-boot.service").symlink_to("/etc/systemd/system/bench-boot.service")
+    serial_service(root, "bench-boot", "kmodtrim boot benchmark", GUEST_SCRIPT)
 
 
 def du(path: Path) -> int:

@@ -113,6 +113,30 @@ def _configure(root: Path) -> None:
     chroot(root, "systemd-machine-id-setup")
 
 
+def serial_service(root: Path, name: str, description: str, script: Path | str,
+                   after: str | None = None) -> None:
+    """A service running ``script`` (a file to copy, or the script's text) on the serial
+    console once multi-user is reached, enabled; multi-user made the default target
+    (Debian's default.target is graphical.target)."""
+    exe = root / "usr/local/sbin" / name
+    if isinstance(script, Path):
+        shutil.copy2(script, exe)
+    else:
+        exe.write_text(script)
+    exe.chmod(0o755)
+    order = f"After={after}\n" if after else ""
+    (root / f"etc/systemd/system/{name}.service").write_text(
+        f"[Unit]\nDescription={description}\n{order}\n[Service]\nType=simple\n"
+        f"ExecStart=/usr/local/sbin/{name}\nStandardOutput=tty\nStandardError=tty\n"
+        "TTYPath=/dev/ttyS0\n\n[Install]\nWantedBy=multi-user.target\n")
+    default = root / "etc/systemd/system/default.target"
+    default.unlink(missing_ok=True)
+    default.symlink_to("/usr/lib/systemd/system/multi-user.target")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / f"{name}.service").symlink_to(f"/etc/systemd/system/{name}.service")
+
+
 def kernel_release(root: Path) -> str:
     kvers = sorted(p.name for p in (root / "usr/lib/modules").iterdir())
     assert len(kvers) == 1, kvers

@@ -68,6 +68,7 @@ from diskimage import (
     make_disk,
     need_e2e_tools,
     read_tree,
+    serial_service,
 )
 
 from debbuild import build_kmodtrim_deb
@@ -80,20 +81,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.system]
 
 HERE = Path(__file__).resolve().parent
 DROPIN = 'mode = "auto"\n\n[min_observation]\nboots = 1\ndays = 0\n'
-CHECK_UNIT = """[Unit]
-Description=kmodtrim e2e checks
-After=kmodtrimd.service
-
-[Service]
-Type=simple
-ExecStart=/usr/local/sbin/guest-check
-StandardOutput=tty
-StandardError=tty
-TTYPath=/dev/ttyS0
-
-[Install]
-WantedBy=multi-user.target
-"""
 BOOT_TIMEOUT = 1800.0
 BOOT2_TIMEOUT = 5400.0  # hot-plug, a kernel install or a rollback under TCG
 MB = 1e6
@@ -109,15 +96,9 @@ def prepare(root: Path, deb: Path) -> str:
     dropin = root / "etc/kmodtrim/policy.d/50-e2e.toml"
     dropin.parent.mkdir(parents=True, exist_ok=True)
     dropin.write_text(DROPIN)
-    shutil.copy2(HERE / "guest-check", root / "usr/local/sbin/guest-check")
-    (root / "etc/systemd/system/e2e-check.service").write_text(CHECK_UNIT)
-    # Boot to multi-user (Debian's default.target is graphical.target).
-    (root / "etc/systemd/system/default.target").unlink(missing_ok=True)
-    (root / "etc/systemd/system/default.target").symlink_to(
-        "/usr/lib/systemd/system/multi-user.target")
+    serial_service(root, "guest-check", "kmodtrim e2e checks", HERE / "guest-check",
+                   after="kmodtrimd.service")
     wants = root / "etc/systemd/system/multi-user.target.wants"
-    wants.mkdir(parents=True, exist_ok=True)
-    (wants / "e2e-check.service").symlink_to("/etc/systemd/system/e2e-check.service")
     assert (wants / "kmodtrimd.service").is_symlink(), "the package did not enable kmodtrimd"
     return apt_output
 
