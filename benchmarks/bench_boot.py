@@ -14,9 +14,11 @@ the table says so per boot.
 
 qemu runs TCG (emulated CPUs, KVM may be absent): boot seconds compare before with after,
 not with real hardware. A first run builds the release's generic base root (about 10
-minutes); the image root of each run is a scratch copy.
+minutes); the image root of each run is a scratch copy. Each boot's serial log is kept
+(``--logs``, default ``.cache/bench-boot/RELEASE-bootN.serial.log``).
 
     .venv/bin/python benchmarks/bench_boot.py [--release trixie|bookworm|both] [--json]
+        [--logs DIR]
 """
 
 from __future__ import annotations
@@ -85,18 +87,23 @@ def sizes(root: Path, kver: str) -> dict[str, int]:
             "boot": du(root / "boot")}
 
 
-def boot(n: int, root: Path, kver: str, work: Path) -> dict[str, Any]:
+def boot(n: int, root: Path, kver: str, work: Path, log: Path) -> dict[str, Any]:
     """Boot a disk made from ``root`` until its measuring service powers it off; what it
-    found."""
+    found. The guest's serial console is kept in ``log``, whatever happens."""
     where = work / f"boot{n}"
     where.mkdir()
+    # Each disk is made afresh from the root, so the guest's boot count is set here.
+    counter = root / "var/lib/bench/boots"
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    counter.write_text(f"{n - 1}\n")
     image = make_disk(root, work / "disk.img")
     with boot_disk(image, kver, where) as guest:
         try:
             guest.wait_for(f"BENCH-DONE boot {n}", BOOT_TIMEOUT)
             guest.proc.wait(timeout=300)
         finally:
-            (where / "serial.log").write_text(guest.console())
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(guest.console())
     found = read_tree(image, f"/var/lib/bench/boot{n}", where / "guest")
     image.unlink()
     analyze = (found / "analyze").read_text()
@@ -157,19 +164,19 @@ def trim(root: Path, kver: str, observed: Path) -> dict[str, Any]:
     return doc
 
 
-def run(release: Release, scratch: Path) -> dict[str, Any]:
+def run(release: Release, scratch: Path, logs: Path) -> dict[str, Any]:
     base = base_root(release, flavour="generic")
     root = scratch / "root"
     subprocess.run(["cp", "-a", str(base), str(root)], check=True)
     kver = kernel_release(root)
     prepare(root)
     before = sizes(root, kver)
-    first = boot(1, root, kver, scratch)
+    first = boot(1, root, kver, scratch, logs / f"{release.name}-boot1.serial.log")
     observed = scratch / "observed.txt"
     observed.write_text("".join(f"{name}\n" for name in first["modules"]))
     outcome = trim(root, kver, observed)
     after = sizes(root, kver)
-    second = boot(2, root, kver, scratch)
+    second = boot(2, root, kver, scratch, logs / f"{release.name}-boot2.serial.log")
     return {"release": release.name, "kernel": kver, "before": before, "after": after,
             "boots": [first, second], "trim": {
                 k: outcome.get(k) for k in ("generation", "removed_files", "removed_bytes",
@@ -215,13 +222,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--release", choices=("trixie", "bookworm", "both"), default="both")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--logs", type=Path, default=REPO / ".cache" / "bench-boot",
+                        help="where each boot's serial log is kept (default: %(default)s)")
     args = parser.parse_args()
     releases = {"trixie": [TRIXIE], "bookworm": [BOOKWORM],
                 "both": [TRIXIE, BOOKWORM]}[args.release]
     results = []
     for release in releases:
         with tempfile.TemporaryDirectory(prefix="kmodtrim-bench-boot-") as scratch:
-            results.append(run(release, Path(scratch)))
+            results.append(run(release, Path(scratch), args.logs))
     if args.json:
         print(json.dumps(results, indent=2))
     else:
