@@ -36,7 +36,15 @@ from typing import Any
 from common import REPO
 
 sys.path.insert(0, str(REPO / "tests" / "e2e"))
-from diskimage import base_root, boot_disk, kernel_release, make_disk, read_tree, serial_service
+from diskimage import (
+    base_root,
+    boot_disk,
+    boot_seconds,
+    kernel_release,
+    make_disk,
+    read_tree,
+    serial_service,
+)
 
 from kernels import BOOKWORM, TRIXIE, Release
 
@@ -109,25 +117,13 @@ def boot(n: int, root: Path, kver: str, work: Path, log: Path) -> dict[str, Any]
     analyze = (found / "analyze").read_text()
     return {
         "state": (found / "state").read_text().strip(),
-        "seconds": _seconds(analyze.split("=")[-1].split("\n")[0].strip()),
+        "seconds": boot_seconds(found),
         "analyze": analyze.strip().splitlines()[0] if analyze.strip() else "",
         "failed_units": (found / "failed").read_text().split("\n")[:-1],
         "address": bool((found / "addresses").read_text().strip()),
         "journal_errors": (found / "journal-errors").read_text().splitlines(),
         "modules": [line.split()[0] for line in (found / "modules").read_text().splitlines()],
     }
-
-
-def _seconds(span: str) -> float:
-    value = 0.0
-    for part in span.split():
-        if part.endswith("ms"):
-            value += float(part[:-2]) / 1000
-        elif part.endswith("min"):
-            value += float(part[:-3]) * 60
-        elif part.endswith("s"):
-            value += float(part[:-1])
-    return value
 
 
 @contextlib.contextmanager

@@ -137,6 +137,26 @@ def serial_service(root: Path, name: str, description: str, script: Path | str,
     (wants / f"{name}.service").symlink_to(f"/etc/systemd/system/{name}.service")
 
 
+def boot_seconds(found: Path) -> float:
+    """``systemd-analyze time``'s total (kernel + initrd + userspace) to the default
+    target, i.e. multi-user."""
+    text = (found / "analyze").read_text()
+    total = text.split("=")[-1].split("\n")[0].strip()
+    return _seconds(total)
+
+
+def _seconds(span: str) -> float:
+    value = 0.0
+    for part in span.split():
+        if part.endswith("ms"):
+            value += float(part[:-2]) / 1000
+        elif part.endswith("min"):
+            value += float(part[:-3]) * 60
+        elif part.endswith("s"):
+            value += float(part[:-1])
+    return value
+
+
 def kernel_release(root: Path) -> str:
     kvers = sorted(p.name for p in (root / "usr/lib/modules").iterdir())
     assert len(kvers) == 1, kvers

@@ -61,6 +61,7 @@ from diskimage import (
     KernelGone,
     base_root,
     boot_disk,
+    boot_seconds,
     install_deb,
     kernel_packages,
     kernel_release,
@@ -147,26 +148,6 @@ def hotplug(guest: Guest) -> None:
 def sizes(found: Path, when: str) -> dict[str, int]:
     pairs = (line.split() for line in (found / f"sizes-{when}").read_text().splitlines())
     return {p[0]: int(p[1]) if len(p) > 1 else 0 for p in pairs}
-
-
-def boot_seconds(found: Path) -> float:
-    """``systemd-analyze time``'s total (kernel + initrd + userspace) to the default
-    target, i.e. multi-user."""
-    text = (found / "analyze").read_text()
-    total = text.split("=")[-1].split("\n")[0].strip()
-    return _seconds(total)
-
-
-def _seconds(span: str) -> float:
-    value = 0.0
-    for part in span.split():
-        if part.endswith("ms"):
-            value += float(part[:-2]) / 1000
-        elif part.endswith("min"):
-            value += float(part[:-3]) * 60
-        elif part.endswith("s"):
-            value += float(part[:-1])
-    return value
 
 
 def timings(found: Path) -> dict[str, int]:
