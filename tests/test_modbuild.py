@@ -83,11 +83,16 @@ def dep_lines(moddir: Path) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("compress", [None, "xz", "zstd", "gzip"])
 def test_modinfo_reads_every_field_of_a_built_module(tmp_path: Path, compress: str | None) -> None:
-    if compress == "gzip" and not kmod_supports("ZLIB"):
-        pytest.skip("this kmod is built without zlib: it cannot read .ko.gz")
     path = build_module(RICH, tmp_path, compress=compress)
     assert path.name == "rich-mod" + {None: ".ko", "xz": ".ko.xz", "zstd": ".ko.zst",
                                       "gzip": ".ko.gz"}[compress]
+    if compress == "gzip" and not kmod_supports("ZLIB"):
+        # Debian builds kmod without zlib: modinfo reads the bytes gzip gives back, the
+        # module the kernel would load, instead of the .ko.gz itself.
+        unpacked = subprocess.run(["gzip", "-dc", str(path)], capture_output=True,
+                                  check=True).stdout
+        path = tmp_path / "rich-mod-gunzipped.ko"
+        path.write_bytes(unpacked)
     assert modinfo_field(path, "depends") == ["mod-a,soundcore"]
     assert modinfo_field(path, "alias") == list(RICH.aliases)
     assert modinfo_field(path, "firmware") == list(RICH.firmware)
