@@ -82,6 +82,8 @@ def prepare(root: Path) -> None:
 
 
 def du(path: Path) -> int:
+    """Apparent bytes under ``path`` (``du -sb``), as the e2e's guest measures its tree,
+    stash and /boot, so the two from-disk tables compare."""
     if not path.exists():
         return 0
     out = subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True, check=True)
